@@ -1,0 +1,3 @@
+from datasite_setup.cli import main
+
+raise SystemExit(main())

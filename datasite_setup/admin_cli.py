@@ -1,0 +1,115 @@
+"""`datasite-admin`: the clinic admin reviews and decides code requests.
+
+    datasite-admin --site SITE.toml requests [--status pending] [--json]
+    datasite-admin --site SITE.toml show ID [--json]
+    datasite-admin --site SITE.toml approve ID [--max-runs N] [--json]
+    datasite-admin --site SITE.toml deny ID --reason TEXT [--json]
+    datasite-admin --site SITE.toml audit-log [--json]
+
+Exit codes: 0 done; 1 an error; 2 bad usage; 4 `show` found high-severity audit findings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from datasite_setup.site_config import SiteConfigError, load_site_config
+
+EXIT_OK = 0
+EXIT_ERROR = 1
+EXIT_FINDINGS = 4
+
+
+def _print_summary_table(rows: list[dict]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="code requests")
+    for column in ("id", "status", "requested_by", "requested_at", "function", "runs"):
+        table.add_column(column)
+    for row in rows:
+        allowed = "∞" if row["runs_allowed"] is None else str(row["runs_allowed"])
+        table.add_row(
+            row["id"][:8], row["status"], row["requested_by"], row["requested_at"][:19], row["function"],
+            f"{row['runs_used']}/{allowed}",
+        )
+    Console().print(table)
+
+
+def _print_detail(detail: dict) -> None:
+    from rich.console import Console
+    from rich.syntax import Syntax
+
+    console = Console()
+    console.print(f"[bold]request {detail['id']}[/bold] ({detail['status']})")
+    console.print(f"  by {detail['requested_by']} at {detail['requested_at']}")
+    console.print(f"  function {detail['function']}, inputs {detail['inputs']}")
+    console.print(f"  output policy {detail['output_policy']}, runs {detail['runs_used']}/{detail['runs_allowed']}")
+    console.print(Syntax(detail["code"], "python", line_numbers=True))
+    if not detail["findings"]:
+        console.print("[green]static audit: no findings[/green]")
+    for finding in detail["findings"]:
+        colour = "red" if finding["severity"] == "high" else "yellow"
+        console.print(f"[{colour}]line {finding['line']}: {finding['severity']}: {finding['message']}[/{colour}]")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="datasite-admin", description="review and decide code requests")
+    parser.add_argument("--site", required=True, help="the site config (SITE.toml)")
+    parser.add_argument("--json", action="store_true", help="machine-readable output")
+    sub = parser.add_subparsers(dest="command", required=True)
+    cmd = sub.add_parser("requests", help="list pending and past code requests")
+    cmd.add_argument("--status", choices=["pending", "approved", "rejected"])
+    cmd = sub.add_parser("show", help="the code of one request, with its static audit")
+    cmd.add_argument("id")
+    cmd = sub.add_parser("approve", help="approve a pending request")
+    cmd.add_argument("id")
+    cmd.add_argument("--max-runs", type=int, help="cap the number of runs below what was requested")
+    cmd = sub.add_parser("deny", help="deny a request, with a reason")
+    cmd.add_argument("id")
+    cmd.add_argument("--reason", required=True)
+    sub.add_parser("audit-log", help="every decision taken at this site")
+    for action in sub.choices.values():
+        action.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="machine-readable output")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from datasite_setup import review
+
+    try:
+        config = load_site_config(args.site)
+        if args.command == "audit-log":
+            entries = review.read_audit_log(config)
+            print(json.dumps(entries, indent=2) if args.json else "\n".join(json.dumps(e) for e in entries))
+            return EXIT_OK
+        from datasite_setup.connection import admin_client
+
+        admin = admin_client(config)
+        if args.command == "requests":
+            rows = [s.to_dict() for s in review.list_requests(config, admin, status=args.status)]
+            print(json.dumps(rows, indent=2)) if args.json else _print_summary_table(rows)
+            return EXIT_OK
+        if args.command == "show":
+            detail = review.show_request(config, admin, args.id).to_dict()
+            print(json.dumps(detail, indent=2)) if args.json else _print_detail(detail)
+            return EXIT_FINDINGS if any(f["severity"] == "high" for f in detail["findings"]) else EXIT_OK
+        if args.command == "approve":
+            summary = review.approve(config, admin, args.id, max_runs=args.max_runs)
+        else:
+            summary = review.deny(config, admin, args.id, reason=args.reason)
+        if args.json:
+            print(json.dumps(summary.to_dict(), indent=2))
+        else:
+            print(f"{summary.id[:8]} {summary.function} by {summary.requested_by}: {summary.status}")
+        return EXIT_OK
+    except (SiteConfigError, RuntimeError, ValueError, OSError) as exc:
+        print(f"datasite-admin {args.command}: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

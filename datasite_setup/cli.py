@@ -1,0 +1,135 @@
+"""`datasite-setup`: what hospital IT runs to stand a datasite up and fill it.
+
+Exit codes: 0 done; 1 an error (message on stderr); 2 bad usage; 3 ingestion finished but
+rejected some input (see the report).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from datasite_setup.site_config import SiteConfig, SiteConfigError, load_site_config
+
+EXIT_OK = 0
+EXIT_ERROR = 1
+EXIT_REJECTED = 3
+
+
+def _print_json(data: object) -> None:
+    print(json.dumps(data, indent=2, sort_keys=True))
+
+
+def _cmd_up(config: SiteConfig, args: argparse.Namespace) -> int:
+    from datasite_setup.accounts import provision_accounts
+    from datasite_setup.connection import admin_client
+    from datasite_setup.lifecycle import up
+
+    state = up(config, timeout=args.timeout)
+    created = provision_accounts(config, admin_client(config))
+    if args.json:
+        _print_json({**state.to_dict(), "accounts_created": created})
+    else:
+        print(f"{config.name}: up at {state.url} (pid {state.pid}); data in {state.data_dir}")
+        for email in created:
+            print(f"  created data-scientist account {email}")
+    return EXIT_OK
+
+
+def _cmd_down(config: SiteConfig, args: argparse.Namespace) -> int:
+    from datasite_setup.lifecycle import down
+
+    stopped = down(config)
+    if args.json:
+        _print_json({"name": config.name, "stopped": stopped})
+    else:
+        print(f"{config.name}: {'stopped' if stopped else 'was not running'}")
+    return EXIT_OK
+
+
+def _cmd_status(config: SiteConfig, args: argparse.Namespace) -> int:
+    from datasite_setup.lifecycle import status
+
+    state = status(config)
+    if args.json:
+        _print_json(state.to_dict())
+    else:
+        word = "up" if state.answering else ("starting or not answering" if state.running else "down")
+        print(f"{config.name}: {word} ({state.url}, data in {state.data_dir})")
+    return EXIT_OK if state.answering else EXIT_ERROR
+
+
+def _cmd_serve(config: SiteConfig, args: argparse.Namespace) -> int:
+    from datasite_setup.server import serve
+
+    serve(config, log_level=args.log_level)
+    return EXIT_OK
+
+
+def _cmd_ingest(config: SiteConfig, args: argparse.Namespace) -> int:
+    from datasite_setup.upload import ingest_to_datasite
+
+    report = ingest_to_datasite(
+        config,
+        dicom_dir=Path(args.dicom_dir),
+        masks_dir=Path(args.masks) if args.masks else None,
+        roi=args.roi,
+        dataset_name=args.dataset,
+    )
+    if args.report:
+        Path(args.report).write_text(json.dumps(report, indent=2, sort_keys=True))
+    if args.json:
+        _print_json(report)
+    else:
+        print(f"{config.name}: {len(report['accepted'])} case(s) accepted, {len(report['rejected'])} rejected")
+        for item in report["rejected"]:
+            print(f"  rejected {item['path']}: {item['reason']}")
+        if report.get("dataset"):
+            print(f"  dataset '{report['dataset']}' uploaded with a private and a mock asset")
+    return EXIT_REJECTED if report["rejected"] else EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="datasite-setup", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def with_site(name: str, help_text: str) -> argparse.ArgumentParser:
+        cmd = sub.add_parser(name, help=help_text)
+        cmd.add_argument("site", help="the site config (SITE.toml)")
+        cmd.add_argument("--json", action="store_true", help="machine-readable output")
+        return cmd
+
+    cmd = with_site("up", "start the datasite in the background (idempotent) and create accounts")
+    cmd.add_argument("--timeout", type=float, default=180.0, help="seconds to wait for the first answer")
+    with_site("down", "stop the datasite")
+    with_site("status", "is the datasite up? (exit 0 if it answers)")
+    cmd = with_site("serve", "run the datasite in the foreground (systemd, containers)")
+    cmd.add_argument("--log-level", default="warning")
+    cmd = with_site("ingest", "de-identify a DICOM folder and upload it as the site's private dataset + mock")
+    cmd.add_argument("dicom_dir", help="folder tree with the DICOM series (and RTSTRUCTs)")
+    cmd.add_argument("--masks", help="folder of NIfTI/NRRD/SEG masks named after each series")
+    cmd.add_argument("--roi", help="RTSTRUCT ROI name to use when a structure set has several")
+    cmd.add_argument("--dataset", default=None, help="dataset name (default: <site>-cases)")
+    cmd.add_argument("--report", help="write the accepted/rejected report as JSON to this file")
+    return parser
+
+
+COMMANDS = {
+    "up": _cmd_up,
+    "down": _cmd_down,
+    "status": _cmd_status,
+    "serve": _cmd_serve,
+    "ingest": _cmd_ingest,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        config = load_site_config(args.site)
+        return COMMANDS[args.command](config, args)
+    except (SiteConfigError, RuntimeError, ValueError, OSError) as exc:
+        print(f"datasite-setup {args.command}: {exc}", file=sys.stderr)
+        return EXIT_ERROR

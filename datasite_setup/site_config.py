@@ -1,0 +1,167 @@
+"""The site configuration a hospital's IT writes once: `SITE.toml`.
+
+Every command (`datasite-setup`, `datasite-admin`) reads the same file, so scripts and people
+share one source of truth. Errors name the file and the key, and say what to write instead.
+
+Example::
+
+    [site]
+    name = "hospital-a"
+    host = "127.0.0.1"
+    port = 8081
+    data_dir = "hospital-a-data"        # relative to this file
+    # db_url = "postgresql://user:pw@db:5432/hospital_a"   # default: SQLite in data_dir
+    # allow_custom_code = false
+
+    [admin]
+    email = "admin@hospital-a.example"  # password: $DATASITE_ADMIN_PASSWORD, else generated
+
+    [[data_scientists]]
+    email = "ds@uni.example"
+    name = "A. Researcher"
+    password_env = "DS_PASSWORD"        # optional; else generated into data_dir (0600)
+
+    [privacy]
+    min_cohort = 5
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+_EMAIL = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
+_SITE_NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
+
+
+class SiteConfigError(ValueError):
+    """A site config that cannot be used; the message names the file and the key."""
+
+
+@dataclass(frozen=True)
+class DataScientist:
+    email: str
+    name: str
+    password_env: str | None = None
+    institution: str = ""
+
+
+@dataclass(frozen=True)
+class PrivacySettings:
+    min_cohort: int = 5
+
+
+@dataclass(frozen=True)
+class SiteConfig:
+    path: Path
+    name: str
+    host: str
+    port: int
+    data_dir: Path
+    admin_email: str
+    admin_name: str
+    admin_password_env: str
+    db_url: str | None = None
+    allow_custom_code: bool = False
+    data_scientists: tuple[DataScientist, ...] = ()
+    privacy: PrivacySettings = field(default_factory=PrivacySettings)
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    @property
+    def secrets_dir(self) -> Path:
+        return self.data_dir / "secrets"
+
+
+def _require(table: dict[str, Any], key: str, kind: type, where: str, path: Path) -> Any:
+    if key not in table:
+        raise SiteConfigError(f"{path}: missing key '{where}.{key}'; add it (see datasite_setup/site_config.py for an example)")
+    return _typed(table[key], kind, f"{where}.{key}", path)
+
+
+def _typed(value: Any, kind: type, where: str, path: Path) -> Any:
+    if (kind is int and isinstance(value, bool)) or not isinstance(value, kind):
+        raise SiteConfigError(f"{path}: '{where}' must be a {kind.__name__}, got {value!r}")
+    return value
+
+
+def _check_email(email: str, where: str, path: Path) -> str:
+    if not _EMAIL.match(email):
+        raise SiteConfigError(f"{path}: '{where}' is not an e-mail address: {email!r}")
+    return email
+
+
+def load_site_config(path: str | Path) -> SiteConfig:
+    """Read and validate SITE.toml; relative paths are resolved against the file's folder."""
+    path = Path(path).resolve()
+    if not path.is_file():
+        raise SiteConfigError(f"{path}: no such site config; create one (see datasite_setup/site_config.py)")
+    try:
+        raw = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise SiteConfigError(f"{path}: not valid TOML: {exc}") from exc
+
+    if "site" not in raw:
+        raise SiteConfigError(f"{path}: missing table [site] with the site's name, port and data_dir")
+    site = _typed(raw["site"], dict, "site", path)
+    name = _require(site, "name", str, "site", path)
+    if not _SITE_NAME.match(name):
+        raise SiteConfigError(f"{path}: 'site.name' must be lower-case letters, digits and '-', got {name!r}")
+    port = _require(site, "port", int, "site", path)
+    if not 1 <= port <= 65535:
+        raise SiteConfigError(f"{path}: 'site.port' must be 1-65535, got {port}")
+    host = _typed(site.get("host", "127.0.0.1"), str, "site.host", path)
+    data_dir = (path.parent / _require(site, "data_dir", str, "site", path)).resolve()
+    db_url = site.get("db_url")
+    if db_url is not None and not str(db_url).startswith(("postgresql://", "sqlite://")):
+        raise SiteConfigError(f"{path}: 'site.db_url' must start with postgresql:// or sqlite://, got {db_url!r}")
+    allow_custom = _typed(site.get("allow_custom_code", False), bool, "site.allow_custom_code", path)
+
+    if "admin" not in raw:
+        raise SiteConfigError(f"{path}: missing table [admin] with the clinic admin's e-mail")
+    admin = _typed(raw["admin"], dict, "admin", path)
+    admin_email = _check_email(_require(admin, "email", str, "admin", path), "admin.email", path)
+
+    scientists = []
+    for i, entry in enumerate(_typed(raw.get("data_scientists", []), list, "data_scientists", path)):
+        where = f"data_scientists[{i}]"
+        entry = _typed(entry, dict, where, path)
+        email = _check_email(_require(entry, "email", str, where, path), f"{where}.email", path)
+        if email == admin_email:
+            raise SiteConfigError(f"{path}: '{where}.email' equals the admin's; a data scientist needs her own account")
+        scientists.append(
+            DataScientist(
+                email=email,
+                name=_require(entry, "name", str, where, path),
+                password_env=entry.get("password_env"),
+                institution=str(entry.get("institution", "")),
+            )
+        )
+    emails = [s.email for s in scientists]
+    if len(set(emails)) != len(emails):
+        raise SiteConfigError(f"{path}: a data scientist's e-mail appears twice in [[data_scientists]]")
+
+    privacy = _typed(raw.get("privacy", {}), dict, "privacy", path)
+    min_cohort = _typed(privacy.get("min_cohort", 5), int, "privacy.min_cohort", path)
+    if min_cohort < 1:
+        raise SiteConfigError(f"{path}: 'privacy.min_cohort' must be at least 1, got {min_cohort}")
+
+    return SiteConfig(
+        path=path,
+        name=name,
+        host=host,
+        port=port,
+        data_dir=data_dir,
+        admin_email=admin_email,
+        admin_name=str(admin.get("name", "Clinic admin")),
+        admin_password_env=str(admin.get("password_env", "DATASITE_ADMIN_PASSWORD")),
+        db_url=db_url,
+        allow_custom_code=allow_custom,
+        data_scientists=tuple(scientists),
+        privacy=PrivacySettings(min_cohort=min_cohort),
+    )

@@ -1,0 +1,128 @@
+"""Shared fixtures: real datasite servers, started with the real CLI on loopback ports.
+
+Each datasite is its own process (`datasite-setup up`), reached over HTTP. They are session- or
+module-scoped because one costs ~10 s and ~400 MB; tests that restart a site get their own.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+
+from datasite_setup.credentials import data_scientist_password
+from datasite_setup.site_config import SiteConfig, load_site_config
+
+REPO = Path(__file__).resolve().parents[1]
+DS_EMAIL = "ds@uni.example"
+DS_PASSWORD_ENV = "MEDFED_TEST_DS_PASSWORD"
+os.environ.setdefault(DS_PASSWORD_ENV, "test-ds-password-7c1e")
+
+
+def shared_data_dir() -> Path:
+    """Real test data beside the project (`../shared/data`), or $MEDFED_TEST_DATA."""
+    return Path(os.environ.get("MEDFED_TEST_DATA", REPO.parent / "shared" / "data"))
+
+
+def ibsi_dir() -> Path:
+    path = shared_data_dir() / "ibsi_sts_mr"
+    if not (path / "dicom").is_dir():
+        pytest.skip(f"real MR data not found at {path} (set MEDFED_TEST_DATA to the folder holding ibsi_sts_mr)")
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def write_site_config(folder: Path, name: str, port: int, min_cohort: int = 2, extra: str = "") -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{name}.toml"
+    path.write_text(
+        f"""
+[site]
+name = "{name}"
+host = "127.0.0.1"
+port = {port}
+data_dir = "{name}-data"
+
+[admin]
+email = "admin@{name}.example"
+
+[[data_scientists]]
+email = "{DS_EMAIL}"
+name = "A. Researcher"
+password_env = "{DS_PASSWORD_ENV}"
+
+[privacy]
+min_cohort = {min_cohort}
+{extra}
+"""
+    )
+    return path
+
+
+def run_cli(module: str, *args: str, check: bool = False, timeout: float = 600) -> subprocess.CompletedProcess:
+    """Run one of the project's CLIs exactly as a person would, in its own process."""
+    proc = subprocess.run(
+        [sys.executable, "-m", module, *args], capture_output=True, text=True, timeout=timeout, cwd=REPO
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{module} {' '.join(args)} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+@dataclass
+class LiveSite:
+    config_path: Path
+
+    @property
+    def config(self) -> SiteConfig:
+        return load_site_config(self.config_path)
+
+    def setup(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+        return run_cli("datasite_setup", args[0], str(self.config_path), *args[1:], check=check)
+
+    def admin(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+        return run_cli("datasite_setup.admin_cli", "--site", str(self.config_path), *args, check=check)
+
+    def admin_client(self) -> Any:
+        from datasite_setup.connection import admin_client
+
+        return admin_client(self.config)
+
+    def ds_client(self) -> Any:
+        from datasite_setup.connection import login
+
+        return login(self.config.url, DS_EMAIL, data_scientist_password(self.config, DS_EMAIL))
+
+
+def start_site(folder: Path, name: str, **kwargs: Any) -> LiveSite:
+    site = LiveSite(write_site_config(folder, name, free_port(), **kwargs))
+    site.setup("up")
+    return site
+
+
+@pytest.fixture(scope="session")
+def site_pool(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, LiveSite]]:
+    """Datasites shared by the whole session, started on first use and stopped at the end."""
+    pool: dict[str, LiveSite] = {}
+    yield pool
+    for site in pool.values():
+        site.setup("down", check=False)
+
+
+@pytest.fixture(scope="session")
+def shared_site(site_pool: dict[str, LiveSite], tmp_path_factory: pytest.TempPathFactory) -> LiveSite:
+    """One running datasite for tests that only read or add their own objects."""
+    if "shared" not in site_pool:
+        site_pool["shared"] = start_site(tmp_path_factory.mktemp("shared-site"), "hospital-shared")
+    return site_pool["shared"]
