@@ -12,6 +12,7 @@ Example::
     data_dir = "hospital-a-data"        # relative to this file
     # db_url = "postgresql://user:pw@db:5432/hospital_a"   # default: SQLite in data_dir
     # allow_custom_code = false
+    # enabled_tasks = ["local_train", "evaluate"]        # default: every installed site task
 
     [admin]
     email = "admin@hospital-a.example"  # password: $DATASITE_ADMIN_PASSWORD, else generated
@@ -23,6 +24,11 @@ Example::
 
     [privacy]
     min_cohort = 5
+
+    [execution]                         # limits for each approved run (isolated child process)
+    cpu_seconds = 1800
+    wall_seconds = 1800
+    memory_mb = 6144
 """
 
 from __future__ import annotations
@@ -55,6 +61,15 @@ class PrivacySettings:
 
 
 @dataclass(frozen=True)
+class ExecutionLimits:
+    """Per-run limits for approved code (the isolated child process)."""
+
+    cpu_seconds: int = 1800
+    wall_seconds: float = 1800.0
+    memory_mb: int = 6144
+
+
+@dataclass(frozen=True)
 class SiteConfig:
     path: Path
     name: str
@@ -68,6 +83,8 @@ class SiteConfig:
     allow_custom_code: bool = False
     data_scientists: tuple[DataScientist, ...] = ()
     privacy: PrivacySettings = field(default_factory=PrivacySettings)
+    limits: ExecutionLimits = field(default_factory=ExecutionLimits)
+    enabled_tasks: tuple[str, ...] | None = None  # None: every site task this install provides
 
     @property
     def url(self) -> str:
@@ -84,9 +101,11 @@ def _require(table: dict[str, Any], key: str, kind: type, where: str, path: Path
     return _typed(table[key], kind, f"{where}.{key}", path)
 
 
-def _typed(value: Any, kind: type, where: str, path: Path) -> Any:
-    if (kind is int and isinstance(value, bool)) or not isinstance(value, kind):
-        raise SiteConfigError(f"{path}: '{where}' must be a {kind.__name__}, got {value!r}")
+def _typed(value: Any, kind: type | tuple[type, ...], where: str, path: Path) -> Any:
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    if (isinstance(value, bool) and bool not in kinds) or not isinstance(value, kinds):
+        names = " or ".join(k.__name__ for k in kinds)
+        raise SiteConfigError(f"{path}: '{where}' must be a {names}, got {value!r}")
     return value
 
 
@@ -151,6 +170,17 @@ def load_site_config(path: str | Path) -> SiteConfig:
     if min_cohort < 1:
         raise SiteConfigError(f"{path}: 'privacy.min_cohort' must be at least 1, got {min_cohort}")
 
+    execution = _typed(raw.get("execution", {}), dict, "execution", path)
+    defaults = ExecutionLimits()
+    limits = ExecutionLimits(
+        cpu_seconds=_typed(execution.get("cpu_seconds", defaults.cpu_seconds), int, "execution.cpu_seconds", path),
+        wall_seconds=float(_typed(execution.get("wall_seconds", defaults.wall_seconds), (int, float), "execution.wall_seconds", path)),
+        memory_mb=_typed(execution.get("memory_mb", defaults.memory_mb), int, "execution.memory_mb", path),
+    )
+    tasks = site.get("enabled_tasks")
+    if tasks is not None and not (isinstance(tasks, list) and all(isinstance(t, str) for t in tasks)):
+        raise SiteConfigError(f"{path}: 'site.enabled_tasks' must be a list of task names, got {tasks!r}")
+
     return SiteConfig(
         path=path,
         name=name,
@@ -164,4 +194,6 @@ def load_site_config(path: str | Path) -> SiteConfig:
         allow_custom_code=allow_custom,
         data_scientists=tuple(scientists),
         privacy=PrivacySettings(min_cohort=min_cohort),
+        limits=limits,
+        enabled_tasks=None if tasks is None else tuple(tasks),
     )

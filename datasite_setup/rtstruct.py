@@ -1,0 +1,140 @@
+"""Rasterise one ROI of an RTSTRUCT onto the voxel grid of its image series.
+
+Contours are placed by their patient coordinates, not by their per-contour image references
+(ContourImageSequence): real structure sets often reference SOP Instance UIDs that no longer exist
+because an archive or anonymiser rewrote them, while the coordinates stay right. Each contour
+point goes through the inverse of the series' voxel-to-patient affine; the contour lands on the
+nearest slice and is filled by voxel centre (skimage's point-in-polygon rule, the one MIRP and most
+radiomics tools use). Several contours on one slice combine by XOR (even-odd), so a contour inside
+another one is a hole.
+
+A contour that lies between slices (more than half a slice spacing off the nearest one), outside
+the image, or that is not parallel to the slices is an error, not silently clipped: the mask would
+no longer be the structure that was drawn.
+
+An RTSTRUCT is paired with its series through ReferencedFrameOfReferenceSequence >
+RTReferencedStudySequence > RTReferencedSeriesSequence > SeriesInstanceUID.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pydicom
+from pydicom.dataset import Dataset
+from skimage.draw import polygon
+
+from datasite_setup.dicom_series import DicomSeries
+
+_EDGE_TOLERANCE = 1e-3  # voxels: points exactly on the outer edge of the image are inside it
+
+
+class RTStructError(ValueError):
+    """An RTSTRUCT that cannot become a mask for this series; the message says why and what to do."""
+
+
+def read_rtstruct(path: Path) -> Dataset:
+    """Read a structure set, with a message naming the file if it is not one."""
+    try:
+        ds = pydicom.dcmread(path)
+    except Exception as exc:  # pydicom raises many types on damaged files
+        raise RTStructError(f"{path}: unreadable RTSTRUCT ({type(exc).__name__}: {exc})") from exc
+    if "StructureSetROISequence" not in ds or "ROIContourSequence" not in ds:
+        raise RTStructError(f"{path}: not an RTSTRUCT with contours (no StructureSetROISequence (3006,0020) or "
+                            "ROIContourSequence (3006,0039))")
+    return ds
+
+
+def referenced_series_uids(rtstruct: Dataset) -> list[str]:
+    """The image series the structure set was drawn on."""
+    uids = []
+    for frame in rtstruct.get("ReferencedFrameOfReferenceSequence", []):
+        for study in frame.get("RTReferencedStudySequence", []):
+            for series in study.get("RTReferencedSeriesSequence", []):
+                if series.get("SeriesInstanceUID"):
+                    uids.append(str(series.SeriesInstanceUID))
+    return uids
+
+
+def roi_names(rtstruct: Dataset) -> list[str]:
+    return [str(item.get("ROIName", "")) for item in rtstruct.StructureSetROISequence]
+
+
+def select_roi(rtstruct: Dataset, roi: str | None, source: str = "RTSTRUCT") -> tuple[int, str]:
+    """(ROINumber, ROIName) of the ROI asked for, or of the only one; never a guess among several."""
+    rois = [(int(item.ROINumber), str(item.get("ROIName", ""))) for item in rtstruct.StructureSetROISequence]
+    listing = ", ".join(repr(name) for _, name in rois) or "none"
+    if roi is None:
+        if len(rois) == 1:
+            return rois[0]
+        raise RTStructError(f"{source}: {len(rois)} ROIs ({listing}); choose one with --roi NAME")
+    exact = [item for item in rois if item[1] == roi]
+    loose = [item for item in rois if item[1].strip().casefold() == roi.strip().casefold()]
+    for matches in (exact, loose):
+        if len(matches) == 1:
+            return matches[0]
+        if len(matches) > 1:
+            raise RTStructError(f"{source}: several ROIs are named {roi!r}; rename them so the name is unique")
+    raise RTStructError(f"{source}: no ROI named {roi!r}; its ROIs are: {listing}")
+
+
+def rasterize_roi(rtstruct: Dataset, series: DicomSeries, roi: str | None = None,
+                  source: str = "RTSTRUCT") -> np.ndarray:
+    """The ROI as a uint8 [Z, Y, X] mask on the series grid (`source` names the file in errors)."""
+    number, name = select_roi(rtstruct, roi, source)
+    where = f"{source}, ROI {name!r}"
+    _check_frame_of_reference(rtstruct, number, series, where)
+    contours = _closed_contours(rtstruct, number, where)
+    geometry = series.geometry
+    depth, rows, cols = geometry.shape
+    to_voxel = np.linalg.inv(geometry.voxel_to_patient())
+    mask = np.zeros(geometry.shape, dtype=bool)
+    for index, points in contours:
+        ijk = points @ to_voxel[:3, :3].T + to_voxel[:3, 3]
+        k = int(np.clip(np.rint(ijk[:, 2].mean()), 0, depth - 1))
+        off = float(np.abs(ijk[:, 2] - k).max())
+        label = f"{where}: contour {index} (first point at ({', '.join(f'{v:.1f}' for v in points[0])}) mm)"
+        if off > 0.5:
+            raise RTStructError(f"{label} lies {off:.2f} slice spacings ({off * geometry.spacing[0]:.2f} mm) off "
+                                f"the nearest image slice ({k}): beyond the series' first or last slice, or not "
+                                "parallel to the slices; check that the RTSTRUCT was drawn on this series")
+        low, high = -0.5 - _EDGE_TOLERANCE, np.array([cols, rows]) - 0.5 + _EDGE_TOLERANCE
+        if np.any(ijk[:, :2] < low) or np.any(ijk[:, :2] > high):
+            raise RTStructError(f"{label} lies (partly) outside the image ({geometry.describe()}); the mask "
+                                "would be cut off: check that the RTSTRUCT belongs to this series")
+        rr, cc = polygon(ijk[:, 1], ijk[:, 0], shape=(rows, cols))
+        plane = np.zeros((rows, cols), dtype=bool)
+        plane[rr, cc] = True
+        mask[k] ^= plane
+    if contours and not mask.any():
+        raise RTStructError(f"{where}: the contours enclose no voxel centre; the mask would be empty")
+    return mask.astype(np.uint8)
+
+
+def _check_frame_of_reference(rtstruct: Dataset, number: int, series: DicomSeries, where: str) -> None:
+    item = next(i for i in rtstruct.StructureSetROISequence if int(i.ROINumber) == number)
+    theirs = item.get("ReferencedFrameOfReferenceUID")
+    mine = series.header.get("FrameOfReferenceUID")
+    if theirs and mine and str(theirs) != str(mine):
+        raise RTStructError(f"{where}: drawn in another frame of reference than the image series (folder "
+                            f"{series.folder}); its coordinates do not apply to these images")
+
+
+def _closed_contours(rtstruct: Dataset, number: int, where: str) -> list[tuple[int, np.ndarray]]:
+    roi_contour = next((item for item in rtstruct.ROIContourSequence
+                        if int(item.get("ReferencedROINumber", -1)) == number), None)
+    if roi_contour is None or not roi_contour.get("ContourSequence"):
+        return []  # a declared ROI without contours: a case with no lesion, a valid negative
+    contours = []
+    for index, contour in enumerate(roi_contour.ContourSequence, start=1):
+        if contour.get("ContourGeometricType", "CLOSED_PLANAR") != "CLOSED_PLANAR":
+            continue
+        data = np.array([float(v) for v in contour.get("ContourData", [])])
+        if data.size == 0 or data.size % 3:
+            raise RTStructError(f"{where}: contour {index} has malformed ContourData (3006,0050): "
+                                f"{data.size} numbers, not a multiple of 3")
+        contours.append((index, data.reshape(-1, 3)))
+    if not contours:
+        raise RTStructError(f"{where}: the ROI has no CLOSED_PLANAR contours (points or open lines only)")
+    return contours

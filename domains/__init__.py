@@ -1,0 +1,24 @@
+"""Learning tasks the federation can run, looked up by name.
+
+Domains are imported only when asked for, so listing them costs no torch import.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from domains.domain import Domain
+
+_MODULES = {
+    "brain_mr_segmentation": "domains.brain_mr_segmentation",
+}
+DOMAINS: tuple[str, ...] = tuple(_MODULES)
+
+__all__ = ["DOMAINS", "Domain", "get_domain"]
+
+
+def get_domain(name: str) -> Domain:
+    """The `DOMAIN` instance of the named task."""
+    if name not in _MODULES:
+        raise ValueError(f"unknown domain {name!r}; known domains: {', '.join(DOMAINS)}")
+    return importlib.import_module(_MODULES[name]).DOMAIN

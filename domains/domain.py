@@ -1,0 +1,42 @@
+"""The contract between a federated orchestrator and one learning task.
+
+The orchestrator trains, aggregates and evaluates without knowing whether it handles 2D tumour
+segmentation, a 3D U-Net or a regression: everything task-specific (model, loss, how case
+records become tensors, what is counted at evaluation) sits behind this protocol.
+
+Evaluation returns additive integer counts rather than metrics because a site's counts can be
+summed with other sites' counts before the metric is computed, which makes the pooled metric
+exact and lets a site release aggregates only. A domain whose metric is not a confusion matrix
+(e.g. regression) returns other additive integer statistics (such as a count and fixed-point
+sums) under its own keys and turns them into metrics in `metrics_from_counts`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+
+if TYPE_CHECKING:
+    import numpy as np
+    import torch
+
+
+@runtime_checkable
+class Domain(Protocol):
+    name: str
+
+    def build_model(self) -> torch.nn.Module:
+        """A freshly initialised model; every site must be able to load its state_dict."""
+
+    def loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Scalar training loss of a batch from `batches`."""
+
+    def batches(self, cases: list[dict[str, Any]], batch_size: int, rng: np.random.Generator) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """One epoch of (x, y) tensors over `cases`, shuffled by `rng` so a round is reproducible."""
+
+    def confusion_counts(self, model: torch.nn.Module, cases: list[dict[str, Any]]) -> dict[str, int]:
+        """Additive integer evaluation counts of `model` on `cases` (for segmentation: tp, fp, tn,
+        fn over all voxels of all cases)."""
+
+    def metrics_from_counts(self, counts: dict[str, int]) -> dict[str, float]:
+        """Metrics from counts, possibly summed over several sites."""
