@@ -48,6 +48,18 @@ def _print_detail(detail: dict) -> None:
     console.print(f"  function {detail['function']}, inputs {detail['inputs']}")
     console.print(f"  output policy {detail['output_policy']}, runs {detail['runs_used']}/{detail['runs_allowed']}")
     console.print(Syntax(detail["code"], "python", line_numbers=True))
+    task = detail["task"]
+    if task is not None:
+        state = "enabled" if task["enabled"] else ("installed, not enabled" if task["installed"] else "NOT INSTALLED")
+        console.print(f"[bold]site task {task['name']}[/bold] ({state})")
+        if task["installed"]:
+            console.print(f"  {task['summary']}")
+            console.print(f"  source sha256 {task['source_hash']}")
+            for key, doc in task["parameters"].items():
+                console.print(f"  parameter {key}: {doc}")
+            console.print(Syntax(task["source"], "python", line_numbers=True))
+        return
+    console.print("[yellow]custom code: runs only where the site allows it, isolated, returning named scalars only[/yellow]")
     if not detail["findings"]:
         console.print("[green]static audit: no findings[/green]")
     for finding in detail["findings"]:

@@ -15,6 +15,7 @@ from datasite_setup.connection import quiet_syft
 from datasite_setup.code_audit import Finding, audit_source
 from datasite_setup.execution_limits import allowed_runs, set_cap
 from datasite_setup.site_config import SiteConfig
+from datasite_setup.thin_requests import parse_thin_request
 
 AUDIT_LOG = "audit.log"
 
@@ -43,10 +44,51 @@ class RequestSummary:
 class RequestDetail:
     summary: RequestSummary
     code: str
+    kind: str  # "site task" or "custom code"
+    task: dict[str, Any] | None = None  # name, summary, parameters, source hash, enabled here
     findings: list[Finding] = field(default_factory=list)
 
     def to_dict(self) -> dict:
-        return {**self.summary.to_dict(), "code": self.code, "findings": [f.to_dict() for f in self.findings]}
+        return {
+            **self.summary.to_dict(),
+            "code": self.code,
+            "kind": self.kind,
+            "task": self.task,
+            "findings": [f.to_dict() for f in self.findings],
+        }
+
+
+def _task_description(config: SiteConfig, name: str) -> dict[str, Any]:
+    from analyses.site_tasks import TASKS
+
+    task = TASKS.get(name)
+    if task is None:
+        return {"name": name, "installed": False, "enabled": False}
+    enabled = config.enabled_tasks is None or name in config.enabled_tasks
+    return {
+        "name": name,
+        "installed": True,
+        "enabled": enabled,
+        "summary": task.summary,
+        "parameters": {key: spec.doc for key, spec in task.params.items()},
+        "source_hash": task.source_hash(),
+        "source": task.source(),
+    }
+
+
+def approval_problem(config: SiteConfig, code: str) -> str | None:
+    """Why this site must not approve the code, or None. Custom code needs `allow_custom_code`."""
+    thin = parse_thin_request(code)
+    if thin is None:
+        if config.allow_custom_code:
+            return None
+        return "this is custom code, and this site allows only site tasks (set allow_custom_code = true to change that)"
+    task = _task_description(config, thin.task)
+    if not task["installed"]:
+        return f"site task '{thin.task}' is not installed at this site"
+    if not task["enabled"]:
+        return f"site task '{thin.task}' is not enabled at this site ([site] enabled_tasks)"
+    return None
 
 
 def _status_name(request: Any) -> str:
@@ -108,7 +150,12 @@ def find_request(admin: Any, request_id: str) -> Any:
 def show_request(config: SiteConfig, admin: Any, request_id: str) -> RequestDetail:
     request = find_request(admin, request_id)
     code = request.code.raw_code
-    return RequestDetail(summary=summarise(config, request), code=code, findings=audit_source(code))
+    thin = parse_thin_request(code)
+    if thin is None:
+        return RequestDetail(summary=summarise(config, request), code=code, kind="custom code", findings=audit_source(code))
+    return RequestDetail(
+        summary=summarise(config, request), code=code, kind="site task", task=_task_description(config, thin.task)
+    )
 
 
 def _log_decision(config: SiteConfig, action: str, summary: RequestSummary, **extra: Any) -> None:
@@ -141,6 +188,9 @@ def approve(config: SiteConfig, admin: Any, request_id: str, max_runs: int | Non
     before = summarise(config, request)
     if before.status != "pending":
         raise ReviewError(f"request {before.id[:8]} is {before.status}, not pending; nothing changed")
+    problem = approval_problem(config, request.code.raw_code)
+    if problem:
+        raise ReviewError(f"request {before.id[:8]} cannot be approved: {problem}")
     if max_runs is not None:
         if max_runs < 1:
             raise ReviewError("--max-runs must be at least 1")

@@ -6,6 +6,10 @@ a fixed identity from `data_dir/secrets`, a SQLite file in `data_dir/db` (or `db
 PostgreSQL), blobs in `data_dir/blob`, the configured admin as root (syft's default root account
 never exists), guest sign-up off, never `dev_mode` or `reset`. The FastAPI app is syft's own
 routes under `/api/v2`, served by uvicorn in the foreground (`datasite-setup serve`).
+
+Two changes to syft 0.9.5's behaviour are installed here, before the server object exists:
+execution budgets are enforced (`execution_limits`), and every approved function runs through
+the site's isolated execution with output contracts (`site_execution`).
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import os
 from typing import Any
 
 from datasite_setup.credentials import admin_password, server_identity
+from datasite_setup import site_execution
 from datasite_setup.execution_limits import enforce_execution_budgets
 from datasite_setup.site_config import SiteConfig
 
@@ -37,6 +42,7 @@ def build_datasite(config: SiteConfig) -> Any:
     from syft.types.uid import UID
 
     enforce_execution_budgets(config.data_dir)
+    site_execution.install(config)
     identity = server_identity(config)
     for sub in ("db", "blob"):
         (config.data_dir / sub).mkdir(parents=True, exist_ok=True)

@@ -25,6 +25,15 @@ DS_PASSWORD_ENV = "MEDFED_TEST_DS_PASSWORD"
 os.environ.setdefault(DS_PASSWORD_ENV, "test-ds-password-7c1e")
 
 
+# Small enough that the limit tests finish quickly, large enough for torch in the child.
+SHARED_SITE_LIMITS = """
+[execution]
+wall_seconds = 20
+cpu_seconds = 60
+memory_mb = 3072
+"""
+
+
 def shared_data_dir() -> Path:
     """Real test data beside the project (`../shared/data`), or $MEDFED_TEST_DATA."""
     return Path(os.environ.get("MEDFED_TEST_DATA", REPO.parent / "shared" / "data"))
@@ -43,7 +52,9 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def write_site_config(folder: Path, name: str, port: int, min_cohort: int = 2, extra: str = "") -> Path:
+def write_site_config(
+    folder: Path, name: str, port: int, min_cohort: int = 2, allow_custom_code: bool = False, extra: str = ""
+) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{name}.toml"
     path.write_text(
@@ -53,6 +64,7 @@ name = "{name}"
 host = "127.0.0.1"
 port = {port}
 data_dir = "{name}-data"
+allow_custom_code = {str(allow_custom_code).lower()}
 
 [admin]
 email = "admin@{name}.example"
@@ -122,7 +134,12 @@ def site_pool(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Li
 
 @pytest.fixture(scope="session")
 def shared_site(site_pool: dict[str, LiveSite], tmp_path_factory: pytest.TempPathFactory) -> LiveSite:
-    """One running datasite for tests that only read or add their own objects."""
+    """One running datasite for tests that only read or add their own objects (custom code allowed)."""
     if "shared" not in site_pool:
-        site_pool["shared"] = start_site(tmp_path_factory.mktemp("shared-site"), "hospital-shared")
+        site_pool["shared"] = start_site(
+            tmp_path_factory.mktemp("shared-site"),
+            "hospital-shared",
+            allow_custom_code=True,
+            extra=SHARED_SITE_LIMITS,
+        )
     return site_pool["shared"]

@@ -18,10 +18,19 @@ def upload_small_dataset(site: LiveSite, name: str) -> list[dict]:
     """A dataset of three tiny cases, uploaded as the admin (ingestion has its own tests)."""
     rng = np.random.default_rng(7)
     cases = [
-        {"case_id": f"case-{i}", "image": rng.normal(100, 10, (4, 8, 8)).astype(np.float32), "mask": np.ones((4, 8, 8), np.uint8)}
+        {
+            "case_id": f"case-{i}",
+            "image": rng.normal(100, 10, (4, 8, 8)).astype(np.float32),
+            "mask": np.ones((4, 8, 8), np.uint8),
+            "spacing": [2.0, 1.0, 1.0],
+            "metadata": {},
+        }
         for i in range(3)
     ]
-    mock = [{"case_id": f"mock-{i}", "image": np.zeros((4, 8, 8), np.float32), "mask": np.zeros((4, 8, 8), np.uint8)} for i in range(3)]
+    mock = [
+        {**case, "case_id": f"mock-{i}", "image": np.zeros((4, 8, 8), np.float32), "mask": np.zeros((4, 8, 8), np.uint8)}
+        for i, case in enumerate(cases)
+    ]
     dataset = sy.Dataset(name=name, description="three tiny cases")
     dataset.add_asset(sy.Asset(name="cases", data=cases, mock=mock))
     assert not isinstance(site.admin_client().upload_dataset(dataset), sy.SyftError)
@@ -199,7 +208,7 @@ def test_data_scientist_cannot_act_as_admin(shared_site: LiveSite) -> None:
 
 
 def test_restart_keeps_everything_and_two_sites_run_at_once(shared_site: LiveSite, tmp_path) -> None:
-    site = start_site(tmp_path, "hospital-restart")
+    site = start_site(tmp_path, "hospital-restart", allow_custom_code=True)
     try:
         assert site.config.port != shared_site.config.port
         assert json.loads(shared_site.setup("status", "--json").stdout)["answering"]

@@ -1,0 +1,319 @@
+"""Approved code run through `run_isolated`: escape attempts fail and leak nothing, real work comes back exact.
+
+All runs of the module happen once, concurrently from a thread pool (which is also the
+thread-safety test), and each test reads its outcome. The secret is planted where a hostile
+function would look: the server's environment, a file in the site's data dir, an exception
+message, an exception's class name, an audit event name and a forged protocol frame.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import textwrap
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import pytest
+
+from datasite_setup.isolation import IsolatedOutcome, Limits, run_isolated
+from datasite_setup.sandbox_child import carve
+
+SECRET = f"s3cr3t-{uuid.uuid4().hex[:12]}"
+LIMITS = Limits(cpu_seconds=60, wall_seconds=60, memory_mb=2048)
+NUMPY = ("numpy",)
+TORCH = ("numpy", "torch")
+
+
+def _code(body: str, args: str = "") -> str:
+    return f"def f({args}):\n" + textwrap.indent(textwrap.dedent(body).strip("\n"), "    ") + "\n"
+
+
+def _probes(data_dir: Path, outside: Path, port: int) -> dict[str, tuple[str, dict[str, Any], Limits, tuple[str, ...]]]:
+    secret_file = data_dir / "secret.txt"
+    return {
+        "etc_hostname": (_code("return open('/etc/hostname').read()"), {}, LIMITS, NUMPY),
+        "forbidden_file": (_code(f"return open({str(secret_file)!r}).read()"), {}, LIMITS, NUMPY),
+        "forbidden_listdir": (_code(f"import os\nreturn os.listdir({str(data_dir)!r})"), {}, LIMITS, NUMPY),
+        "forbidden_file_native": (
+            _code(f"import torch\nreturn torch.from_file({str(secret_file)!r}, size=8, dtype=torch.uint8)"),
+            {}, LIMITS, TORCH,
+        ),
+        "write_outside": (_code(f"open({str(outside)!r}, 'w').write('x')\nreturn 1"), {}, LIMITS, NUMPY),
+        "write_outside_native": (
+            _code(f"import torch\ntorch.save({{'w': torch.ones(2)}}, {str(outside)!r})\nreturn 1"), {}, LIMITS, TORCH,
+        ),
+        "hook_tampering": (
+            _code(
+                """
+                import builtins, os.path, posixpath
+                builtins.any = lambda items: True
+                builtins.isinstance = lambda obj, kind: True
+                os.path.realpath = posixpath.realpath = lambda path, **kw: os.getcwd()
+                return open('/etc/hostname').read()
+                """
+            ),
+            {}, LIMITS, NUMPY,
+        ),
+        "late_import": (_code("import scipy.ndimage\nreturn float(scipy.ndimage.gaussian_filter(x, 1).sum())", "x"),
+                        {"x": np.ones((8, 8))}, LIMITS, NUMPY),
+        "symlink_out": (_code("import os\nos.symlink('/etc/hostname', 'link')\nreturn open('link').read()"), {}, LIMITS, NUMPY),
+        "socket_new": (_code("import socket\nsocket.socket()\nreturn 1"), {}, LIMITS, NUMPY),
+        "socket_connect": (
+            _code(f"import socket\nsocket.create_connection(('127.0.0.1', {port}), timeout=2).sendall(b'x')\nreturn 1"),
+            {}, LIMITS, NUMPY,
+        ),
+        "parent_environ": (_code("import os\nreturn open(f'/proc/{os.getppid()}/environ').read()"), {}, LIMITS, NUMPY),
+        "env_secret": (
+            _code("import os\nreturn {'has': float('MEDFED_TEST_SECRET' in os.environ), 'n': len(os.environ)}"),
+            {}, LIMITS, NUMPY,
+        ),
+        "subprocess_run": (_code("import subprocess\nsubprocess.run(['true'])\nreturn 1"), {}, LIMITS, NUMPY),
+        "os_system": (_code("import os\nreturn os.system('true')"), {}, LIMITS, NUMPY),
+        "ctypes": (_code("import ctypes\nreturn ctypes.CDLL(None).getpid()"), {}, LIMITS, NUMPY),
+        "pidfd_native": (_code("import os\nos.pidfd_open(os.getppid())\nreturn 1"), {}, LIMITS, NUMPY),
+        "gc_objects": (_code("import gc\nreturn len(gc.get_objects())"), {}, LIMITS, NUMPY),
+        "swallowed_refusal": (
+            _code("try:\n    open('/etc/hostname').read()\nexcept PermissionError:\n    pass\nreturn {'x': 1.0}"),
+            {}, LIMITS, NUMPY,
+        ),
+        "forged_event_name": (_code(f"import sys\nsys.audit('socket.{SECRET}')\nreturn 1"), {}, LIMITS, NUMPY),
+        "exception_message": (_code(f"raise ValueError('patient value ' + {SECRET!r})"), {}, LIMITS, NUMPY),
+        "exception_class_name": (
+            _code(f"Leak = type({SECRET.replace('-', '_')!r}, (Exception,), {{}})\nraise Leak()"), {}, LIMITS, NUMPY,
+        ),
+        "forged_frame": (
+            _code(
+                f"""
+                import os, stat, struct
+                from datasite_setup.result_codec import encode
+                blob = encode({{"ok": False, "result": None, "error_type": {SECRET!r}, "refused_event": None,
+                               "stdout": "", "confinement": []}})
+                for fd in range(3, 64):
+                    try:
+                        if stat.S_ISFIFO(os.fstat(fd).st_mode):
+                            os.write(fd, struct.pack(">Q", len(blob)) + blob)
+                    except OSError:
+                        pass
+                os._exit(0)
+                """
+            ),
+            {}, LIMITS, NUMPY,
+        ),
+        "hard_exit": (_code("import os\nos._exit(3)"), {}, LIMITS, NUMPY),
+        "memory_hog": (
+            _code("import numpy as np\nreturn float(np.ones(2 * 512 * 1024 * 1024 // 8).sum())"),
+            {}, Limits(cpu_seconds=60, wall_seconds=60, memory_mb=512), NUMPY,
+        ),
+        "memory_hog_torch": (
+            _code("import torch\nreturn float(torch.ones(2 * 2048 * 1024 * 1024 // 4).sum())"),
+            {}, Limits(cpu_seconds=60, wall_seconds=60, memory_mb=2048), TORCH,
+        ),
+        "infinite_loop": (_code("while True:\n    pass"), {}, Limits(cpu_seconds=60, wall_seconds=3, memory_mb=1024), NUMPY),
+        "cpu_limit": (_code("while True:\n    pass"), {}, Limits(cpu_seconds=1, wall_seconds=10, memory_mb=1024), NUMPY),
+        "scratch_file_work": (
+            _code(
+                """
+                import os, shutil, tempfile
+                import numpy as np
+                os.makedirs("a/b", exist_ok=True)
+                np.save("a/b/x.npy", np.arange(4))
+                os.rename("a/b/x.npy", "a/y.npy")
+                os.symlink("y.npy", "a/link.npy")
+                shutil.copyfile("a/link.npy", "a/z.npy")
+                fd, name = tempfile.mkstemp()
+                os.close(fd)
+                os.remove(name)
+                total = int(np.load("a/z.npy").sum()) + len(os.listdir("a"))
+                shutil.rmtree("a")
+                return {"total": total, "left": len(os.listdir("."))}
+                """
+            ),
+            {}, LIMITS, NUMPY,
+        ),
+        "scratch_cwd": (_code("import os\nopen('w.npy', 'wb').write(b'x')\nreturn os.getcwd()"), {}, LIMITS, NUMPY),
+        "legit_numpy_torch": (LEGIT_SOURCE, {"images": IMAGES, "seed": 7}, LIMITS, TORCH),
+    }
+
+
+LEGIT_SOURCE = _code(
+    """
+    import numpy as np
+    import torch
+    torch.manual_seed(seed)
+    conv = torch.nn.Conv2d(1, 4, 3)
+    x = torch.from_numpy(images)
+    loss = torch.nn.functional.relu(conv(x)).mean()
+    loss.backward()
+    counts, _ = np.histogram(images, bins=8, range=(0.0, 1.0))
+    return {
+        "weights": {name: p.detach() for name, p in conv.named_parameters()},
+        "grads": {name: p.grad.numpy() for name, p in conv.named_parameters()},
+        "loss": float(loss.detach()),
+        "hist": counts,
+        "echo": images,
+        "cumsum": np.cumsum(images.astype(np.float64)),
+    }
+    """,
+    args="images, seed",
+)
+IMAGES = np.random.default_rng(0).random((3, 1, 12, 12), dtype=np.float32)
+
+
+def _legit_locally() -> dict[str, Any]:
+    namespace: dict[str, Any] = {}
+    exec(LEGIT_SOURCE, namespace)
+    return namespace["f"](images=IMAGES.copy(), seed=7)
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    base = tmp_path_factory.mktemp("isolation")
+    data_dir = base / "site-data"
+    data_dir.mkdir()
+    (data_dir / "secret.txt").write_text(f"patient 0042: {SECRET}\n")
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(4)
+    listener.setblocking(False)
+    probes = _probes(data_dir, base / "escaped.txt", listener.getsockname()[1])
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MEDFED_TEST_SECRET", SECRET)
+        with ThreadPoolExecutor(max_workers=4) as pool:
+            futures = {
+                name: pool.submit(run_isolated, src, "f", kwargs, limits, [data_dir], preload)
+                for name, (src, kwargs, limits, preload) in probes.items()
+            }
+            outcomes = {name: future.result() for name, future in futures.items()}
+    yield {"outcomes": outcomes, "listener": listener, "outside": base / "escaped.txt"}
+    listener.close()
+
+
+REFUSED = {
+    "etc_hostname": "refused:open",
+    "forbidden_file": "refused:open",
+    "forbidden_listdir": "refused:os.listdir",
+    "forbidden_file_native": "error:RuntimeError",  # torch reads natively: Landlock, not the audit hook, refuses
+    "write_outside": "refused:open",
+    "write_outside_native": "error:RuntimeError",  # torch writes natively: Landlock refuses
+    "hook_tampering": "refused:open",
+    "symlink_out": "refused:os.symlink",
+    "socket_new": "refused:socket.__new__",
+    "socket_connect": "refused:socket.getaddrinfo",
+    "parent_environ": "refused:open",
+    "subprocess_run": "refused:subprocess.Popen",
+    "os_system": "refused:os.system",
+    "ctypes": "refused:ctypes.dlopen",
+    "pidfd_native": "error:PermissionError",  # not an audit event: seccomp refuses it
+    "gc_objects": "refused:gc.get_objects",
+    "swallowed_refusal": "refused:open",
+    "forged_event_name": "refused:socket.*",
+    "exception_message": "error:ValueError",
+    "exception_class_name": "error:Exception",
+    "forged_frame": "crashed",
+    "hard_exit": "crashed",
+}
+
+
+@pytest.mark.parametrize("probe", sorted(REFUSED))
+def test_escape_attempt_fails_without_leaking(site: dict[str, Any], probe: str) -> None:
+    outcome: IsolatedOutcome = site["outcomes"][probe]
+    assert not outcome.ok
+    assert outcome.result is None
+    assert outcome.failure == REFUSED[probe]
+    assert SECRET not in repr(outcome)
+    assert SECRET.replace("-", "_") not in repr(outcome)
+
+
+def test_kernel_layers_are_in_force(site: dict[str, Any]) -> None:
+    outcome = site["outcomes"]["etc_hostname"]
+    assert set(outcome.confinement) >= {"landlock-fs", "seccomp", "audit-hook"}
+
+
+def test_nothing_reached_the_listening_socket_or_the_outside_file(site: dict[str, Any]) -> None:
+    with pytest.raises(BlockingIOError):
+        site["listener"].accept()
+    assert not site["outside"].exists()
+
+
+def test_server_environment_is_not_inherited(site: dict[str, Any]) -> None:
+    outcome = site["outcomes"]["env_secret"]
+    assert outcome.ok, outcome
+    assert outcome.result["has"] == 0.0
+    assert outcome.result["n"] <= 8
+    assert SECRET not in repr(outcome)
+
+
+def test_legitimate_numpy_torch_work_returns_exact_values(site: dict[str, Any]) -> None:
+    outcome = site["outcomes"]["legit_numpy_torch"]
+    assert outcome.ok, outcome
+    expected = _legit_locally()
+    got = outcome.result
+    assert got["loss"] == expected["loss"]
+    for section in ("weights", "grads"):
+        assert set(got[section]) == set(expected[section])
+        for name, value in expected[section].items():
+            value = np.asarray(value.numpy() if hasattr(value, "numpy") else value)
+            assert got[section][name].dtype == value.dtype
+            assert np.array_equal(got[section][name], value)
+    for name in ("hist", "echo", "cumsum"):
+        assert got[name].dtype == expected[name].dtype
+        assert np.array_equal(got[name], expected[name])
+
+
+def test_memory_exhaustion_is_reported_as_memory(site: dict[str, Any]) -> None:
+    assert site["outcomes"]["memory_hog"].failure == "memory"
+    assert site["outcomes"]["memory_hog_torch"].failure == "memory"
+
+
+def test_wall_clock_limit_is_reported_as_timeout(site: dict[str, Any]) -> None:
+    outcome = site["outcomes"]["infinite_loop"]
+    assert outcome.failure == "timeout"
+    assert 3 <= outcome.seconds < 6
+
+
+def test_cpu_limit_is_reported_as_cpu(site: dict[str, Any]) -> None:
+    outcome = site["outcomes"]["cpu_limit"]
+    assert outcome.failure == "cpu"
+    assert outcome.seconds < 10
+
+
+def test_late_imports_still_work(site: dict[str, Any]) -> None:
+    outcome = site["outcomes"]["late_import"]
+    assert outcome.ok, outcome
+    assert outcome.result == pytest.approx(64.0)
+
+
+def test_file_work_inside_scratch_is_allowed(site: dict[str, Any]) -> None:
+    outcome = site["outcomes"]["scratch_file_work"]
+    assert outcome.ok, outcome
+    assert outcome.result == {"total": 6 + 4, "left": 0}
+
+
+def test_scratch_dir_is_the_cwd_and_is_removed_afterwards(site: dict[str, Any]) -> None:
+    outcome = site["outcomes"]["scratch_cwd"]
+    assert outcome.ok, outcome
+    assert "medfed-sandbox-" in outcome.result
+    assert not os.path.exists(outcome.result)
+
+
+def test_prints_come_back_separately_and_truncated() -> None:
+    source = _code("print('hello')\nprint('x' * 50_000)\nreturn {'v': 1.5}")
+    outcome = run_isolated(source, "f", {}, LIMITS, preload=NUMPY)
+    assert outcome.ok and outcome.result == {"v": 1.5}
+    assert outcome.stdout.startswith("hello\n")
+    assert len(outcome.stdout) <= 10_100
+
+
+def test_carve_grants_around_a_forbidden_dir_below_a_readable_root(tmp_path: Path) -> None:
+    for rel in ("pkg/a.py", "pkg/sub/b.py", "data/site/secret.txt", "data/other/c.txt", "top.py"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_text("")
+    root, site_dir = str(tmp_path), str(tmp_path / "data" / "site")
+    granted = carve([root, "/nonexistent"], [site_dir])
+    assert root not in granted and site_dir not in granted
+    assert str(tmp_path / "pkg") in granted and str(tmp_path / "data" / "other") in granted
+    assert carve([site_dir, str(tmp_path / "data" / "site" / "x")], [site_dir]) == []
