@@ -5,6 +5,7 @@
     datasite-admin --site SITE.toml approve ID [--max-runs N] [--json]
     datasite-admin --site SITE.toml deny ID --reason TEXT [--json]
     datasite-admin --site SITE.toml audit-log [--json]
+    datasite-admin --site SITE.toml tasks [--json]
 
 Exit codes: 0 done; 1 an error; 2 bad usage; 4 `show` found high-severity audit findings.
 """
@@ -83,6 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     cmd.add_argument("id")
     cmd.add_argument("--reason", required=True)
     sub.add_parser("audit-log", help="every decision taken at this site")
+    sub.add_parser("tasks", help="the site tasks installed here, which are enabled, and their source hashes")
     for action in sub.choices.values():
         action.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="machine-readable output")
     return parser
@@ -97,6 +99,14 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "audit-log":
             entries = review.read_audit_log(config)
             print(json.dumps(entries, indent=2) if args.json else "\n".join(json.dumps(e) for e in entries))
+            return EXIT_OK
+        if args.command == "tasks":
+            tasks = review.list_tasks(config)
+            if args.json:
+                print(json.dumps(tasks, indent=2))
+            for task in [] if args.json else tasks:
+                state = "enabled" if task["enabled"] else "disabled"
+                print(f"{task['name']:16} {state:8} sha256 {task['source_hash'][:16]}  {task['summary']}")
             return EXIT_OK
         from datasite_setup.connection import admin_client
 

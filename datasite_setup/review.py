@@ -76,6 +76,18 @@ def _task_description(config: SiteConfig, name: str) -> dict[str, Any]:
     }
 
 
+def list_tasks(config: SiteConfig) -> list[dict[str, Any]]:
+    """Every site task this installation provides, whether this site enables it, and its hash."""
+    from analyses.site_tasks import TASKS
+
+    rows = []
+    for name in sorted(TASKS):
+        described = _task_description(config, name)
+        described.pop("source")
+        rows.append(described)
+    return rows
+
+
 def approval_problem(config: SiteConfig, code: str) -> str | None:
     """Why this site must not approve the code, or None. Custom code needs `allow_custom_code`."""
     thin = parse_thin_request(code)

@@ -202,3 +202,16 @@ def test_a_thin_request_with_extra_code_is_custom_code() -> None:
     assert parse_thin_request(smuggled) is None
     renamed = 'def f(cases, params):\n    return run_site_task("cohort_summary", params, cases)\n'
     assert parse_thin_request(renamed) is None
+
+
+def test_admin_lists_installed_tasks_and_which_the_site_enables(tmp_path) -> None:
+    from tests.conftest import run_cli, write_site_config
+
+    config = write_site_config(tmp_path, "hospital-tasks", 1, extra="")
+    text = config.read_text().replace("allow_custom_code = false", 'allow_custom_code = false\nenabled_tasks = ["evaluate"]')
+    config.write_text(text)
+    rows = json.loads(run_cli("datasite_setup.admin_cli", "--site", str(config), "tasks", "--json", check=True).stdout)
+    by_name = {row["name"]: row for row in rows}
+    assert {"cohort_summary", "local_train", "evaluate"} <= set(by_name)
+    assert by_name["evaluate"]["enabled"] and not by_name["local_train"]["enabled"]
+    assert all(len(row["source_hash"]) == 64 for row in rows)
