@@ -17,9 +17,14 @@ _TEMPLATE = '''def {name}(cases, params):
 '''
 
 
+def function_name(task: str, label: str) -> str:
+    """The syft function name of the thin request for `task` under `label` (stable across runs)."""
+    return re.sub(r"\W", "_", f"{task}_{label}")
+
+
 def thin_function(task: str, label: str) -> Any:
     """A plain function with the thin-request shape whose source `inspect.getsource` can read."""
-    name = re.sub(r"\W", "_", f"{task}_{label}")
+    name = function_name(task, label)
     source = _TEMPLATE.format(name=name, task=task)
     filename = f"<site-request {name}>"
     linecache.cache[filename] = (len(source), None, source.splitlines(keepends=True), filename)
@@ -51,7 +56,7 @@ def run_site_task(client: Any, asset: Any, task: str, label: str, params: dict[s
     """Run an approved thin request and return its result (raises with the site's reason)."""
     import syft as sy
 
-    name = re.sub(r"\W", "_", f"{task}_{label}")
+    name = function_name(task, label)
     result = getattr(client.code, name)(cases=asset, params=params)
     if isinstance(result, sy.SyftError):
         raise RuntimeError(result.message)
@@ -59,3 +64,26 @@ def run_site_task(client: Any, asset: Any, task: str, label: str, params: dict[s
     if isinstance(value, sy.SyftError):
         raise RuntimeError(value.message)
     return value
+
+
+def request_status(client: Any, task: str, label: str) -> str | None:
+    """"approved", "pending" or "rejected" for this data scientist's request, or None if never sent."""
+    from datasite_setup.connection import quiet_syft
+
+    name = function_name(task, label)
+    with quiet_syft():
+        requests = client.requests.get_all()
+    found = [r for r in requests if getattr(r.code, "service_func_name", None) == name]
+    if not found:
+        return None
+    return str(found[-1].status).rsplit(".", 1)[-1].lower()
+
+
+def ensure_request(client: Any, asset: Any, task: str, label: str, max_runs: int) -> str:
+    """Send the request unless it exists; return its status (a rerun never asks twice)."""
+    status = request_status(client, task, label)
+    if status is None:
+        request_site_task(client, asset, task, label, max_runs)
+        status = request_status(client, task, label) or "pending"
+    return status
+

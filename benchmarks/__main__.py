@@ -23,6 +23,10 @@ from typing import Any
 REGISTRY: dict[str, str] = {
     "ingestion_throughput": "benchmarks.ingestion_throughput",
     "datasite_startup": "benchmarks.datasite_startup",
+    "isolation_overhead": "benchmarks.isolation_overhead",
+    "federated_round_overhead": "benchmarks.federated_round_overhead",
+    "federated_quality": "benchmarks.federated_quality",
+    "radiomics_throughput": "benchmarks.radiomics_throughput",
 }
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"

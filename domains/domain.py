@@ -24,6 +24,9 @@ if TYPE_CHECKING:
 @runtime_checkable
 class Domain(Protocol):
     name: str
+    evaluation_scalars: frozenset[str]  # every key `confusion_counts` + `metrics_from_counts` return
+    primary_metric: str  # the metric runs are compared on (e.g. "dice")
+    higher_is_better: bool
 
     def build_model(self) -> torch.nn.Module:
         """A freshly initialised model; every site must be able to load its state_dict."""

@@ -1,8 +1,9 @@
 """Site task `evaluate`: the global model's segmentation quality at this site, pooled over cases.
 
-Returns the voxel confusion counts summed over all the site's cases and the metrics computed
-from them (Dice, sensitivity, specificity, F1). Counts are additive, so the orchestrator can pool
-sites exactly; nothing per case is returned.
+Returns the domain's additive evaluation counts summed over all the site's cases (for
+segmentation: voxel confusion counts) and the metrics computed from them (Dice, sensitivity,
+specificity, F1). Counts are additive, so the orchestrator can pool sites exactly; nothing per
+case is returned.
 """
 
 from __future__ import annotations
@@ -10,8 +11,6 @@ from __future__ import annotations
 from typing import Any
 
 from analyses.site_tasks.task import Param, SiteFacts, SiteTask, known_domain
-
-SCALARS = frozenset({"tp", "fp", "tn", "fn", "dice", "sensitivity", "specificity", "f1", "n_cases"})
 
 
 def run(cases: list[dict[str, Any]], params: dict[str, Any], site: SiteFacts) -> dict[str, float]:
@@ -28,13 +27,14 @@ def run(cases: list[dict[str, Any]], params: dict[str, Any], site: SiteFacts) ->
 
 def contract(params: dict[str, Any], site: SiteFacts) -> Any:
     from datasite_setup.output_contracts import ScalarsContract
+    from domains import get_domain
 
-    return ScalarsContract(names=SCALARS)
+    return ScalarsContract(names=get_domain(params["domain"]).evaluation_scalars | {"n_cases"})
 
 
 TASK = SiteTask(
     name="evaluate",
-    summary="Dice, sensitivity, specificity and F1 of the given weights on all local cases (pooled counts)",
+    summary="the domain's metrics (e.g. Dice, sensitivity, specificity, F1) of the given weights on all local cases (pooled counts)",
     params={
         "domain": Param(str, "the learning task (e.g. brain_mr_segmentation)", check=known_domain),
         "weights": Param(dict, "weights to evaluate: {state name: float array}"),

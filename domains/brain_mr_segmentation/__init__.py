@@ -52,6 +52,9 @@ class BrainMRSegmentation:
     original grid of each case (padding added for the U-Net never counts)."""
 
     name = "brain_mr_segmentation"
+    evaluation_scalars = frozenset({"tp", "fp", "tn", "fn", "dice", "sensitivity", "specificity", "f1"})
+    primary_metric = "dice"
+    higher_is_better = True
 
     def __init__(self, base_channels: int = 8, eval_batch_size: int = 32) -> None:
         self.base_channels = base_channels

@@ -1,0 +1,166 @@
+"""`federate train`: federated training across the federation's datasites, with baselines.
+
+    federate train FED.toml --domain brain_mr_segmentation --strategy fedavg,fedprox --rounds 5 \
+        --baselines --centralized-data hospital-a=exports/a --out runs/seg
+
+The first call sends the thin requests (`local_train`, `evaluate`, budgeted to the rounds) and
+exits 5 until every site's admin has approved; the next call trains. A run that stops (Ctrl-C,
+a crash, too few sites) resumes from its last checkpoint when the same command is run again,
+with no new approval. `--out` receives per-method folders (metrics.json/csv, curves PNG, final
+weights) and, with several methods, comparison.json/csv/png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from analyses.commands import EXIT_AWAITING_APPROVAL, EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK
+
+
+def _site_rounds(values: list[str]) -> dict[str, int]:
+    out = {}
+    for value in values:
+        site, _, k = value.partition("=")
+        if not site or not k.isdigit():
+            raise argparse.ArgumentTypeError(f"--leave-after expects SITE=ROUND, got {value!r}")
+        out[site] = int(k)
+    return out
+
+
+def _site_folders(values: list[str]) -> dict[str, Path]:
+    out = {}
+    for value in values:
+        site, _, folder = value.partition("=")
+        if not site or not folder:
+            raise argparse.ArgumentTypeError(f"--centralized-data expects SITE=DIR, got {value!r}")
+        out[site] = Path(folder)
+    return out
+
+
+def register(subparsers: Any) -> None:
+    cmd = subparsers.add_parser("train", help="federated training (FedAvg, FedProx, FedBN) with baselines",
+                                description=__doc__.split("\n\n")[0])
+    cmd.add_argument("federation", type=Path, help="federation file (TOML) listing the datasites")
+    cmd.add_argument("--domain", default="brain_mr_segmentation")
+    cmd.add_argument("--strategy", default="fedavg", help="fedavg, fedprox, fedbn or local; several comma-separated")
+    cmd.add_argument("--rounds", type=int, default=5)
+    cmd.add_argument("--epochs", type=int, default=1, help="local epochs per round")
+    cmd.add_argument("--batch-size", type=int, default=8)
+    cmd.add_argument("--lr", type=float, default=3e-3)
+    cmd.add_argument("--optimizer", choices=("adam", "sgd"), default="adam")
+    cmd.add_argument("--max-steps", type=int, default=0, help="cap on local steps per round (0 = whole epochs)")
+    cmd.add_argument("--mu", type=float, default=0.01, help="FedProx proximal weight")
+    cmd.add_argument("--seed", type=int, default=0)
+    cmd.add_argument("--min-sites", type=int, default=2, help="a round needs this many usable updates")
+    cmd.add_argument("--timeout", type=float, default=600.0, help="seconds each site call may take")
+    cmd.add_argument("--leave-after", action="append", default=[], metavar="SITE=ROUND",
+                     help="the site trains up to this round, then only evaluates (how long its information lasts)")
+    cmd.add_argument("--baselines", action="store_true", help="also train local-only models at each site")
+    cmd.add_argument("--centralized-data", action="append", default=[], metavar="SITE=DIR",
+                     help="SIMULATION ONLY: the sites' DICOM exports, pooled for a centralized baseline")
+    cmd.add_argument("--name", default="", help="request label (default: derived from the plan)")
+    cmd.add_argument("--wait", type=float, default=0.0, help="wait up to this many seconds for approvals")
+    cmd.add_argument("--out", type=Path, required=True)
+    cmd.add_argument("--json", action="store_true", help="print the outcome as JSON")
+    cmd.add_argument("--quiet", action="store_true", help="no progress bars")
+    cmd.set_defaults(handler=run)
+
+
+def _emit(args: argparse.Namespace, payload: dict[str, Any], text: str) -> None:
+    print(json.dumps(payload, indent=1) if args.json else text)
+
+
+def run(args: argparse.Namespace) -> int:
+    from analyses.federation.centralized import SIMULATION_LABEL, read_site_exports, train_centralized
+    from analyses.federation.experiment import AwaitingApproval, compare, local_plan, submit, train
+    from analyses.federation.orchestrator import PlanMismatch, RoundFailed, TrainingPlan
+    from analyses.federation.run_outputs import write_run
+    from analyses.federation_file import FederationFileError, load_federation
+    from domains import get_domain
+
+    try:
+        federation = load_federation(args.federation)
+        leave_after = _site_rounds(args.leave_after)
+        exports = _site_folders(args.centralized_data)
+        domain = get_domain(args.domain)
+        unknown = sorted(set(leave_after) - {s.name for s in federation.datasites})
+        if unknown:
+            raise ValueError(f"--leave-after names sites not in {args.federation}: {unknown}")
+        plans = [
+            TrainingPlan(domain=args.domain, strategy=name.strip(), rounds=args.rounds, epochs=args.epochs,
+                         batch_size=args.batch_size, lr=args.lr, optimizer=args.optimizer, max_steps=args.max_steps,
+                         mu=args.mu, seed=args.seed, leave_after=leave_after, min_sites=args.min_sites,
+                         call_timeout_s=args.timeout, name=f"{args.name}_{name.strip()}" if args.name else "")
+            for name in args.strategy.split(",") if name.strip()
+        ]
+        from analyses.federation import STRATEGIES
+
+        bad = [p.strategy for p in plans if p.strategy not in STRATEGIES]
+        if bad or not plans:
+            raise ValueError(f"unknown strategy {bad}; known: {', '.join(STRATEGIES)}")
+    except (FederationFileError, ValueError, argparse.ArgumentTypeError) as exc:
+        _emit(args, {"status": "bad-input", "error": str(exc)}, f"error: {exc}")
+        return EXIT_BAD_INPUT
+    if args.baselines and not any(p.strategy == "local" for p in plans):
+        plans.append(local_plan(plans[0]))
+
+    try:
+        statuses = submit(federation, plans)
+    except Exception as exc:  # a site refusing the request, or unreachable when sending it
+        _emit(args, {"status": "failed", "error": str(exc)}, f"error: could not send the requests: {exc}")
+        return EXIT_FAILED
+    deadline = time.monotonic() + args.wait
+    reports = {}
+    for plan in plans:
+        out = args.out / plan.strategy if len(plans) > 1 else args.out
+        while True:
+            try:
+                reports[plan.strategy] = train(federation, plan, out, progress=not args.quiet)
+                break
+            except AwaitingApproval as exc:
+                if time.monotonic() < deadline:
+                    time.sleep(2.0)
+                    continue
+                _emit(args, {"status": "awaiting-approval", "requests": statuses, "waiting": exc.statuses},
+                      f"{exc}\nthe requests are sent; ask each site's admin to approve, then run the same command again")
+                return EXIT_AWAITING_APPROVAL
+            except (RoundFailed, PlanMismatch, RuntimeError) as exc:
+                _emit(args, {"status": "failed", "strategy": plan.strategy, "error": str(exc)}, f"error: {exc}")
+                return EXIT_FAILED
+        write_run(reports[plan.strategy], out, domain.primary_metric)
+
+    centralized = None
+    if exports:
+        cases = read_site_exports(exports)
+        from analyses.model_weights import exchanged_weights
+        import torch
+
+        torch.manual_seed(plans[0].seed)
+        centralized = train_centralized(plans[0], cases, exchanged_weights(domain.build_model()), progress=not args.quiet)
+        (args.out / "centralized").mkdir(parents=True, exist_ok=True)
+        (args.out / "centralized" / "metrics.json").write_text(
+            json.dumps({"label": SIMULATION_LABEL, "history": centralized}, indent=1))
+    table = compare(reports, args.out, domain.primary_metric, centralized) if len(reports) > 1 or centralized else None
+    summary = {
+        "status": "done",
+        "metric": domain.primary_metric,
+        "final": table or {plans[0].strategy: {**reports[plans[0].strategy].last()["site_metrics"]}},
+        "missed": {name: r.missed() for name, r in reports.items()},
+        "resumed_from": {name: r.resumed_from for name, r in reports.items()},
+        "out": str(args.out),
+    }
+    lines = [f"{domain.primary_metric} after {plans[0].rounds} rounds (out: {args.out})"]
+    for method, values in (table or {}).items():
+        lines.append(f"  {method:28s} " + "  ".join(f"{s}={v:.3f}" for s, v in values.items()))
+    if not table:
+        last = reports[plans[0].strategy].last()
+        lines.append("  " + "  ".join(f"{s}={m[domain.primary_metric]:.3f}" for s, m in last["site_metrics"].items()))
+    for name, missed in summary["missed"].items():
+        for site, rounds in missed.items():
+            lines.append(f"  {name}: {site} missed rounds {rounds}")
+    _emit(args, summary, "\n".join(lines))
+    return EXIT_OK

@@ -1,0 +1,36 @@
+"""Local-only baseline: each site trains its own model from the same start and never shares.
+
+Run through the same orchestrator (each site's model lives in the strategy state), so it costs
+and is measured exactly like the federated runs; only aggregation is missing."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from analyses.federation.strategy import SiteUpdate, Weights
+
+
+class LocalOnly:
+    name = "local"
+
+    def __init__(self) -> None:
+        self.models: dict[str, Weights] = {}
+
+    def initialize(self, weights: Weights, sites: list[str]) -> None:
+        self.models = {site: {k: v.copy() for k, v in weights.items()} for site in sites}
+
+    def weights_for(self, site: str) -> Weights:
+        return self.models[site]
+
+    def train_params(self, site: str) -> dict[str, Any]:
+        return {}
+
+    def aggregate(self, updates: list[SiteUpdate]) -> None:
+        for update in updates:
+            self.models[update.site] = update.weights
+
+    def state(self) -> dict[str, Weights]:
+        return {f"site/{s}": w for s, w in self.models.items()}
+
+    def load_state(self, state: dict[str, Weights]) -> None:
+        self.models = {key.split("/", 1)[1]: w for key, w in state.items() if key.startswith("site/")}
