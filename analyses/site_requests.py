@@ -41,11 +41,11 @@ def request_site_task(client: Any, asset: Any, task: str, label: str, max_runs: 
     from datasite_setup.connection import quiet_syft
 
     func = thin_function(task, label)
-    code = sy.syft_function(
-        input_policy=sy.MixedInputPolicy(cases=asset, params=dict, client=client),
-        output_policy=OutputPolicyExecuteCount(limit=max_runs),
-    )(func)
     with quiet_syft():
+        code = sy.syft_function(
+            input_policy=sy.MixedInputPolicy(cases=asset, params=dict, client=client),
+            output_policy=OutputPolicyExecuteCount(limit=max_runs),
+        )(func)
         request = client.code.request_code_execution(code)
     if isinstance(request, sy.SyftError):
         raise RuntimeError(f"request for site task '{task}' was not accepted: {request.message}")
