@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test demo bench constraints clean
+.PHONY: install test test-e2e demo browser bench constraints clean
 
 install: $(STAMP)
 
@@ -21,10 +21,18 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 test: install
-	$(BIN)/python -m pytest -q -ra
+	$(BIN)/python -m pytest -q -ra -m "not e2e"
+
+# Whole-flow suites (3-site training, radiomics on real MR, the demo, PostgreSQL): ~30+ min on 2 cores.
+test-e2e: install browser
+	$(BIN)/python -m pytest -q -ra -m e2e
 
 demo: install
 	$(BIN)/python -m analyses.demo
+
+# Headless Chromium renders the demo's HTML report in the tests (Debian's package; needs root).
+browser:
+	test -x /usr/bin/chromium || (apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium)
 
 bench: install
 	$(BIN)/python -m benchmarks

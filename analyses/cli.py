@@ -18,11 +18,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="federate", description="federated training and analysis across datasites")
     subparsers = parser.add_subparsers(dest="command", required=True)
     for module in SUBCOMMANDS:
-        try:
-            importlib.import_module(module).register(subparsers)
-        except ModuleNotFoundError as exc:
-            if exc.name != module:
-                raise
+        importlib.import_module(module).register(subparsers)
     return parser
 
 

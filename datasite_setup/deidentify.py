@@ -151,5 +151,7 @@ def _as_list(value: object) -> list:
 def _clean_description(text: str, ds: Dataset) -> str:
     """Cut identifiers that operators type into free text (e.g. 'T1 DOE_JOHN 20240101')."""
     for token in sorted(_identifying_tokens(ds), key=len, reverse=True):
+        if text.isascii() and token.isascii() and token.lower() not in text.lower():
+            continue  # cannot match (ASCII case folding is lower()); skips compiling a pattern per token and case
         text = re.sub(rf"(?<![A-Za-z0-9]){re.escape(token)}(?![A-Za-z0-9])", _REMOVED, text, flags=re.IGNORECASE)
     return text

@@ -39,7 +39,10 @@ from typing import Any
 from datasite_setup import sandbox_child
 from datasite_setup.result_codec import DEFAULT_MAX_BYTES, CodecError, decode
 
-DEFAULT_PRELOAD = ("numpy", "torch", "radiomics", "analyses.site_tasks")
+# pydicom is here because importing it pulls in urllib3, which opens a socket at import time to
+# probe for IPv6: after the audit hook that is refused, and every task that touches a domain (the
+# brain MR domain imports pydicom) would fail with "refused:socket.__new__".
+DEFAULT_PRELOAD = ("numpy", "torch", "radiomics", "pydicom", "analyses.site_tasks")
 # Without these the code does not run at all. landlock-net (kernel 6.7+) and landlock-scope (6.12+)
 # are used when present; seccomp already refuses sockets and signals to other processes.
 REQUIRED_LAYERS = frozenset({"landlock-fs", "seccomp", "audit-hook"})

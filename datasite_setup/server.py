@@ -14,8 +14,13 @@ the site's isolated execution with output contracts (`site_execution`).
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import os
+import re
+import sys
+from collections.abc import Iterator
 from typing import Any
 
 from datasite_setup.credentials import admin_password, server_identity
@@ -24,6 +29,7 @@ from datasite_setup.execution_limits import enforce_execution_budgets
 from datasite_setup.site_config import SiteConfig
 
 API_PREFIX = "/api/v2"
+_DB_PASSWORD = re.compile(r"(postgresql(?:\+\w+)?://[^:/@\s]*:)[^@\s]*@")
 
 
 def _quiet_environment() -> None:
@@ -51,27 +57,49 @@ def build_datasite(config: SiteConfig) -> Any:
         client_config=OnDiskBlobStorageClientConfig(base_directory=config.data_dir / "blob"),
         min_blob_size=1,
     )
-    datasite = Datasite(
-        name=config.name,
-        id=UID.from_string(identity.server_uid),
-        signing_key=SyftSigningKey.from_string(identity.signing_key),
-        db_config=db_config,
-        db_url=config.db_url,
-        root_email=config.admin_email,
-        root_username=config.admin_name,
-        root_password=admin_password(config),
-        blob_storage_config=blob_config,
-        deployment_type="remote",
-        dev_mode=False,
-        reset=False,
-        n_consumers=0,
-        create_producer=False,
-        in_memory_workers=True,
-        association_request_auto_approval=False,
-        background_tasks=False,
-    )
+    with _db_password_kept_out_of_stdout():
+        datasite = Datasite(
+            name=config.name,
+            id=UID.from_string(identity.server_uid),
+            signing_key=SyftSigningKey.from_string(identity.signing_key),
+            db_config=db_config,
+            db_url=config.db_url,
+            root_email=config.admin_email,
+            root_username=config.admin_name,
+            root_password=admin_password(config),
+            blob_storage_config=blob_config,
+            deployment_type="remote",
+            dev_mode=False,
+            reset=False,
+            n_consumers=0,
+            create_producer=False,
+            in_memory_workers=True,
+            association_request_auto_approval=False,
+            background_tasks=False,
+        )
     _disable_guest_signup(datasite)
     return datasite
+
+
+class _RedactingStream(io.TextIOBase):
+    def __init__(self, stream: Any) -> None:
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        self._stream.write(_DB_PASSWORD.sub(r"\1***@", text))
+        return len(text)
+
+    def flush(self) -> None:
+        self._stream.flush()
+
+
+@contextlib.contextmanager
+def _db_password_kept_out_of_stdout() -> Iterator[None]:
+    """syft 0.9.5 prints the PostgreSQL URL with its password while the Datasite is built
+    (`print(f"Using {...} and {db_config.connection_string}")`, syft/server/server.py:832), and
+    `up` sends stdout to data_dir/server.log; the password is masked in what is printed then."""
+    with contextlib.redirect_stdout(_RedactingStream(sys.stdout)):
+        yield
 
 
 def _disable_guest_signup(datasite: Any) -> None:

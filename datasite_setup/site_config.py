@@ -24,6 +24,8 @@ Example::
 
     [privacy]
     min_cohort = 5
+    dp_epsilon_budget = 10.0            # epsilon per data scientist for differentially private
+                                        # requests, charged before each run (disclosure.py)
 
     [execution]                         # limits for each approved run (isolated child process)
     cpu_seconds = 1800
@@ -58,6 +60,7 @@ class DataScientist:
 @dataclass(frozen=True)
 class PrivacySettings:
     min_cohort: int = 5
+    dp_epsilon_budget: float = 10.0
 
 
 @dataclass(frozen=True)
@@ -169,6 +172,10 @@ def load_site_config(path: str | Path) -> SiteConfig:
     min_cohort = _typed(privacy.get("min_cohort", 5), int, "privacy.min_cohort", path)
     if min_cohort < 1:
         raise SiteConfigError(f"{path}: 'privacy.min_cohort' must be at least 1, got {min_cohort}")
+    budget = _typed(privacy.get("dp_epsilon_budget", 10.0), (int, float), "privacy.dp_epsilon_budget", path)
+    if not 0 <= budget < float("inf"):
+        raise SiteConfigError(f"{path}: 'privacy.dp_epsilon_budget' must be a finite number >= 0 (0 refuses every "
+                              f"differentially private request), got {budget}")
 
     execution = _typed(raw.get("execution", {}), dict, "execution", path)
     defaults = ExecutionLimits()
@@ -193,7 +200,7 @@ def load_site_config(path: str | Path) -> SiteConfig:
         db_url=db_url,
         allow_custom_code=allow_custom,
         data_scientists=tuple(scientists),
-        privacy=PrivacySettings(min_cohort=min_cohort),
+        privacy=PrivacySettings(min_cohort=min_cohort, dp_epsilon_budget=float(budget)),
         limits=limits,
         enabled_tasks=None if tasks is None else tuple(tasks),
     )

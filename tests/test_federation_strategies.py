@@ -1,7 +1,7 @@
 """Strategies, update checks, checkpoints and the orchestrator's round logic, in one process.
 
-The sites here are `InProcessSite` links that run the real site-task code on phantom cases in
-this process; the live-datasite tests (test_federated_training.py) run the same orchestrator
+The sites here are simulated (`SimulatedSite`: the real site-task code on phantom cases in this
+process); the live-datasite tests (test_federated_training.py) run the same orchestrator
 against real servers. These tests pin down the arithmetic and the fault handling exactly.
 """
 
@@ -17,6 +17,7 @@ import torch
 from analyses.federation import FedAvg, FedBN, FedProx, LocalOnly, SiteUpdate, make_strategy
 from analyses.federation.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from analyses.federation.fedbn import is_normalisation
+from analyses.federation.simulated_site import SimulatedSite
 from analyses.federation.orchestrator import Orchestrator, PlanMismatch, RoundFailed, TrainingPlan
 from analyses.federation.update_checks import RejectedUpdate, check_update
 from analyses.model_weights import declared_shapes, exchanged_weights
@@ -33,29 +34,24 @@ def phantom_cases(profile: str, n: int, seed: int, slices: int = 6, matrix: int 
 
 
 @dataclass
-class InProcessSite:
-    """A site link that runs the installed site tasks here (no server): for orchestrator logic."""
+class FaultySite(SimulatedSite):
+    """A simulated site whose answers go wrong on purpose: broken updates or lost connections."""
 
-    name: str
-    cases: list[dict[str, Any]]
-    corrupt: str = ""  # "nan" or "shape": this site's updates are broken on purpose
-    fail_rounds: set[int] = field(default_factory=set)
+    corrupt: str = ""  # "nan" or "shape"
+    fail_calls: set[int] = field(default_factory=set)
     calls: int = 0
 
     def train(self, params: dict[str, Any]) -> Any:
         self.calls += 1
-        if self.calls in self.fail_rounds:
+        if self.calls in self.fail_calls:
             raise ConnectionError(f"{self.name} is unreachable")
-        result = local_train.run(self.cases, params, SiteFacts(min_cohort=1))
+        result = super().train(params)
         name = next(iter(result["weights"]))
         if self.corrupt == "nan":
             result["weights"][name] = np.full_like(result["weights"][name], np.nan)
         elif self.corrupt == "shape":
             result["weights"][name] = result["weights"][name][..., :1]
         return result
-
-    def evaluate(self, params: dict[str, Any]) -> dict[str, float]:
-        return evaluate.run(self.cases, params, SiteFacts(min_cohort=1))
 
 
 def update(site: str, n: float, **arrays: np.ndarray) -> SiteUpdate:
@@ -168,9 +164,9 @@ def test_fedavg_one_full_batch_step_equals_centralized_gradient_descent(three_si
 
 def test_orchestrator_rejects_bad_updates_skips_down_sites_and_resumes(three_sites, tmp_path) -> None:
     links = [
-        InProcessSite("hospital-a", three_sites["hospital-a"]),
-        InProcessSite("hospital-b", three_sites["hospital-b"], corrupt="nan"),
-        InProcessSite("hospital-c", three_sites["hospital-c"], fail_rounds={2}),
+        FaultySite("hospital-a", three_sites["hospital-a"]),
+        FaultySite("hospital-b", three_sites["hospital-b"], corrupt="nan"),
+        FaultySite("hospital-c", three_sites["hospital-c"], fail_calls={2}),
     ]
     plan = TrainingPlan(domain="brain_mr_tumour_burden", strategy="fedavg", rounds=2, batch_size=8, lr=1e-3, min_sites=1)
     report = Orchestrator(plan, links, tmp_path, progress=False).run()
@@ -189,7 +185,7 @@ def test_orchestrator_rejects_bad_updates_skips_down_sites_and_resumes(three_sit
 
 
 def test_round_fails_below_min_sites_and_keeps_the_checkpoint(three_sites, tmp_path) -> None:
-    links = [InProcessSite(n, c, corrupt="shape") for n, c in three_sites.items()]
+    links = [FaultySite(n, c, corrupt="shape") for n, c in three_sites.items()]
     plan = TrainingPlan(domain="brain_mr_tumour_burden", strategy="fedavg", rounds=1, min_sites=2)
     with pytest.raises(RoundFailed, match="0 of 3 sites"):
         Orchestrator(plan, links, tmp_path, progress=False).run()

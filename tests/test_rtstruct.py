@@ -203,3 +203,38 @@ def test_other_frame_of_reference_is_refused():
 def test_roi_without_contours_is_a_case_without_lesion():
     mask = rasterize_roi(structure_set({"gtv": []}), grid_series())
     assert mask.dtype == np.uint8 and mask.shape == grid_series().geometry.shape and not mask.any()
+
+
+def _random_polygons(rng: np.random.Generator, shape: tuple[int, int]) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Smooth and jagged outlines, vertices on pixel centres and edges through them, spills past the image."""
+    rows, cols = shape
+    polygons = []
+    for n in range(400):
+        count = int(rng.integers(3, 300))
+        angles = np.sort(rng.uniform(0, 2 * np.pi, count))
+        radius = rng.uniform(0.5, 12) * (1 + rng.uniform(0, 0.6) * np.sin(rng.integers(1, 7) * angles))
+        x = rng.uniform(-2, cols + 1) + radius * np.cos(angles)
+        y = rng.uniform(-2, rows + 1) + radius * np.sin(angles)
+        if n % 4 == 1:
+            x, y = np.round(x), np.round(y)  # vertices on pixel centres, horizontal and vertical edges
+        elif n % 4 == 2:
+            x, y = np.round(x * 2) / 2, np.round(y * 2) / 2  # edges through pixel centres
+        elif n % 4 == 3:
+            x, y = rng.uniform(-1, cols, count), rng.uniform(-1, rows, count)  # self-intersecting
+        polygons.append((x, y))
+    return polygons
+
+
+def test_scanline_fill_matches_skimage_polygon_pixel_for_pixel():
+    """Rasterisation fills rows between crossings; it must give exactly skimage.draw.polygon's pixels."""
+    from skimage.draw import polygon
+
+    from datasite_setup.rtstruct import _toggle_polygon
+
+    shape = (40, 52)
+    for x, y in _random_polygons(np.random.default_rng(11), shape):
+        expected = np.zeros(shape, bool)
+        expected[polygon(y, x, shape=shape)] = True
+        got = np.zeros(shape, bool)
+        _toggle_polygon(got, x, y)
+        assert np.array_equal(got, expected), (x.tolist(), y.tolist())

@@ -9,10 +9,19 @@ from __future__ import annotations
 
 from typing import Any
 
-from analyses.site_tasks import cohort_summary, evaluate, local_train
+from analyses.site_tasks import cohort_summary, evaluate, intensity_landmarks, local_train, radiomics_aggregates
 from analyses.site_tasks.task import SiteFacts, SiteTask
 
-TASKS: dict[str, SiteTask] = {task.name: task for task in (cohort_summary.TASK, local_train.TASK, evaluate.TASK)}
+TASKS: dict[str, SiteTask] = {
+    task.name: task
+    for task in (
+        cohort_summary.TASK,
+        local_train.TASK,
+        evaluate.TASK,
+        radiomics_aggregates.TASK,
+        intensity_landmarks.TASK,
+    )
+}
 
 __all__ = ["TASKS", "SiteFacts", "SiteTask", "run_site_task"]
 

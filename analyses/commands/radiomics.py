@@ -1,0 +1,129 @@
+"""`federate radiomics`: radiomics features at every site, aggregated, and how much the sites differ.
+
+    federate radiomics FED.toml --params analyses/radiomics_params/mr_default.yaml --out runs/radiomics
+
+PARAMS.yaml is a pyradiomics parameter file (imageType, featureClass, setting) with an optional
+`federated:` block for what only a federated run needs: `intensity_edges` (bin edges of the
+masked-voxel intensity histogram), `feature_edges` ({feature: bin edges}), `dp` (differential
+privacy: epsilon, mechanism, delta, bounds) and `harmonize: nyul` (landmarks first, then features
+on the standardized images). The first call sends the requests and exits 5 until every site's
+admin has approved; the next call runs and writes `--out` (see `analyses.radiomics_run`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from analyses.commands import EXIT_AWAITING_APPROVAL, EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK
+
+FEDERATED_KEYS = {"intensity_edges", "feature_edges", "dp", "harmonize"}
+
+
+def register(subparsers: Any) -> None:
+    cmd = subparsers.add_parser("radiomics", help="radiomics aggregates per site and a heterogeneity report",
+                                description=__doc__.split("\n\n")[0])
+    cmd.add_argument("federation", type=Path, help="federation file (TOML) listing the datasites")
+    cmd.add_argument("--params", type=Path, required=True, help="pyradiomics parameter file (YAML), optional 'federated:' block")
+    cmd.add_argument("--out", type=Path, required=True, help="folder for aggregates.json and the heterogeneity report")
+    cmd.add_argument("--label", default="radiomics", help="request label: one approval per label and site")
+    cmd.add_argument("--max-runs", type=int, default=20, help="runs each site's approval allows")
+    cmd.add_argument("--json", action="store_true", help="print the outcome as JSON")
+    cmd.set_defaults(handler=run)
+
+
+def read_params(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(pyradiomics settings, federated options) from a parameter file; ValueError names what is wrong."""
+    import yaml
+
+    from analyses.site_tasks.radiomics_aggregates import settings_problems
+
+    try:
+        content = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        raise ValueError(f"{path}: cannot read the parameter file ({exc})") from None
+    if not isinstance(content, dict):
+        raise ValueError(f"{path}: a pyradiomics parameter file is a mapping (imageType, featureClass, setting)")
+    federated = content.pop("federated", None) or {}
+    if not isinstance(federated, dict) or set(federated) - FEDERATED_KEYS:
+        raise ValueError(f"{path}: 'federated' may only hold {sorted(FEDERATED_KEYS)}")
+    if federated.get("harmonize", "none") not in ("none", "nyul"):
+        raise ValueError(f"{path}: 'federated.harmonize' must be 'nyul' or 'none'")
+    problem = settings_problems(content)
+    if problem:
+        raise ValueError(f"{path}: {problem}")
+    return content, federated
+
+
+def _emit(args: argparse.Namespace, payload: dict[str, Any], text: str) -> None:
+    print(json.dumps(payload, indent=1) if args.json else text)
+
+
+def run(args: argparse.Namespace) -> int:
+    from analyses.federation_file import FederationFileError, load_federation
+    from analyses.radiomics_run import (
+        LANDMARKS_TASK, TASK, AwaitingApproval, SiteFailed, nyul_scale, run_radiomics, submit,
+    )
+
+    try:
+        federation = load_federation(args.federation)
+        settings, federated = read_params(args.params)
+    except (FederationFileError, ValueError) as exc:
+        _emit(args, {"status": "bad-input", "error": str(exc)}, f"error: {exc}")
+        return EXIT_BAD_INPUT
+    harmonize = federated.get("harmonize") == "nyul"
+    try:
+        statuses = {TASK: submit(federation, TASK, args.label, args.max_runs)}
+        if harmonize:
+            statuses[LANDMARKS_TASK] = submit(federation, LANDMARKS_TASK, args.label, args.max_runs)
+    except FederationFileError as exc:  # a password that cannot be read
+        _emit(args, {"status": "bad-input", "error": str(exc)}, f"error: {exc}")
+        return EXIT_BAD_INPUT
+    except Exception as exc:  # a site refusing the request, or unreachable when sending it
+        _emit(args, {"status": "failed", "error": str(exc)}, f"error: could not send the requests: {exc}")
+        return EXIT_FAILED
+    pending = {task: {site: s for site, s in by_site.items() if s != "approved"} for task, by_site in statuses.items()}
+    pending = {task: sites for task, sites in pending.items() if sites}
+    if pending:
+        lines = [f"waiting for approval of '{task}' at: " + ", ".join(f"{site} ({s})" for site, s in sites.items())
+                 for task, sites in pending.items()]
+        lines.append("the requests are sent; ask each site's admin to approve, then run the same command again")
+        _emit(args, {"status": "awaiting-approval", "waiting": pending}, "\n".join(lines))
+        return EXIT_AWAITING_APPROVAL
+    try:
+        harmonization = nyul_scale(federation, args.label) if harmonize else None
+        outcome = run_radiomics(
+            federation, settings, args.out,
+            intensity_edges=federated.get("intensity_edges"), feature_edges=federated.get("feature_edges"),
+            harmonization=harmonization, dp=federated.get("dp"), label=args.label,
+        )
+    except AwaitingApproval as exc:
+        _emit(args, {"status": "awaiting-approval", "waiting": exc.statuses}, f"{exc}\nrun the same command again after approval")
+        return EXIT_AWAITING_APPROVAL
+    except (SiteFailed, RuntimeError, ValueError) as exc:
+        _emit(args, {"status": "failed", "error": str(exc)}, f"error: {exc}")
+        return EXIT_FAILED
+    report = outcome["heterogeneity"]
+    summary = {
+        "status": "done",
+        "sites": {site: result.get("n", 0) for site, result in outcome["aggregates"].items()},
+        "n_testable": report["n_testable"],
+        "n_significant": report["n_significant"],
+        "share_significant": report["share_significant"],
+        "site_mean_abs_smd": report["site_mean_abs_smd"],
+        "files": outcome["files"],
+    }
+    share = report["share_significant"]
+    lines = [
+        f"radiomics at {len(summary['sites'])} sites (cases used: "
+        + ", ".join(f"{site}={n}" for site, n in summary["sites"].items()) + ")",
+        f"  features with a significant site effect: {report['n_significant']} of {report['n_testable']}"
+        + (f" ({share:.0%})" if share is not None else ""),
+        "  mean |SMD| per site: " + ", ".join(
+            f"{site}={v:.2f}" if v is not None else f"{site}=n/a" for site, v in report["site_mean_abs_smd"].items()),
+        f"  written to {args.out}",
+    ]
+    _emit(args, summary, "\n".join(lines))
+    return EXIT_OK

@@ -1,0 +1,224 @@
+"""Federated training against three live datasites holding different scanners' phantom DICOM.
+
+The data scientist drives `federate train` exactly as on the command line; each clinic admin
+approves with the review functions behind `datasite-admin` (the CLI itself once). Sites, data
+and the federation file are shared by the module to keep the suite short.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import syft as sy
+from syft.service.policy.policy import OutputPolicyExecuteCount
+
+from analyses.federation.centralized import read_site_exports
+from analyses.model_weights import exchanged_weights
+from analyses.site_tasks import local_train
+from analyses.site_tasks.task import SiteFacts
+from datasite_setup import review
+from domains import get_domain
+from domains.brain_mr_segmentation import PROFILES, write_phantom_site
+from tests.conftest import DS_EMAIL, DS_PASSWORD_ENV, REPO, LiveSite, start_site
+
+SITES = ("hospital-a", "hospital-b", "hospital-c")
+pytestmark = pytest.mark.e2e
+
+
+def federate(*args: str, timeout: float = 900) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "analyses.cli", *args], capture_output=True, text=True,
+                          timeout=timeout, cwd=REPO)
+
+
+def approve_pending(sites: dict[str, LiveSite]) -> int:
+    """Every site's admin approves every pending request (what `datasite-admin approve` does)."""
+    approved = 0
+    for site in sites.values():
+        config, admin = site.config, site.admin_client()
+        for request in review.list_requests(config, admin, status="pending"):
+            review.approve(config, admin, request.id)
+            approved += 1
+    return approved
+
+
+@pytest.fixture(scope="module")
+def fleet(tmp_path_factory: pytest.TempPathFactory):
+    """Three datasites, each with 4 small phantom cases of its own scanner, and a federation file."""
+    root = tmp_path_factory.mktemp("fleet")
+    sites: dict[str, LiveSite] = {}
+    exports: dict[str, Path] = {}
+    try:
+        for seed, name in enumerate(SITES):
+            exports[name] = root / "exports" / name
+            write_phantom_site(PROFILES[name].with_size(matrix=48, n_slices=12), exports[name], n_cases=4, seed=seed)
+            sites[name] = start_site(root / "sites", name, min_cohort=2)
+            sites[name].setup("ingest", str(exports[name]))
+        federation = root / "federation.toml"
+        federation.write_text("".join(
+            f'[[datasites]]\nname = "{n}"\nurl = "{s.config.url}"\nemail = "{DS_EMAIL}"\npassword_env = "{DS_PASSWORD_ENV}"\n\n'
+            for n, s in sites.items()))
+        yield {"root": root, "sites": sites, "exports": exports, "federation": federation}
+    finally:
+        for site in sites.values():
+            site.setup("down", check=False)
+
+
+def test_fedavg_and_fedprox_improve_dice_over_the_initial_model_with_baselines(fleet) -> None:
+    out = fleet["root"] / "run-seg"
+    args = ["train", str(fleet["federation"]), "--strategy", "fedavg,fedprox", "--rounds", "3", "--max-steps", "12",
+            "--baselines", "--out", str(out), "--json", "--quiet",
+            *[f"--centralized-data={n}={p}" for n, p in fleet["exports"].items()]]
+    first = federate(*args)
+    assert first.returncode == 5, first.stdout + first.stderr
+    waiting = json.loads(first.stdout)
+    assert waiting["status"] == "awaiting-approval" and set(waiting["requests"]) == set(SITES)
+
+    site_a = fleet["sites"]["hospital-a"]
+    pending = json.loads(site_a.admin("requests", "--status", "pending", "--json").stdout)
+    assert len(pending) == 6  # local_train + evaluate for fedavg, fedprox and the local baseline
+    shown = json.loads(site_a.admin("show", pending[0]["id"], "--json").stdout)
+    assert shown["kind"] == "site task" and shown["task"]["source_hash"]
+    site_a.admin("approve", pending[0]["id"])
+    approve_pending(fleet["sites"])
+
+    done = federate(*args)
+    assert done.returncode == 0, done.stdout + done.stderr
+    summary = json.loads(done.stdout)
+    for strategy in ("fedavg", "fedprox"):
+        metrics = json.loads((out / strategy / "metrics.json").read_text())
+        initial, final = metrics["history"][0]["pooled"]["dice"], metrics["final"]["pooled"]["dice"]
+        assert 0 < final <= 1 and final > initial + 0.05, (strategy, initial, final)
+        assert metrics["rounds_completed"] == 3 and metrics["missed"] == {}
+        assert (out / strategy / "training_curves.png").stat().st_size > 10_000
+        assert (out / strategy / "metrics.csv").read_text().startswith("strategy,round,site,status,train_loss")
+    table = summary["final"]
+    assert set(table) == {"fedavg", "fedprox", "local", "centralized (simulation)"}
+    assert all(0 <= v <= 1 for method in table.values() for v in method.values())
+    assert (out / "comparison.png").stat().st_size > 10_000
+    audit = json.loads(site_a.admin("audit-log", "--json").stdout)
+    assert sum(1 for e in audit if e.get("action") == "ran" and e.get("what") == "task local_train") == 9
+
+
+def _wait_for_round(out: Path, round_no: int, proc: subprocess.Popen, timeout: float = 600) -> None:
+    deadline = time.monotonic() + timeout
+    progress = out / "checkpoint" / "progress.json"
+    while time.monotonic() < deadline:
+        if progress.is_file() and json.loads(progress.read_text())["round"] >= round_no:
+            return
+        if proc.poll() is not None:
+            raise AssertionError(f"federate exited early: {proc.stdout.read()} {proc.stderr.read()}")
+        time.sleep(0.5)
+    raise AssertionError(f"round {round_no} not reached in {timeout} s")
+
+
+def test_resume_after_the_orchestrator_is_killed_needs_no_new_approval(fleet) -> None:
+    out = fleet["root"] / "run-resume"
+    args = ["train", str(fleet["federation"]), "--strategy", "fedavg", "--rounds", "3", "--max-steps", "3",
+            "--name", "resume", "--out", str(out), "--json", "--quiet"]
+    assert federate(*args).returncode == 5
+    approve_pending(fleet["sites"])
+    proc = subprocess.Popen([sys.executable, "-m", "analyses.cli", *args], cwd=REPO, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        _wait_for_round(out, 1, proc)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    killed_at = json.loads((out / "checkpoint" / "progress.json").read_text())["round"]
+    assert killed_at < 3
+
+    again = federate(*args)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert json.loads(again.stdout)["resumed_from"] == {"fedavg": killed_at}
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["rounds_completed"] == 3 and [r["round"] for r in metrics["history"]] == [0, 1, 2, 3]
+    for site in fleet["sites"].values():
+        assert review.list_requests(site.config, site.admin_client(), status="pending") == []
+
+
+def test_a_site_killed_mid_run_is_skipped_and_the_run_finishes(fleet) -> None:
+    out = fleet["root"] / "run-site-down"
+    args = ["train", str(fleet["federation"]), "--strategy", "fedavg", "--rounds", "3", "--max-steps", "3",
+            "--name", "sitedown", "--timeout", "120", "--out", str(out), "--json", "--quiet"]
+    assert federate(*args).returncode == 5
+    approve_pending(fleet["sites"])
+    proc = subprocess.Popen([sys.executable, "-m", "analyses.cli", *args], cwd=REPO, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    site_c = fleet["sites"]["hospital-c"]
+    try:
+        _wait_for_round(out, 1, proc)
+        site_c.setup("down")
+        stdout, stderr = proc.communicate(timeout=600)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        site_c.setup("up")
+    assert proc.returncode == 0, stdout + stderr
+    metrics = json.loads(stdout)
+    missed = metrics["missed"]["fedavg"]
+    assert list(missed) == ["hospital-c"] and 3 in missed["hospital-c"]
+    final = json.loads((out / "metrics.json").read_text())
+    assert final["rounds_completed"] == 3
+    assert "hospital-c" in final["history"][-1]["eval_missed"]
+
+
+def test_fedavg_full_batch_step_through_the_sites_equals_centralized_gradient_descent(fleet) -> None:
+    """One SGD step per site on its full data, averaged by the orchestrator, equals one gradient
+    step on the pooled data computed here from the same exports (regression domain: mean loss,
+    no batch statistics, fixed slice size)."""
+    out = fleet["root"] / "run-exact"
+    args = ["train", str(fleet["federation"]), "--domain", "brain_mr_tumour_burden", "--strategy", "fedavg",
+            "--rounds", "1", "--optimizer", "sgd", "--lr", "0.05", "--batch-size", "4096", "--max-steps", "1",
+            "--name", "exact", "--out", str(out), "--json", "--quiet"]
+    assert federate(*args).returncode == 5
+    approve_pending(fleet["sites"])
+    done = federate(*args)
+    assert done.returncode == 0, done.stdout + done.stderr
+    with np.load(out / "final_weights.npz") as saved:
+        federated = {key.split("::", 1)[1]: saved[key] for key in saved.files}
+
+    domain = get_domain("brain_mr_tumour_burden")
+    import torch
+
+    torch.manual_seed(0)
+    initial = exchanged_weights(domain.build_model())
+    pooled = [c for cases in read_site_exports(fleet["exports"]).values() for c in cases]
+    params = {"domain": domain.name, "weights": initial, "epochs": 1, "batch_size": 4096, "lr": 0.05,
+              "optimizer": "sgd", "seed": 0, "max_steps": 1}
+    central = local_train.run(pooled, params, SiteFacts(min_cohort=1))["weights"]
+    assert max(float(np.abs(central[k] - initial[k]).max()) for k in initial) > 1e-3
+    for key in initial:
+        np.testing.assert_allclose(federated[key], central[key], rtol=1e-4, atol=1e-5)
+
+
+def leaky_local_train(cases, params):
+    return {"weights": {"head.weight": cases[0]["image"]}, "scalars": {"n_samples": 1.0, "train_loss": 0.0}}
+
+
+def test_a_request_returning_an_input_image_is_refused_by_the_guard(shared_site: LiveSite) -> None:
+    from tests.test_datasite_server import asset_of, upload_small_dataset
+
+    upload_small_dataset(shared_site, "leak-target")
+    ds = shared_site.ds_client()
+    asset = asset_of(ds, "leak-target")
+    code = sy.syft_function(input_policy=sy.MixedInputPolicy(cases=asset, params=dict, client=ds),
+                            output_policy=OutputPolicyExecuteCount(limit=1))(leaky_local_train)
+    ds.code.request_code_execution(code)
+    config, admin = shared_site.config, shared_site.admin_client()
+    request = next(r for r in review.list_requests(config, admin, status="pending") if r.function == "leaky_local_train")
+    review.approve(config, admin, request.id)
+    with pytest.raises(Exception) as refused:
+        result = shared_site.ds_client().code.leaky_local_train(cases=asset, params={})
+        if isinstance(result, sy.SyftError):
+            raise RuntimeError(result.message)
+        result.get()
+    message = str(refused.value)
+    assert "output contract" in message
+    assert "100." not in message and "Traceback" not in message
