@@ -191,6 +191,46 @@ def test_site_task_runs_through_a_thin_request_and_returns_aggregates_only(stric
         run_site_task(ds, asset, "cohort_summary", "by_vendor", {"group_by": "PatientName"})
 
 
+def test_training_tasks_run_in_the_isolated_child_and_return_only_weights(strict_site: LiveSite) -> None:
+    """local_train and evaluate import torch and the domain (pydicom among it) inside the sandbox."""
+    import torch
+
+    from analyses.model_weights import declared_shapes, exchanged_weights
+    from datasite_setup import review
+    from domains import get_domain
+
+    import numpy as np
+
+    from domains.brain_mr_segmentation import PROFILES, generate_case
+
+    rng = np.random.default_rng(0)
+    profile = PROFILES["hospital-a"].with_size(matrix=16, n_slices=4)
+    cases = [generate_case(profile, rng).as_record(f"case-{i}") for i in range(3)]
+    mock = [{**c, "case_id": f"mock-{i}", "image": np.zeros_like(c["image"])} for i, c in enumerate(cases)]
+    dataset = sy.Dataset(name="phantom-train", description="three tiny phantom cases")
+    dataset.add_asset(sy.Asset(name="cases", data=cases, mock=mock))
+    assert not isinstance(strict_site.admin_client().upload_dataset(dataset), sy.SyftError)
+    ds = strict_site.ds_client()
+    asset = asset_of(ds, "phantom-train")
+    for task in ("local_train", "evaluate"):
+        request_site_task(ds, asset, task, "child", max_runs=1)
+    config, admin = strict_site.config, strict_site.admin_client()
+    for request in review.list_requests(config, admin, status="pending"):
+        if request.function in ("local_train_child", "evaluate_child"):
+            review.approve(config, admin, request.id)
+    domain = get_domain("brain_mr_segmentation")
+    torch.manual_seed(0)
+    weights = exchanged_weights(domain.build_model())
+    trained = run_site_task(ds, asset, "local_train", "child", {
+        "domain": domain.name, "weights": weights, "epochs": 1, "batch_size": 4, "lr": 1e-3,
+        "optimizer": "adam", "seed": 0, "max_steps": 2})
+    assert set(trained) == {"weights", "scalars"} and set(trained["scalars"]) == {"n_samples", "train_loss", "steps"}
+    assert {k: v.shape for k, v in trained["weights"].items()} == declared_shapes(domain.build_model())
+    assert trained["scalars"]["steps"] == 2.0
+    scores = run_site_task(ds, asset, "evaluate", "child", {"domain": domain.name, "weights": trained["weights"]})
+    assert scores["n_cases"] == 3.0 and 0.0 <= scores["dice"] <= 1.0
+
+
 def test_a_thin_request_with_extra_code_is_custom_code() -> None:
     import inspect
 
