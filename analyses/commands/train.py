@@ -75,6 +75,7 @@ def _emit(args: argparse.Namespace, payload: dict[str, Any], text: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from analyses.federation import STRATEGIES
     from analyses.federation.centralized import SIMULATION_LABEL, read_site_exports, train_centralized
     from analyses.federation.experiment import AwaitingApproval, compare, local_plan, submit, train
     from analyses.federation.orchestrator import PlanMismatch, RoundFailed, TrainingPlan
@@ -97,8 +98,6 @@ def run(args: argparse.Namespace) -> int:
                          call_timeout_s=args.timeout, name=f"{args.name}_{name.strip()}" if args.name else "")
             for name in args.strategy.split(",") if name.strip()
         ]
-        from analyses.federation import STRATEGIES
-
         bad = [p.strategy for p in plans if p.strategy not in STRATEGIES]
         if bad or not plans:
             raise ValueError(f"unknown strategy {bad}; known: {', '.join(STRATEGIES)}")

@@ -127,8 +127,11 @@ class Orchestrator:
         self.links = {link.name: link for link in links}
         self.out_dir = Path(out_dir)
         self.progress = progress
+        from analyses.model_weights import declared_shapes
+
         self.domain = get_domain(plan.domain)
         self.strategy: Strategy = make_strategy(plan.strategy, **plan.strategy_options())
+        self.expected_shapes = declared_shapes(self.domain.build_model())
 
     @property
     def checkpoint_dir(self) -> Path:
@@ -185,9 +188,6 @@ class Orchestrator:
         return per_site, pooled, failures, sum(_nbytes(w) for w in sent.values())
 
     def _train(self, round_no: int) -> tuple[list[SiteUpdate], dict[str, str], dict[str, str], int, int]:
-        from analyses.model_weights import declared_shapes
-
-        expected = declared_shapes(self.domain.build_model())
         order = sorted(self.links)
         calls, sent = {}, 0
         for site in order:
@@ -211,7 +211,7 @@ class Orchestrator:
         updates, rejected, received = [], {}, 0
         for site in sorted(answers):
             try:
-                update = check_update(site, answers[site], expected)
+                update = check_update(site, answers[site], self.expected_shapes)
             except RejectedUpdate as exc:
                 rejected[site] = str(exc)
                 continue
