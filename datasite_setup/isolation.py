@@ -18,10 +18,18 @@ imports, no locks), which is as small as that window gets.
 Child start overhead on the 2-core dev VM (median of 5 runs of a trivial function): 0.10 s with
 `preload=("numpy",)`, 1.07 s with numpy+torch (almost all of it `import torch`), 1.33 s with the
 full DEFAULT_PRELOAD; passing a 30 MB dict of arrays adds 0.12-0.18 s.
+
+Warm spares. Most of that start is imports, and a site runs the same kind of child over and over,
+so after each run (and at server start, `prewarm`) one spare child per (preload, limits) is
+started that imports its preloads and then waits for a payload; the next run takes it. A spare
+imports with one-thread BLAS/OpenMP so that it is still single-threaded when it confines itself
+(the child checks; a spare that fails the check exits and the run starts cold, as does any run
+that finds no spare). Cost: one idle child per kind (~400 MB resident with torch and radiomics).
 """
 
 from __future__ import annotations
 
+import atexit
 import functools
 import os
 import pickle
@@ -31,6 +39,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,6 +56,10 @@ DEFAULT_PRELOAD = ("numpy", "torch", "radiomics", "pydicom", "analyses.site_task
 # are used when present; seccomp already refuses sockets and signals to other processes.
 REQUIRED_LAYERS = frozenset({"landlock-fs", "seccomp", "audit-hook"})
 PASSED_ENV = ("LANG", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
+# A spare imports numpy/torch before Landlock, which binds only the thread that applies it: these
+# keep every import single-threaded; torch gets the run's thread count once the child is confined.
+SINGLE_THREADED = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
+MAX_SPARES = 2
 STDERR_TAIL = 64 * 1024
 EXIT_GRACE_SECONDS = 1.0
 _ALLOCATION_FAILURE = (b"MemoryError", b"bad_alloc", b"Cannot allocate memory", b"can't allocate memory", b"out of memory")
@@ -78,7 +91,8 @@ class IsolatedOutcome:
     `stdout` is what the code printed (first 10 000 characters): untrusted text that no output
     contract has checked. `stderr_tail` is the child's raw fd 2 (interpreter crashes, native
     library messages) for the site's own logs only: code can write anything there, so it must
-    never be forwarded to the data scientist. `confinement` names the layers that were in force.
+    never be forwarded to the data scientist. `confinement` names the layers that were in force;
+    `warm` says the run used a spare child whose imports were done before the run.
     """
 
     ok: bool
@@ -88,6 +102,7 @@ class IsolatedOutcome:
     seconds: float
     confinement: tuple[str, ...] = ()
     stderr_tail: str = ""
+    warm: bool = False
 
 
 class _ProtocolError(Exception):
@@ -130,6 +145,108 @@ def _rlimits(limits: Limits) -> tuple[tuple[int, int, int], ...]:
         (resource.RLIMIT_AS, memory, memory),
         (resource.RLIMIT_CORE, 0, 0),
     )
+
+
+def _run_threads() -> int:
+    """torch's thread count in a warm child: what a cold child would have picked from the same env."""
+    configured = os.environ.get("OMP_NUM_THREADS", "")
+    return int(configured) if configured.isdigit() and int(configured) > 0 else len(os.sched_getaffinity(0))
+
+
+@dataclass
+class _Child:
+    proc: subprocess.Popen
+    scratch: tempfile.TemporaryDirectory
+    warm: bool
+
+    def discard(self) -> None:
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.proc.wait()
+        for pipe in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
+            if pipe is not None:
+                pipe.close()
+        self.scratch.cleanup()
+
+
+def _spawn(preload: tuple[str, ...], limits: Limits, warm: bool) -> _Child:
+    scratch = tempfile.TemporaryDirectory(prefix="medfed-sandbox-", ignore_cleanup_errors=True)
+    argv = [sys.executable, "-B", "-m", "datasite_setup.sandbox_child"]
+    env = _child_env(scratch.name)
+    if warm:
+        argv += ["--warm", ",".join(preload)]
+        env.update(SINGLE_THREADED)
+    proc = subprocess.Popen(
+        argv,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        cwd=scratch.name,
+        env=env,
+        preexec_fn=functools.partial(_apply_limits, _rlimits(limits)),
+        start_new_session=True,
+        close_fds=True,
+    )
+    return _Child(proc, scratch, warm)
+
+
+class _Spares:
+    """At most MAX_SPARES warm children, one per (preload, limits); a kind whose spare failed its
+    warm-up check is not tried again in this process."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._children: dict[tuple[tuple[str, ...], Limits], _Child] = {}
+        self._unwarmable: set[tuple[tuple[str, ...], Limits]] = set()
+
+    def take(self, preload: tuple[str, ...], limits: Limits) -> _Child | None:
+        with self._lock:
+            child = self._children.pop((preload, limits), None)
+        if child is not None and child.proc.poll() is not None:
+            with self._lock:
+                self._unwarmable.add((preload, limits))
+            child.discard()
+            return None
+        return child
+
+    def refill(self, preload: tuple[str, ...], limits: Limits) -> None:
+        key = (preload, limits)
+        with self._lock:
+            if key in self._children or key in self._unwarmable:
+                return
+        child = _spawn(preload, limits, warm=True)
+        evicted = []
+        with self._lock:
+            if key in self._children:
+                evicted.append(child)
+            else:
+                self._children[key] = child
+                while len(self._children) > MAX_SPARES:
+                    evicted.append(self._children.pop(next(iter(self._children))))
+        for old in evicted:
+            old.discard()
+
+    def discard_all(self) -> None:
+        with self._lock:
+            children, self._children = list(self._children.values()), {}
+        for child in children:
+            child.discard()
+
+
+_SPARES = _Spares()
+atexit.register(_SPARES.discard_all)
+
+
+def prewarm(limits: Limits, preload: tuple[str, ...] = DEFAULT_PRELOAD) -> None:
+    """Start a spare child now (a server calls this at start) so the first run is warm too."""
+    _SPARES.refill(preload, limits)
+
+
+def discard_spares() -> None:
+    """Stop every spare child (tests; a server's spares also die with it)."""
+    _SPARES.discard_all()
 
 
 def _exchange(
@@ -253,6 +370,7 @@ def run_isolated(
     *,
     max_result_bytes: int = DEFAULT_MAX_BYTES,
     required_layers: frozenset[str] = REQUIRED_LAYERS,
+    warm: bool = True,
 ) -> IsolatedOutcome:
     """Run `function(**kwargs)` from `source` in a confined child and return its checked outcome.
 
@@ -261,51 +379,48 @@ def run_isolated(
     unreadable even where they sit below a readable root. The result is only decoded here; apply
     an `output_contracts` contract before handing it to anyone. If a `required_layers` layer is
     unavailable the code is not run and the failure is "crashed", with the reason in `stderr_tail`.
+    `warm` takes a spare child if one is ready and starts the next spare after the run.
     """
     started = time.monotonic()
     deadline = started + limits.wall_seconds
-    with tempfile.TemporaryDirectory(prefix="medfed-sandbox-", ignore_cleanup_errors=True) as scratch:
-        payload = pickle.dumps(
-            {
-                "source": source,
-                "function": function,
-                "kwargs": pickle.dumps(kwargs, protocol=pickle.HIGHEST_PROTOCOL),
-                "scratch": scratch,
-                "preload": list(preload),
-                "forbidden_paths": [str(Path(p).resolve()) for p in forbidden_paths],
-                "max_result_bytes": max_result_bytes,
-                "required_layers": sorted(required_layers),
-            },
-            protocol=pickle.HIGHEST_PROTOCOL,
-        )
-        proc = subprocess.Popen(
-            [sys.executable, "-B", "-m", "datasite_setup.sandbox_child"],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            cwd=scratch,
-            env=_child_env(scratch),
-            preexec_fn=functools.partial(_apply_limits, _rlimits(limits)),
-            start_new_session=True,
-            close_fds=True,
-        )
+    child = _SPARES.take(preload, limits) if warm else None
+    if child is None:
+        child = _spawn(preload, limits, warm=False)
+    proc = child.proc
+    payload = pickle.dumps(
+        {
+            "source": source,
+            "function": function,
+            "kwargs": pickle.dumps(kwargs, protocol=pickle.HIGHEST_PROTOCOL),
+            "scratch": child.scratch.name,
+            "preload": list(preload),
+            "threads": _run_threads(),
+            "forbidden_paths": [str(Path(p).resolve()) for p in forbidden_paths],
+            "max_result_bytes": max_result_bytes,
+            "required_layers": sorted(required_layers),
+        },
+        protocol=pickle.HIGHEST_PROTOCOL,
+    )
+    try:
+        out, err, timed_out, overflowed = _exchange(proc, payload, deadline, max_result_bytes + 8)
+    finally:
         try:
-            out, err, timed_out, overflowed = _exchange(proc, payload, deadline, max_result_bytes + 8)
-        finally:
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)  # the group still exists: its leader is not reaped yet
-            except ProcessLookupError:
-                pass
-            _, status, usage = os.wait4(proc.pid, 0)
-            proc.returncode = os.waitstatus_to_exitcode(status)
-            for pipe in (proc.stdin, proc.stdout, proc.stderr):
-                if pipe is not None:
-                    pipe.close()
+            os.killpg(proc.pid, signal.SIGKILL)  # the group still exists: its leader is not reaped yet
+        except ProcessLookupError:
+            pass
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        for pipe in (proc.stdin, proc.stdout, proc.stderr):
+            if pipe is not None:
+                pipe.close()
+        child.scratch.cleanup()
+        if warm:
+            _SPARES.refill(preload, limits)
     seconds = time.monotonic() - started
     stderr_tail = bytes(err).decode("utf-8", "replace")
 
     def failed(reason: str, confinement: tuple[str, ...] = ()) -> IsolatedOutcome:
-        return IsolatedOutcome(False, None, reason, "", seconds, confinement, stderr_tail)
+        return IsolatedOutcome(False, None, reason, "", seconds, confinement, stderr_tail, child.warm)
 
     if timed_out:
         return failed("timeout")
@@ -323,4 +438,5 @@ def run_isolated(
         seconds=seconds,
         confinement=tuple(frame["confinement"]),
         stderr_tail=stderr_tail,
+        warm=child.warm,
     )

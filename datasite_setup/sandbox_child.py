@@ -22,7 +22,7 @@ If a layer the parent requires could not be put in place (an old kernel), the ch
 status 70 before running anything.
 
 Protocol. stdin: a pickle (the parent is trusted) of `{"source", "function", "kwargs", "scratch",
-"preload", "forbidden_paths", "max_result_bytes", "required_layers"}`, where `kwargs` is itself a pickle so it can
+"preload", "threads", "forbidden_paths", "max_result_bytes", "required_layers"}`, where `kwargs` is itself a pickle so it can
 be loaded after Landlock is in force (unpickling arrays imports numpy, which starts threads).
 stdout: one frame, an 8-byte big-endian length and a `result_codec` blob of `{"ok", "result",
 "error_type", "refused_event", "stdout", "confinement"}`. The real stdout fd is moved aside at
@@ -473,12 +473,13 @@ def error_type(exc: BaseException) -> str:
     return name
 
 
-def preload(modules: list[str]) -> None:
+def preload(modules: list[str], optimiser: bool = False) -> None:
     """Import what approved code usually needs and exercise torch once, before the audit hook and
     seccomp, so that lazily loaded files and libraries are already in.
 
-    Not an optimiser: constructing one imports torch._dynamo (~1 s), a cost only code that trains
-    should pay; it still loads fine later, as reads under site-packages stay allowed.
+    An optimiser step only with `optimiser` (warm spares, which do it before their run):
+    constructing one imports torch._dynamo (~1 s), a cost a cold child should pay only if its code
+    trains; it still loads fine later, as reads under site-packages stay allowed.
     """
     import importlib
 
@@ -492,6 +493,8 @@ def preload(modules: list[str]) -> None:
         conv = torch.nn.Conv2d(1, 2, 3)
         x = torch.randn(2, 1, 6, 6, requires_grad=True)
         torch.nn.functional.relu(conv(x)).mean().backward()
+        if optimiser:
+            torch.optim.Adam(conv.parameters()).step()
 
 
 def _call(payload: dict[str, Any], kwargs: dict[str, Any]) -> Any:
@@ -555,13 +558,51 @@ def _site_dirs() -> list[str]:
     return list(site.getsitepackages())
 
 
+def _threads() -> int:
+    return len(os.listdir("/proc/self/task"))
+
+
+def _unexpected_fds(expected: set[int]) -> list[int]:
+    return sorted(fd for fd in map(int, os.listdir("/proc/self/fd")) if fd not in expected and _is_open(fd))
+
+
+def _is_open(fd: int) -> bool:
+    try:
+        os.fstat(fd)
+    except OSError:
+        return False
+    return True
+
+
+def _warm_up(modules: list[str], expected_fds: set[int]) -> None:
+    """A warm child imports before it knows its run: that is only as safe as a cold start if the
+    imports left nothing behind that Landlock cannot reach - no second thread (Landlock binds only
+    the calling thread and those it starts later) and no open file. Otherwise exit 71 and the
+    parent falls back to a cold start."""
+    preload(modules, optimiser=True)
+    if _threads() != 1 or _unexpected_fds(expected_fds):
+        os.write(2, b"sandbox: preloading left a thread or an open file; this child cannot run code warm\n")
+        os._exit(71)
+
+
 def main() -> None:
     """Order matters: Landlock before anything can start a thread (unpickling kwargs imports numpy,
-    whose BLAS starts threads), seccomp and the audit hook only after the preloads they would slow."""
+    whose BLAS starts threads), seccomp and the audit hook only after the preloads they would slow.
+
+    `--warm MODULES` (a spare the parent starts ahead of its run, with one-thread BLAS/OpenMP
+    settings): preload first, check the process is still single-threaded with no open file, then
+    wait for the payload and confine as a cold child does; torch gets the run's thread count back
+    once Landlock is in force, so its new threads inherit it."""
+    warm = sys.argv[1:2] == ["--warm"]
     proto = os.dup(1)
     devnull = os.open(os.devnull, os.O_RDWR)
     os.dup2(devnull, 1)
-    payload = pickle.loads(sys.stdin.buffer.read())
+    if warm:
+        _warm_up([m for m in sys.argv[2].split(",") if m], {0, 1, 2, proto, devnull})
+    data = sys.stdin.buffer.read()
+    if not data:  # a spare the parent discarded
+        os._exit(0)
+    payload = pickle.loads(data)
     os.dup2(devnull, 0)
     scratch = os.path.realpath(payload["scratch"])
     forbidden = [os.path.realpath(p) for p in payload["forbidden_paths"]]
@@ -570,9 +611,17 @@ def main() -> None:
     project = [str(p) for p in PROJECT_ROOT.iterdir() if (p / "__init__.py").is_file() or p.suffix == ".py"]
     python_roots = {os.path.realpath(p) for p in [sys.prefix, sys.base_prefix, sys.exec_prefix, *_site_dirs()]}
     read_roots = carve(sorted(python_roots) + sorted(project) + list(SYSTEM_READABLE), forbidden)
+    if warm and _threads() != 1:
+        os.write(2, b"sandbox: a thread started before Landlock; not running the code\n")
+        os._exit(70)
     layers = _landlock(carve(read_roots + list(SYSTEM_LIBRARY_DIRS), forbidden), [scratch], list(DEVICES_RW))
     kwargs = pickle.loads(payload["kwargs"])
-    preload(payload["preload"])
+    if warm:
+        torch = sys.modules.get("torch")
+        if torch is not None:
+            torch.set_num_threads(payload["threads"])
+    else:
+        preload(payload["preload"])
     layers += _seccomp()
     refusals: list[str] = []
     sys.addaudithook(_make_audit_hook(scratch, read_roots, forbidden, refusals))

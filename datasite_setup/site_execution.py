@@ -29,7 +29,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from datasite_setup.disclosure import BudgetExhausted, PrivacyBudget, Released, dp_epsilon, protect
-from datasite_setup.isolation import Limits, run_isolated
+from datasite_setup.isolation import Limits, prewarm, run_isolated
 from datasite_setup.output_contracts import AggregatesContract, ContractViolation, ScalarsContract
 from datasite_setup.site_config import SiteConfig
 from datasite_setup.thin_requests import parse_thin_request
@@ -120,7 +120,8 @@ def run_request(config: SiteConfig, code: Any, kwargs: dict[str, Any], who: str)
 
 
 def install(config: SiteConfig) -> None:
-    """Route every syft user-code execution in this server process through `run_request`."""
+    """Route every syft user-code execution in this server process through `run_request`, and
+    start the first warm child so the first run does not pay for its imports."""
     from syft.service.action import action_service
     from syft.service.code.user_code import UserCodeExecutionOutput
 
@@ -144,3 +145,4 @@ def install(config: SiteConfig) -> None:
         )
 
     action_service.execute_byte_code = execute
+    prewarm(Limits(**asdict(config.limits)))

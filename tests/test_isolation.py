@@ -1,7 +1,9 @@
 """Approved code run through `run_isolated`: escape attempts fail and leak nothing, real work comes back exact.
 
-All runs of the module happen once, concurrently from a thread pool (which is also the
-thread-safety test), and each test reads its outcome. The secret is planted where a hostile
+Every test runs twice, against a cold child and a warm spare (imports done before the run).
+Cold: all runs of the module happen once, concurrently from a thread pool (which is also the
+thread-safety test), and each test reads its outcome. Warm: one after the other, each taking a
+spare started for it. The secret is planted where a hostile
 function would look: the server's environment, a file in the site's data dir, an exception
 message, an exception's class name, an audit event name and a forged protocol frame.
 """
@@ -19,7 +21,9 @@ from typing import Any, Iterator
 import numpy as np
 import pytest
 
-from datasite_setup.isolation import IsolatedOutcome, Limits, run_isolated
+import psutil
+
+from datasite_setup.isolation import IsolatedOutcome, Limits, discard_spares, prewarm, run_isolated
 from datasite_setup.sandbox_child import carve
 
 SECRET = f"s3cr3t-{uuid.uuid4().hex[:12]}"
@@ -135,6 +139,25 @@ def _probes(data_dir: Path, outside: Path, port: int) -> dict[str, tuple[str, di
             {}, LIMITS, NUMPY,
         ),
         "scratch_cwd": (_code("import os\nopen('w.npy', 'wb').write(b'x')\nreturn os.getcwd()"), {}, LIMITS, NUMPY),
+        "thread_native_read": (
+            _code(
+                f"""
+                import threading
+                import torch
+                seen = []
+                def read():
+                    try:
+                        seen.append(str(torch.from_file({str(secret_file)!r}, size=8, dtype=torch.uint8).tolist()))
+                    except Exception as exc:
+                        seen.append(type(exc).__name__)
+                worker = threading.Thread(target=read)
+                worker.start()
+                worker.join()
+                return {{"read": seen[0]}}
+                """
+            ),
+            {}, LIMITS, TORCH,
+        ),
         "legit_numpy_torch": (LEGIT_SOURCE, {"images": IMAGES, "seed": 7}, LIMITS, TORCH),
     }
 
@@ -169,8 +192,19 @@ def _legit_locally() -> dict[str, Any]:
     return namespace["f"](images=IMAGES.copy(), seed=7)
 
 
-@pytest.fixture(scope="module")
-def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+def _children_running_sandbox() -> list[psutil.Process]:
+    found = []
+    for child in psutil.Process().children(recursive=True):
+        try:
+            if "datasite_setup.sandbox_child" in child.cmdline():
+                found.append(child)
+        except psutil.NoSuchProcess:
+            continue
+    return found
+
+
+@pytest.fixture(scope="module", params=["cold", "warm"])
+def site(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     base = tmp_path_factory.mktemp("isolation")
     data_dir = base / "site-data"
     data_dir.mkdir()
@@ -180,15 +214,22 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     listener.listen(4)
     listener.setblocking(False)
     probes = _probes(data_dir, base / "escaped.txt", listener.getsockname()[1])
+    outcomes = {}
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MEDFED_TEST_SECRET", SECRET)
-        with ThreadPoolExecutor(max_workers=4) as pool:
-            futures = {
-                name: pool.submit(run_isolated, src, "f", kwargs, limits, [data_dir], preload)
-                for name, (src, kwargs, limits, preload) in probes.items()
-            }
-            outcomes = {name: future.result() for name, future in futures.items()}
-    yield {"outcomes": outcomes, "listener": listener, "outside": base / "escaped.txt"}
+        if request.param == "cold":
+            with ThreadPoolExecutor(max_workers=4) as pool:
+                futures = {
+                    name: pool.submit(run_isolated, src, "f", kwargs, limits, [data_dir], preload, warm=False)
+                    for name, (src, kwargs, limits, preload) in probes.items()
+                }
+                outcomes = {name: future.result() for name, future in futures.items()}
+        else:
+            for name, (src, kwargs, limits, preload) in sorted(probes.items(), key=lambda item: repr(item[1][2:])):
+                prewarm(limits, preload)
+                outcomes[name] = run_isolated(src, "f", kwargs, limits, [data_dir], preload)
+            discard_spares()
+    yield {"mode": request.param, "outcomes": outcomes, "listener": listener, "outside": base / "escaped.txt"}
     listener.close()
 
 
@@ -226,6 +267,21 @@ def test_escape_attempt_fails_without_leaking(site: dict[str, Any], probe: str) 
     assert outcome.failure == REFUSED[probe]
     assert SECRET not in repr(outcome)
     assert SECRET.replace("-", "_") not in repr(outcome)
+
+
+def test_each_run_used_the_child_of_its_mode(site: dict[str, Any]) -> None:
+    assert {outcome.warm for outcome in site["outcomes"].values()} == {site["mode"] == "warm"}
+
+
+def test_no_sandbox_child_is_left_running(site: dict[str, Any]) -> None:
+    discard_spares()  # other modules' runs may have left spares for later runs; runs leave nothing
+    assert _children_running_sandbox() == []
+
+
+def test_a_thread_the_code_starts_cannot_read_natively_outside(site: dict[str, Any]) -> None:
+    outcome = site["outcomes"]["thread_native_read"]
+    assert outcome.ok, outcome
+    assert outcome.result == {"read": "RuntimeError"}
 
 
 def test_kernel_layers_are_in_force(site: dict[str, Any]) -> None:

@@ -50,15 +50,19 @@ def evaluate_at_sites(domain: str, weights: Weights, cases_by_site: dict[str, li
 
 
 def train_centralized(plan: TrainingPlan, cases_by_site: dict[str, list[dict[str, Any]]], initial: Weights,
-                      progress: bool = True) -> list[dict[str, Any]]:
-    """History (round 0 = initial model) of centralized training under `plan`."""
+                      progress: bool = True,
+                      eval_cases_by_site: dict[str, list[dict[str, Any]]] | None = None) -> list[dict[str, Any]]:
+    """History (round 0 = initial model) of centralized training under `plan`, scored on
+    `eval_cases_by_site` (held-out cases) when given, else on the training cases as the sites'
+    own `evaluate` would be."""
     from analyses.site_tasks import local_train
     from analyses.site_tasks.task import SiteFacts
 
     pooled_cases = [case for site in sorted(cases_by_site) for case in cases_by_site[site]]
     facts = SiteFacts(min_cohort=1)
+    scored = eval_cases_by_site or cases_by_site
     weights = initial
-    per_site, pooled = evaluate_at_sites(plan.domain, weights, cases_by_site)
+    per_site, pooled = evaluate_at_sites(plan.domain, weights, scored)
     history = [{"round": 0, "site_metrics": per_site, "pooled": pooled}]
     for round_no in tqdm(range(1, plan.rounds + 1), desc="centralized rounds", unit="round", disable=not progress):
         params = {
@@ -68,7 +72,7 @@ def train_centralized(plan: TrainingPlan, cases_by_site: dict[str, list[dict[str
         }
         result = local_train.run(pooled_cases, params, facts)
         weights = result["weights"]
-        per_site, pooled = evaluate_at_sites(plan.domain, weights, cases_by_site)
+        per_site, pooled = evaluate_at_sites(plan.domain, weights, scored)
         history.append({"round": round_no, "site_metrics": per_site, "pooled": pooled,
                         "train_loss": {"pooled": result["scalars"]["train_loss"]}})
     return history
