@@ -291,13 +291,14 @@ def stop_sites(layout: Layout) -> None:
 
 
 def radiomics_params(layout: Layout) -> dict[str, Path]:
-    """Two parameter files: raw scanner intensities, and the same on the Nyul standard scale."""
+    """Two parameter files: raw scanner intensities (then ComBat on their features), and the same on
+    the Nyul standard scale."""
     import numpy as np
 
     folder = layout.root / "params"
     folder.mkdir(parents=True, exist_ok=True)
     variants = {
-        "raw": {"intensity_edges": np.linspace(0, 4000, 41).tolist()},
+        "raw": {"intensity_edges": np.linspace(0, 4000, 41).tolist(), "harmonize": "combat"},
         "nyul": {"intensity_edges": np.linspace(-20, 140, 41).tolist(), "harmonize": "nyul"},
     }
     paths = {}
@@ -400,12 +401,14 @@ def run_demo(size: DemoSize, work: Path, report_dir: Path, keep_sites: bool = Fa
         params = radiomics_params(layout)
         sends = {"train": lambda: run_cli("analyses.cli", *train_args(layout, size, exports), ok=(0, 5), show=False,
                                           stream_stderr=True)}
-        if not (layout.runs / "radiomics-nyul" / "heterogeneity.json").is_file():
-            # the harmonized variant asks for both site tasks (landmarks and features) under one label
-            sends["radiomics"] = lambda: run_cli("analyses.cli", *radiomics_args(layout, params["nyul"], "nyul"),
-                                                 ok=(0, 5), show=False)
+        variants = [v for v in ("nyul", "raw") if not (layout.runs / f"radiomics-{v}" / "heterogeneity.json").is_file()]
+        if variants:
+            # one label for all: nyul asks for landmarks and features, raw for features and ComBat;
+            # one after the other, so the shared features request is sent once
+            sends["radiomics"] = lambda: [run_cli("analyses.cli", *radiomics_args(layout, params[v], v), ok=(0, 5),
+                                                  show=False) for v in variants]
         sent = in_parallel(sends)
-        for proc in sent.values():
+        for proc in [p for value in sent.values() for p in (value if isinstance(value, list) else [value])]:
             print(command_line("analyses.cli", *proc.args[3:]))
             print(f"  -> exit {proc.returncode}: {_outcome(proc)}")
 
@@ -413,7 +416,7 @@ def run_demo(size: DemoSize, work: Path, report_dir: Path, keep_sites: bool = Fa
         approved = review_as_admins(configs)
         print(f"  {approved} requests approved across {len(configs)} sites")
 
-        step("data scientist: heterogeneity before and after Nyul harmonization")
+        step("data scientist: heterogeneity before and after harmonization (Nyul on images, ComBat on features)")
         for variant in ("raw", "nyul"):
             out = layout.runs / f"radiomics-{variant}" / "heterogeneity.json"
             if out.is_file():
@@ -424,6 +427,9 @@ def run_demo(size: DemoSize, work: Path, report_dir: Path, keep_sites: bool = Fa
             print(command_line("analyses.cli", *proc.args[3:]))
             print(f"  {variant}: {result['n_significant']} of {result['n_testable']} features differ between sites "
                   f"(share {result['share_significant']:.0%}); cases used {result['sites']}")
+            if "after_combat" in result:
+                after = result["after_combat"]
+                print(f"  after ComBat: {after['n_significant']} of {after['n_testable']} features differ between sites")
 
         step("data scientist: federated training (FedAvg, FedProx) with local-only and centralized baselines")
         if sent["train"].returncode == EXIT_OK:  # approved earlier: the first call already trained (or reopened)

@@ -85,7 +85,16 @@ def submit_radiomics(federation: Federation, label: str, max_runs: int) -> dict[
 
 def run_everywhere(federation: Federation, task: str, label: str, params: dict[str, Any]) -> dict[str, Any]:
     """Run the approved request at every site; raise AwaitingApproval naming the sites that have not approved."""
+    return run_on(federation, task, label, {entry.name: params for entry in federation.datasites})
+
+
+def run_on(federation: Federation, task: str, label: str, params_by_site: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """`run_everywhere` with each site's own parameters (every site of the federation must have some)."""
     from analyses.site_requests import request_status, run_site_task
+
+    missing = [entry.name for entry in federation.datasites if entry.name not in params_by_site]
+    if missing:
+        raise ValueError(f"no parameters for site(s) {missing}")
 
     def status(entry: DatasiteEntry, client: Any, asset: Any) -> str:
         return request_status(client, task, label) or "not requested"
@@ -96,7 +105,7 @@ def run_everywhere(federation: Federation, task: str, label: str, params: dict[s
 
     def run(entry: DatasiteEntry, client: Any, asset: Any) -> Any:
         try:
-            return run_site_task(client, asset, task, label, params)
+            return run_site_task(client, asset, task, label, params_by_site[entry.name])
         except RuntimeError as exc:
             raise SiteFailed(f"datasite '{entry.name}': {exc}") from None
 

@@ -115,30 +115,38 @@ def plot_pooled_curves(histories: dict[str, list[dict[str, Any]]], metric: str, 
 
 def _heterogeneity_section(inputs: ReportInputs, out_dir: Path, summary: dict[str, Any]) -> str:
     raw = _read_json(inputs.radiomics_raw / "heterogeneity.json")
-    harmonized = _read_json(inputs.radiomics_harmonized / "heterogeneity.json")
+    variants = {"raw intensities": raw, "Nyul-harmonized": _read_json(inputs.radiomics_harmonized / "heterogeneity.json")}
+    combat_dir = inputs.radiomics_raw / "combat"
+    if (combat_dir / "heterogeneity.json").is_file():
+        variants["ComBat-harmonized features"] = _read_json(combat_dir / "heterogeneity.json")
+    keys = {"raw intensities": "raw", "Nyul-harmonized": "harmonized", "ComBat-harmonized features": "combat"}
     summary["heterogeneity"] = {
-        name: {key: report[key] for key in ("n_testable", "n_significant", "share_significant", "site_mean_abs_smd")}
-        for name, report in (("raw", raw), ("harmonized", harmonized))
+        keys[name]: {key: report[key] for key in ("n_testable", "n_significant", "share_significant", "site_mean_abs_smd")}
+        for name, report in variants.items()
     }
+    reports = list(variants.values())
     rows = [
-        ["features tested across sites", raw["n_testable"], harmonized["n_testable"]],
-        ["with a significant site effect (BH-adjusted)", raw["n_significant"], harmonized["n_significant"]],
-        ["share significant", raw["share_significant"], harmonized["share_significant"]],
+        ["features tested across sites", *[r["n_testable"] for r in reports]],
+        ["with a significant site effect (BH-adjusted)", *[r["n_significant"] for r in reports]],
+        ["share significant", *[r["share_significant"] for r in reports]],
     ]
-    rows += [[f"mean |SMD| of {site}", raw["site_mean_abs_smd"].get(site), harmonized["site_mean_abs_smd"].get(site)]
-             for site in raw["sites"]]
+    rows += [[f"mean |SMD| of {site}", *[r["site_mean_abs_smd"].get(site) for r in reports]] for site in raw["sites"]]
     parts = [
         "<h2>Heterogeneity: how much the sites differ, before and after harmonization</h2>",
         "<p>Radiomics features (shape, first order) of every lesion, aggregated at each site; only "
         "per-site counts, means and variances left the hospitals. A feature has a site effect when a "
         "one-way ANOVA across sites is significant after Benjamini-Hochberg adjustment. Harmonization: "
-        "a Nyul standard intensity scale fitted across the sites from their intensity landmarks.</p>",
-        _table(["", "raw intensities", "Nyul-harmonized"], rows),
+        "a Nyul standard intensity scale fitted across the sites from their intensity landmarks (images), "
+        "and distributed ComBat fitted from the sites' sums and residual aggregates (features).</p>",
+        _table(["", *variants], rows),
     ]
-    plot = plot_smd_before_after(raw, harmonized, out_dir / "smd_before_after.png")
-    figures = [_figure(plot.name, "mean |SMD| per site, before and after harmonization")]
-    for label, folder, name in (("raw intensities", inputs.radiomics_raw, "heterogeneity_raw.png"),
-                                ("Nyul-harmonized", inputs.radiomics_harmonized, "heterogeneity_harmonized.png")):
+    plot = plot_smd_before_after(raw, variants["Nyul-harmonized"], out_dir / "smd_before_after.png")
+    figures = [_figure(plot.name, "mean |SMD| per site, before and after Nyul harmonization")]
+    folders = {"raw intensities": (inputs.radiomics_raw, "heterogeneity_raw.png"),
+               "Nyul-harmonized": (inputs.radiomics_harmonized, "heterogeneity_harmonized.png"),
+               "ComBat-harmonized features": (combat_dir, "heterogeneity_combat.png")}
+    for label in variants:
+        folder, name = folders[label]
         copied = _copy_png(folder / "heterogeneity.png", out_dir, name)
         figures.append(_figure(copied, f"site effect heatmap (SMD per site and feature), {label}") if copied
                        else f"<p>No heatmap for {html.escape(label)}: no feature was reported by two sites.</p>")

@@ -85,7 +85,8 @@ def test_the_report_holds_every_plot_and_sane_numbers(demo: dict[str, Any]) -> N
     assert set(linked) == on_disk and len(on_disk) >= 8, (linked, on_disk)
     for name in on_disk:
         assert (report / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and (report / name).stat().st_size > 5_000
-    for name in ("heterogeneity_raw.png", "heterogeneity_harmonized.png", "dice_per_site.png", "pooled_curves.png",
+    for name in ("heterogeneity_raw.png", "heterogeneity_harmonized.png", "heterogeneity_combat.png",
+                 "dice_per_site.png", "pooled_curves.png",
                  "curves_fedavg.png", "curves_fedprox.png"):
         assert name in on_disk, name
 
@@ -93,6 +94,8 @@ def test_the_report_holds_every_plot_and_sane_numbers(demo: dict[str, Any]) -> N
     raw, harmonized = summary["heterogeneity"]["raw"], summary["heterogeneity"]["harmonized"]
     assert raw["n_testable"] > 10 and harmonized["n_testable"] > 10
     assert raw["share_significant"] > 0 and harmonized["share_significant"] < raw["share_significant"]
+    combat = summary["heterogeneity"]["combat"]  # distributed ComBat on the raw features
+    assert combat["n_testable"] > 10 and combat["share_significant"] < raw["share_significant"]
     smd = raw["site_mean_abs_smd"]
     assert max(smd, key=smd.get) == "hospital-c", smd  # the outlier scanner stands out
 

@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -50,14 +51,17 @@ def approve_pending(sites: dict[str, LiveSite]) -> int:
 
 @pytest.fixture(scope="module")
 def fleet(tmp_path_factory: pytest.TempPathFactory):
-    """Three datasites, each with 4 small phantom cases of its own scanner, and a federation file."""
+    """Three datasites, each with 4 small phantom cases of its own scanner (every case with a
+    lesion: at the scanners' own prevalence a 4-case site can hold 4 lesion slices of 48, too few
+    to learn from in a few rounds), and a federation file."""
     root = tmp_path_factory.mktemp("fleet")
     sites: dict[str, LiveSite] = {}
     exports: dict[str, Path] = {}
     try:
         for seed, name in enumerate(SITES):
             exports[name] = root / "exports" / name
-            write_phantom_site(PROFILES[name].with_size(matrix=48, n_slices=12), exports[name], n_cases=4, seed=seed)
+            profile = replace(PROFILES[name].with_size(matrix=48, n_slices=12), tumour_prevalence=1.0)
+            write_phantom_site(profile, exports[name], n_cases=4, seed=seed)
             sites[name] = start_site(root / "sites", name, min_cohort=2)
             sites[name].setup("ingest", str(exports[name]))
         federation = root / "federation.toml"
@@ -72,7 +76,7 @@ def fleet(tmp_path_factory: pytest.TempPathFactory):
 
 def test_fedavg_and_fedprox_improve_dice_over_the_initial_model_with_baselines(fleet) -> None:
     out = fleet["root"] / "run-seg"
-    args = ["train", str(fleet["federation"]), "--strategy", "fedavg,fedprox", "--rounds", "3", "--max-steps", "12",
+    args = ["train", str(fleet["federation"]), "--strategy", "fedavg,fedprox", "--rounds", "3", "--epochs", "2", "--max-steps", "12",
             "--baselines", "--out", str(out), "--json", "--quiet",
             *[f"--centralized-data={n}={p}" for n, p in fleet["exports"].items()]]
     first = federate(*args)

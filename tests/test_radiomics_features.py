@@ -147,7 +147,9 @@ def test_cli_refuses_bad_input_with_exit_code_2_before_contacting_any_site(tmp_p
     federation = tmp_path / "fed.toml"
     federation.write_text('[[datasites]]\nname = "a"\nurl = "http://127.0.0.1:1"\nemail = "ds@uni.example"\npassword_env = "X"\n')
     params = tmp_path / "params.yaml"
-    for content, words in (("setting: {binWidth: -1}\n", "binWidth"), ("federated: {harmonize: combat}\n", "harmonize"),
+    for content, words in (("setting: {binWidth: -1}\n", "binWidth"), ("federated: {harmonize: pooled}\n", "harmonize"),
+                           ("federated: {harmonize: combat, combat_covariates: {continuous: [PatientName]}}\n",
+                            "combat_covariates"),
                            ("- not a mapping\n", "mapping")):
         params.write_text(content)
         assert main(["radiomics", str(federation), "--params", str(params), "--out", str(tmp_path / "o")]) == 2

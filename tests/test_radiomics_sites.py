@@ -260,6 +260,41 @@ def test_the_outlier_scanner_stands_out_and_nyul_harmonization_reduces_site_effe
     assert after / 160 < distance["hospital-c"] / 4000  # relative to each histogram's span
 
 
+def test_distributed_combat_through_the_sites_equals_combat_on_the_private_features_and_reduces_site_effects(
+    fleet: dict[str, LiveSite], phantom_federation: Federation, tmp_path: Path
+) -> None:
+    """`federate radiomics` with `harmonize: combat`: raw run, then three ComBat rounds under one approval."""
+    from analyses.harmonization.combat import CombatModel, fit_combat_distributed
+
+    label = "phantom-combat"
+    params = tmp_path / "params.yaml"
+    params.write_text(json.dumps({**PHANTOM_SETTINGS, "federated": {"harmonize": "combat"}}))
+    args = ("analyses.cli", "radiomics", str(phantom_federation.path), "--params", str(params),
+            "--out", str(tmp_path / "out"), "--label", label, "--json")
+    first = run_cli(*args)
+    assert first.returncode == 5, first.stdout + first.stderr
+    assert set(json.loads(first.stdout)["waiting"]["combat_statistics"]) == set(SITES)
+    approve_pending(fleet)
+    second = run_cli(*args)
+    assert second.returncode == 0, second.stdout + second.stderr
+    summary = json.loads(second.stdout)
+    after = summary["after_combat"]
+    assert after["n_testable"] > 0 and after["share_significant"] < summary["share_significant"], summary
+    assert (tmp_path / "out" / "combat" / "heterogeneity.png").stat().st_size > 10_000
+
+    saved = json.loads((tmp_path / "out" / "combat" / "combat_model.json").read_text())
+    features = saved["features"]
+    site_data = {}
+    for name, site in fleet.items():
+        values = [case_features(case, PHANTOM_SETTINGS) for case in private_cases(site, "phantom")]
+        site_data[name] = (np.array([[v[f] for f in features] for v in values]), None)
+    expected = fit_combat_distributed(site_data)
+    got = CombatModel.from_params(saved["model"])
+    assert got.sites == expected.sites
+    for field in ("grand_mean", "var_pooled", "gamma_star", "delta_star"):
+        np.testing.assert_allclose(getattr(got, field), getattr(expected, field), rtol=1e-6, err_msg=field)
+
+
 # ---- disclosure control ------------------------------------------------------------------------------
 
 

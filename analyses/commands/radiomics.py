@@ -5,9 +5,11 @@
 PARAMS.yaml is a pyradiomics parameter file (imageType, featureClass, setting) with an optional
 `federated:` block for what only a federated run needs: `intensity_edges` (bin edges of the
 masked-voxel intensity histogram), `feature_edges` ({feature: bin edges}), `dp` (differential
-privacy: epsilon, mechanism, delta, bounds) and `harmonize: nyul` (landmarks first, then features
-on the standardized images). The first call sends the requests and exits 5 until every site's
-admin has approved; the next call runs and writes `--out` (see `analyses.radiomics_run`).
+privacy: epsilon, mechanism, delta, bounds), `harmonize: nyul` (landmarks first, then features
+on the standardized images) or `harmonize: combat` (the raw features first, then distributed
+ComBat on them; the report shows the heterogeneity before and after, under `--out`/combat) with
+optional `combat_covariates` ({categorical: {PatientSex: [F, M]}, continuous: [PatientAge]}).
+The first call sends the requests and exits 5 until every site's admin has approved; the next call runs and writes `--out` (see `analyses.radiomics_run`).
 """
 
 from __future__ import annotations
@@ -19,7 +21,8 @@ from typing import Any
 
 from analyses.commands import EXIT_AWAITING_APPROVAL, EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK
 
-FEDERATED_KEYS = {"intensity_edges", "feature_edges", "dp", "harmonize"}
+FEDERATED_KEYS = {"intensity_edges", "feature_edges", "dp", "harmonize", "combat_covariates"}
+HARMONIZE = ("none", "nyul", "combat")
 
 
 def register(subparsers: Any) -> None:
@@ -49,8 +52,15 @@ def read_params(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     federated = content.pop("federated", None) or {}
     if not isinstance(federated, dict) or set(federated) - FEDERATED_KEYS:
         raise ValueError(f"{path}: 'federated' may only hold {sorted(FEDERATED_KEYS)}")
-    if federated.get("harmonize", "none") not in ("none", "nyul"):
-        raise ValueError(f"{path}: 'federated.harmonize' must be 'nyul' or 'none'")
+    if federated.get("harmonize", "none") not in HARMONIZE:
+        raise ValueError(f"{path}: 'federated.harmonize' must be one of {', '.join(HARMONIZE)}")
+    if "combat_covariates" in federated:
+        from analyses.site_tasks.combat_statistics import covariates_problems
+
+        covariates = federated["combat_covariates"]
+        problem = "must be a mapping" if not isinstance(covariates, dict) else covariates_problems(covariates)
+        if problem:
+            raise ValueError(f"{path}: 'federated.combat_covariates' {problem}")
     problem = settings_problems(content)
     if problem:
         raise ValueError(f"{path}: {problem}")
@@ -62,6 +72,7 @@ def _emit(args: argparse.Namespace, payload: dict[str, Any], text: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from analyses import combat_run
     from analyses.federation_file import FederationFileError, load_federation
     from analyses.radiomics_run import (
         LANDMARKS_TASK, TASK, AwaitingApproval, SiteFailed, nyul_scale, run_radiomics, submit,
@@ -73,11 +84,13 @@ def run(args: argparse.Namespace) -> int:
     except (FederationFileError, ValueError) as exc:
         _emit(args, {"status": "bad-input", "error": str(exc)}, f"error: {exc}")
         return EXIT_BAD_INPUT
-    harmonize = federated.get("harmonize") == "nyul"
+    harmonize = federated.get("harmonize", "none")
     try:
         statuses = {TASK: submit(federation, TASK, args.label, args.max_runs)}
-        if harmonize:
+        if harmonize == "nyul":
             statuses[LANDMARKS_TASK] = submit(federation, LANDMARKS_TASK, args.label, args.max_runs)
+        if harmonize == "combat":
+            statuses[combat_run.TASK] = submit(federation, combat_run.TASK, args.label, args.max_runs)
     except FederationFileError as exc:  # a password that cannot be read
         _emit(args, {"status": "bad-input", "error": str(exc)}, f"error: {exc}")
         return EXIT_BAD_INPUT
@@ -93,12 +106,17 @@ def run(args: argparse.Namespace) -> int:
         _emit(args, {"status": "awaiting-approval", "waiting": pending}, "\n".join(lines))
         return EXIT_AWAITING_APPROVAL
     try:
-        harmonization = nyul_scale(federation, args.label) if harmonize else None
+        harmonization = nyul_scale(federation, args.label) if harmonize == "nyul" else None
         outcome = run_radiomics(
             federation, settings, args.out,
             intensity_edges=federated.get("intensity_edges"), feature_edges=federated.get("feature_edges"),
             harmonization=harmonization, dp=federated.get("dp"), label=args.label,
         )
+        combat = None
+        if harmonize == "combat":
+            combat = combat_run.harmonize_and_report(
+                federation, settings, outcome["aggregates"], args.out / "combat", args.label,
+                covariates=federated.get("combat_covariates"))
     except AwaitingApproval as exc:
         _emit(args, {"status": "awaiting-approval", "waiting": exc.statuses}, f"{exc}\nrun the same command again after approval")
         return EXIT_AWAITING_APPROVAL
@@ -115,6 +133,10 @@ def run(args: argparse.Namespace) -> int:
         "site_mean_abs_smd": report["site_mean_abs_smd"],
         "files": outcome["files"],
     }
+    if combat is not None:
+        after = combat["heterogeneity"]
+        summary["after_combat"] = {"n_testable": after["n_testable"], "n_significant": after["n_significant"],
+                                   "share_significant": after["share_significant"], "files": combat["files"]}
     share = report["share_significant"]
     lines = [
         f"radiomics at {len(summary['sites'])} sites (cases used: "
@@ -125,5 +147,9 @@ def run(args: argparse.Namespace) -> int:
             f"{site}={v:.2f}" if v is not None else f"{site}=n/a" for site, v in report["site_mean_abs_smd"].items()),
         f"  written to {args.out}",
     ]
+    if combat is not None:
+        after = combat["heterogeneity"]
+        lines.insert(-1, f"  after ComBat: {after['n_significant']} of {after['n_testable']} with a significant site effect "
+                         f"({len(combat['features'])} features harmonized)")
     _emit(args, summary, "\n".join(lines))
     return EXIT_OK

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from analyses.site_tasks import cohort_summary, evaluate, intensity_landmarks, local_train, radiomics_aggregates
+from analyses.site_tasks import (
+    cohort_summary, combat_statistics, evaluate, intensity_landmarks, local_train, radiomics_aggregates,
+)
 from analyses.site_tasks.task import SiteFacts, SiteTask
 
 TASKS: dict[str, SiteTask] = {
@@ -20,6 +22,7 @@ TASKS: dict[str, SiteTask] = {
         evaluate.TASK,
         radiomics_aggregates.TASK,
         intensity_landmarks.TASK,
+        combat_statistics.TASK,
     )
 }
 

@@ -129,7 +129,7 @@ def case_features(case: dict[str, Any], settings: dict[str, Any]) -> dict[str, f
     return extract(feature_extractor(settings), case)
 
 
-def _standardized(case: dict[str, Any], scale: Any) -> dict[str, Any]:
+def standardized(case: dict[str, Any], scale: Any) -> dict[str, Any]:
     from analyses.harmonization.nyul import case_landmarks, standardize
 
     landmarks = case_landmarks(case["image"], None, scale.percentiles)
@@ -175,7 +175,7 @@ def run(cases: list[dict[str, Any]], params: dict[str, Any], site: SiteFacts) ->
             empty += 1
             continue
         if scale is not None:
-            case = _standardized(case, scale)
+            case = standardized(case, scale)
         try:
             values = extract(extractor, case)
         except ValueError:  # pyradiomics' refusal of an ROI too small for the settings
