@@ -31,6 +31,8 @@ Example::
     cpu_seconds = 1800
     wall_seconds = 1800
     memory_mb = 6144
+    warm_spare = true                   # keep one child with its imports done for the next run
+                                        # (~450 MB idle; runs start in ~0.1 s instead of 2-9 s)
 """
 
 from __future__ import annotations
@@ -88,6 +90,7 @@ class SiteConfig:
     privacy: PrivacySettings = field(default_factory=PrivacySettings)
     limits: ExecutionLimits = field(default_factory=ExecutionLimits)
     enabled_tasks: tuple[str, ...] | None = None  # None: every site task this install provides
+    warm_spare: bool = True
 
     @property
     def url(self) -> str:
@@ -184,6 +187,7 @@ def load_site_config(path: str | Path) -> SiteConfig:
         wall_seconds=float(_typed(execution.get("wall_seconds", defaults.wall_seconds), (int, float), "execution.wall_seconds", path)),
         memory_mb=_typed(execution.get("memory_mb", defaults.memory_mb), int, "execution.memory_mb", path),
     )
+    warm_spare = _typed(execution.get("warm_spare", True), bool, "execution.warm_spare", path)
     tasks = site.get("enabled_tasks")
     if tasks is not None and not (isinstance(tasks, list) and all(isinstance(t, str) for t in tasks)):
         raise SiteConfigError(f"{path}: 'site.enabled_tasks' must be a list of task names, got {tasks!r}")
@@ -202,5 +206,6 @@ def load_site_config(path: str | Path) -> SiteConfig:
         data_scientists=tuple(scientists),
         privacy=PrivacySettings(min_cohort=min_cohort, dp_epsilon_budget=float(budget)),
         limits=limits,
+        warm_spare=warm_spare,
         enabled_tasks=None if tasks is None else tuple(tasks),
     )

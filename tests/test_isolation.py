@@ -373,3 +373,22 @@ def test_carve_grants_around_a_forbidden_dir_below_a_readable_root(tmp_path: Pat
     assert root not in granted and site_dir not in granted
     assert str(tmp_path / "pkg") in granted and str(tmp_path / "data" / "other") in granted
     assert carve([site_dir, str(tmp_path / "data" / "site" / "x")], [site_dir]) == []
+
+
+def test_site_config_turns_warm_spares_on_by_default_and_off_on_request(tmp_path: Path) -> None:
+    from datasite_setup.site_config import SiteConfigError, load_site_config
+    from tests.conftest import write_site_config
+
+    assert load_site_config(write_site_config(tmp_path / "a", "site-a", 8081)).warm_spare is True
+    off = write_site_config(tmp_path / "b", "site-b", 8081, extra="\n[execution]\nwarm_spare = false\n")
+    assert load_site_config(off).warm_spare is False
+    bad = write_site_config(tmp_path / "c", "site-c", 8081, extra='\n[execution]\nwarm_spare = "yes"\n')
+    with pytest.raises(SiteConfigError, match="execution.warm_spare"):
+        load_site_config(bad)
+
+
+def test_a_cold_run_starts_no_spare() -> None:
+    discard_spares()
+    outcome = run_isolated(_code("return {'v': 2.0}"), "f", {}, LIMITS, preload=NUMPY, warm=False)
+    assert outcome.ok and not outcome.warm
+    assert _children_running_sandbox() == []

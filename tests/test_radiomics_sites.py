@@ -40,8 +40,6 @@ PHANTOM_SETTINGS = {
     "setting": {"binCount": 32},
 }
 
-pytestmark = pytest.mark.e2e
-
 
 def approve_pending(sites: dict[str, LiveSite]) -> None:
     from datasite_setup import review
