@@ -26,8 +26,8 @@ from typing import Any
 
 import numpy as np
 
-from analyses.site_tasks.radiomics_aggregates import (
-    MAX_BINS, extract, feature_extractor, harmonization_problems, settings_problems, standardized,
+from analyses.site_tasks.radiomics_aggregates import (  # same contract: aggregates, 1-D arrays of <= MAX_BINS
+    MAX_BINS, contract, extract, feature_extractor, harmonization_problems, settings_problems, standardized,
 )
 from analyses.site_tasks.task import Param, SiteFacts, SiteTask
 
@@ -139,12 +139,6 @@ def run(cases: list[dict[str, Any]], params: dict[str, Any], site: SiteFacts) ->
             for name, column in zip(params["features"], harmonized.T)
         },
     }
-
-
-def contract(params: dict[str, Any], site: SiteFacts) -> Any:
-    from datasite_setup.output_contracts import AggregatesContract
-
-    return AggregatesContract(min_cohort=site.min_cohort, max_array_len=MAX_BINS)
 
 
 TASK = SiteTask(
