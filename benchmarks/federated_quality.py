@@ -16,7 +16,9 @@ total. Local-only: each site's own model on its own held-out cases.
 
 Reported: final pooled Dice (from pooled confusion counts) per method and per site, the gap
 federated - centralized (target: within 0.02), federated vs the mean of the local-only models'
-Dice (target: above), payload bytes per round and the orchestrator's peak RSS.
+Dice (target: above), payload bytes per round and the orchestrator's peak RSS. Pooled Dice moves
+by up to ~0.05 from one round to the next (Adam restarted at every site each round), so the mean
+of the last rounds is reported beside the final round's value.
 """
 
 from __future__ import annotations
@@ -31,9 +33,10 @@ from typing import Any
 
 SITES = ("hospital-a", "hospital-b", "hospital-c")
 FEDERATED = ("fedavg", "fedprox", "fedbn")
-FULL = {"matrix": 64, "n_slices": 16, "train": 6, "held_out": 4, "rounds": 30, "epochs": 1, "max_steps": 24}
+FULL = {"matrix": 48, "n_slices": 12, "train": 6, "held_out": 4, "rounds": 40, "epochs": 2, "max_steps": 0}
 QUICK = {"matrix": 32, "n_slices": 8, "train": 2, "held_out": 1, "rounds": 2, "epochs": 1, "max_steps": 4}
 MAX_GAP = 0.02
+LAST = 5  # rounds averaged for a steadier figure: pooled Dice moves by up to ~0.05 from round to round
 
 
 def _fleet(size: dict[str, int], work: Path) -> tuple[dict[str, list[dict[str, Any]]], dict[str, list[dict[str, Any]]]]:
@@ -52,9 +55,11 @@ def _fleet(size: dict[str, int], work: Path) -> tuple[dict[str, list[dict[str, A
 
 def _final(history: list[dict[str, Any]]) -> dict[str, Any]:
     last = history[-1]
+    per_round = [r["pooled"]["dice"] for r in history]
     return {"pooled_dice": round(last["pooled"]["dice"], 4),
+            f"pooled_dice_mean_last_{LAST}": round(statistics.fmean(per_round[-LAST:]), 4),
             "site_dice": {s: round(m["dice"], 4) for s, m in sorted(last["site_metrics"].items())},
-            "pooled_dice_per_round": [round(r["pooled"]["dice"], 4) for r in history]}
+            "pooled_dice_per_round": [round(v, 4) for v in per_round]}
 
 
 def run(quick: bool) -> dict[str, Any]:
@@ -96,11 +101,13 @@ def run(quick: bool) -> dict[str, Any]:
         methods["centralized"] = _final(centralized)
 
         central = methods["centralized"]["pooled_dice"]
+        steady = f"pooled_dice_mean_last_{LAST}"
         local_mean = statistics.fmean(methods["local"]["site_dice"].values())
         verdicts = {
             strategy: {"gap_to_centralized": round(methods[strategy]["pooled_dice"] - central, 4),
                        "within_0.02_of_centralized": methods[strategy]["pooled_dice"] >= central - MAX_GAP,
-                       "above_local_mean": methods[strategy]["pooled_dice"] > local_mean}
+                       "above_local_mean": methods[strategy]["pooled_dice"] > local_mean,
+                       f"gap_to_centralized_mean_last_{LAST}": round(methods[strategy][steady] - methods["centralized"][steady], 4)}
             for strategy in FEDERATED
         }
         table = ", ".join(f"{m} {methods[m]['pooled_dice']:.3f}" for m in (*FEDERATED, "centralized"))
@@ -114,9 +121,11 @@ def run(quick: bool) -> dict[str, Any]:
             "payload_bytes_sent_per_round": bytes_per_round,
             "orchestrator_peak_rss_mb": peak_rss,
             "seconds": seconds,
-            "summary": (f"held-out pooled Dice: {table}; local-only mean {local_mean:.3f}; "
+            "summary": (f"held-out pooled Dice, final round: {table}; local-only mean {local_mean:.3f}; "
                         f"FedAvg gap to centralized {verdicts['fedavg']['gap_to_centralized']:+.3f} "
-                        f"(target >= -{MAX_GAP}); {bytes_per_round['fedavg'] / 2**20:.2f} MiB sent per round"),
+                        f"(target >= -{MAX_GAP}; mean of the last {LAST} rounds "
+                        f"{verdicts['fedavg'][f'gap_to_centralized_mean_last_{LAST}']:+.3f}); "
+                        f"{bytes_per_round['fedavg'] / 2**20:.2f} MiB sent per round"),
         }
     finally:
         shutil.rmtree(work, ignore_errors=True)

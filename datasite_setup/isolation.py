@@ -20,11 +20,15 @@ Child start overhead on the 2-core dev VM (median of 5 runs of a trivial functio
 full DEFAULT_PRELOAD; passing a 30 MB dict of arrays adds 0.12-0.18 s.
 
 Warm spares. Most of that start is imports, and a site runs the same kind of child over and over,
-so after each run (and at server start, `prewarm`) one spare child per (preload, limits) is
-started that imports its preloads and then waits for a payload; the next run takes it. A spare
+so after a run (and at server start, `prewarm`) spare children for its (preload, limits) are
+started, up to SPARES_PER_KIND, that import their preloads and then wait for a payload; the next
+run takes the oldest. With two, runs that follow each other at once (training, evaluation, the
+next round's training) each find one that has finished or nearly finished importing; a run that
+took the last spare starts one at once. Imports are CPU work all the same: on a small machine a
+spare importing beside a run slows it (a fork server would avoid re-importing altogether). A spare
 imports with one-thread BLAS/OpenMP so that it is still single-threaded when it confines itself
 (the child checks; a spare that fails the check exits and the run starts cold, as does any run
-that finds no spare). Cost: one idle child per kind (~400 MB resident with torch and radiomics).
+that finds no spare). Cost: ~450 MB resident per idle spare with torch and radiomics.
 """
 
 from __future__ import annotations
@@ -59,7 +63,8 @@ PASSED_ENV = ("LANG", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
 # A spare imports numpy/torch before Landlock, which binds only the thread that applies it: these
 # keep every import single-threaded; torch gets the run's thread count once the child is confined.
 SINGLE_THREADED = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
-MAX_SPARES = 2
+SPARES_PER_KIND = 2  # training then evaluation back to back: each finds one that has finished importing
+MAX_SPARES = 4
 STDERR_TAIL = 64 * 1024
 EXIT_GRACE_SECONDS = 1.0
 _ALLOCATION_FAILURE = (b"MemoryError", b"bad_alloc", b"Cannot allocate memory", b"can't allocate memory", b"out of memory")
@@ -193,44 +198,55 @@ def _spawn(preload: tuple[str, ...], limits: Limits, warm: bool) -> _Child:
 
 
 class _Spares:
-    """At most MAX_SPARES warm children, one per (preload, limits); a kind whose spare failed its
-    warm-up check is not tried again in this process."""
+    """Warm children waiting for a run, up to `count` per (preload, limits), oldest taken first, at
+    most MAX_SPARES in all; a kind whose spare failed its warm-up check is not tried again."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._children: dict[tuple[tuple[str, ...], Limits], _Child] = {}
+        self._children: dict[tuple[tuple[str, ...], Limits], list[_Child]] = {}
         self._unwarmable: set[tuple[tuple[str, ...], Limits]] = set()
 
     def take(self, preload: tuple[str, ...], limits: Limits) -> _Child | None:
+        key = (preload, limits)
         with self._lock:
-            child = self._children.pop((preload, limits), None)
+            queue = self._children.get(key, [])
+            child = queue.pop(0) if queue else None
         if child is not None and child.proc.poll() is not None:
             with self._lock:
-                self._unwarmable.add((preload, limits))
+                self._unwarmable.add(key)
             child.discard()
             return None
         return child
 
-    def refill(self, preload: tuple[str, ...], limits: Limits) -> None:
+    def refill(self, preload: tuple[str, ...], limits: Limits, count: int) -> None:
         key = (preload, limits)
-        with self._lock:
-            if key in self._children or key in self._unwarmable:
+        while True:
+            with self._lock:
+                if key in self._unwarmable or len(self._children.get(key, [])) >= count:
+                    return
+            child = _spawn(preload, limits, warm=True)
+            evicted = []
+            with self._lock:
+                queue = self._children.setdefault(key, [])
+                if len(queue) >= count:
+                    evicted.append(child)
+                else:
+                    queue.append(child)
+                    self._children[key] = self._children.pop(key)  # most recently used kind last
+                    while sum(map(len, self._children.values())) > MAX_SPARES:
+                        oldest = next(iter(self._children))
+                        evicted.append(self._children[oldest].pop(0))
+                        if not self._children[oldest]:
+                            del self._children[oldest]
+            for old in evicted:
+                old.discard()
+            if child in evicted:
                 return
-        child = _spawn(preload, limits, warm=True)
-        evicted = []
-        with self._lock:
-            if key in self._children:
-                evicted.append(child)
-            else:
-                self._children[key] = child
-                while len(self._children) > MAX_SPARES:
-                    evicted.append(self._children.pop(next(iter(self._children))))
-        for old in evicted:
-            old.discard()
 
     def discard_all(self) -> None:
         with self._lock:
-            children, self._children = list(self._children.values()), {}
+            children = [c for queue in self._children.values() for c in queue]
+            self._children = {}
         for child in children:
             child.discard()
 
@@ -239,9 +255,9 @@ _SPARES = _Spares()
 atexit.register(_SPARES.discard_all)
 
 
-def prewarm(limits: Limits, preload: tuple[str, ...] = DEFAULT_PRELOAD) -> None:
-    """Start a spare child now (a server calls this at start) so the first run is warm too."""
-    _SPARES.refill(preload, limits)
+def prewarm(limits: Limits, preload: tuple[str, ...] = DEFAULT_PRELOAD, spares: int = SPARES_PER_KIND) -> None:
+    """Start spare children now (a server calls this at start) so the first runs are warm too."""
+    _SPARES.refill(preload, limits, spares)
 
 
 def discard_spares() -> None:
@@ -371,6 +387,7 @@ def run_isolated(
     max_result_bytes: int = DEFAULT_MAX_BYTES,
     required_layers: frozenset[str] = REQUIRED_LAYERS,
     warm: bool = True,
+    spares: int = SPARES_PER_KIND,
 ) -> IsolatedOutcome:
     """Run `function(**kwargs)` from `source` in a confined child and return its checked outcome.
 
@@ -379,13 +396,16 @@ def run_isolated(
     unreadable even where they sit below a readable root. The result is only decoded here; apply
     an `output_contracts` contract before handing it to anyone. If a `required_layers` layer is
     unavailable the code is not run and the failure is "crashed", with the reason in `stderr_tail`.
-    `warm` takes a spare child if one is ready and starts the next spare after the run.
+    `warm` takes the oldest spare child if there is one and tops the spares of this kind up to
+    `spares` after the run (to one at once if it took the last).
     """
     started = time.monotonic()
     deadline = started + limits.wall_seconds
     child = _SPARES.take(preload, limits) if warm else None
     if child is None:
         child = _spawn(preload, limits, warm=False)
+    if warm:  # keep one spare importing for a run that follows at once; top up after this run
+        _SPARES.refill(preload, limits, min(spares, 1))
     proc = child.proc
     payload = pickle.dumps(
         {
@@ -415,7 +435,7 @@ def run_isolated(
                 pipe.close()
         child.scratch.cleanup()
         if warm:
-            _SPARES.refill(preload, limits)
+            _SPARES.refill(preload, limits, spares)
     seconds = time.monotonic() - started
     stderr_tail = bytes(err).decode("utf-8", "replace")
 

@@ -101,7 +101,7 @@ def run_request(config: SiteConfig, code: Any, kwargs: dict[str, Any], who: str)
     _charge_privacy_budget(config, params, who, label)
     outcome = run_isolated(
         plan_source, plan_function, plan_kwargs, Limits(**asdict(config.limits)), forbidden_paths=[config.data_dir],
-        warm=config.warm_spare,
+        warm=config.warm_spares > 0, spares=config.warm_spares,
     )
     if not outcome.ok:
         _audit(config, {"action": "refused-run", "what": label, "requested_by": who, "why": outcome.failure})
@@ -122,7 +122,7 @@ def run_request(config: SiteConfig, code: Any, kwargs: dict[str, Any], who: str)
 
 def install(config: SiteConfig) -> None:
     """Route every syft user-code execution in this server process through `run_request`, and
-    (unless `[execution] warm_spare = false`) start the first warm child so that the first run
+    (unless `[execution] warm_spares = 0`) start the first warm children so that the first run
     does not pay for its imports either."""
     from syft.service.action import action_service
     from syft.service.code.user_code import UserCodeExecutionOutput
@@ -147,5 +147,5 @@ def install(config: SiteConfig) -> None:
         )
 
     action_service.execute_byte_code = execute
-    if config.warm_spare:
-        prewarm(Limits(**asdict(config.limits)))
+    if config.warm_spares:
+        prewarm(Limits(**asdict(config.limits)), spares=config.warm_spares)

@@ -375,16 +375,28 @@ def test_carve_grants_around_a_forbidden_dir_below_a_readable_root(tmp_path: Pat
     assert carve([site_dir, str(tmp_path / "data" / "site" / "x")], [site_dir]) == []
 
 
-def test_site_config_turns_warm_spares_on_by_default_and_off_on_request(tmp_path: Path) -> None:
+def test_site_config_keeps_two_warm_spares_by_default_and_none_on_request(tmp_path: Path) -> None:
     from datasite_setup.site_config import SiteConfigError, load_site_config
     from tests.conftest import write_site_config
 
-    assert load_site_config(write_site_config(tmp_path / "a", "site-a", 8081)).warm_spare is True
-    off = write_site_config(tmp_path / "b", "site-b", 8081, extra="\n[execution]\nwarm_spare = false\n")
-    assert load_site_config(off).warm_spare is False
-    bad = write_site_config(tmp_path / "c", "site-c", 8081, extra='\n[execution]\nwarm_spare = "yes"\n')
-    with pytest.raises(SiteConfigError, match="execution.warm_spare"):
-        load_site_config(bad)
+    assert load_site_config(write_site_config(tmp_path / "a", "site-a", 8081)).warm_spares == 2
+    off = write_site_config(tmp_path / "b", "site-b", 8081, extra="\n[execution]\nwarm_spares = 0\n")
+    assert load_site_config(off).warm_spares == 0
+    for bad in ('"yes"', "true", "9"):
+        path = write_site_config(tmp_path / "c", "site-c", 8081, extra=f"\n[execution]\nwarm_spares = {bad}\n")
+        with pytest.raises(SiteConfigError, match="execution.warm_spares"):
+            load_site_config(path)
+
+
+def test_back_to_back_runs_each_find_a_spare_that_finished_importing() -> None:
+    """Training then evaluation then training, with no pause: two spares keep every run warm."""
+    discard_spares()
+    prewarm(LIMITS, TORCH)
+    source = _code("import torch\nreturn {'v': float(torch.ones(3).sum())}")
+    outcomes = [run_isolated(source, "f", {}, LIMITS, preload=TORCH) for _ in range(4)]
+    discard_spares()
+    assert all(o.ok and o.warm and o.result == {"v": 3.0} for o in outcomes), outcomes
+    assert _children_running_sandbox() == []
 
 
 def test_a_cold_run_starts_no_spare() -> None:
