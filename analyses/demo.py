@@ -56,8 +56,8 @@ class DemoSize:
     """How big the demo is: the full run fits 10 minutes on 2 cores, the small one is for tests."""
 
     name: str
-    matrix: int | None  # None: the scanner profile's own matrix and slice count
-    n_slices: int | None
+    matrix: int | None  # None: the scanner profile's own matrix (same field of view either way)
+    n_slices: int | None  # None: the scanner profile's own slice count
     n_cases: int
     min_cohort: int
     rounds: int
@@ -66,7 +66,8 @@ class DemoSize:
 
 
 SIZES = {
-    "full": DemoSize("full", matrix=None, n_slices=None, n_cases=8, min_cohort=3, rounds=3, epochs=2, max_steps=40),
+    # 128 x 128 in-plane: training 2-D U-Nets on 256 x 256 slices on 2 CPU cores took 17+ minutes
+    "full": DemoSize("full", matrix=128, n_slices=None, n_cases=8, min_cohort=3, rounds=3, epochs=2, max_steps=20),
     "small": DemoSize("small", matrix=32, n_slices=8, n_cases=4, min_cohort=2, rounds=2, epochs=8, max_steps=40),
 }
 

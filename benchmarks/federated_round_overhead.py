@@ -70,6 +70,7 @@ def run(quick: bool) -> dict[str, Any]:
         weights = exchanged_weights(domain.build_model())
         base = {"domain": domain.name, "weights": weights, "batch_size": 8, "lr": 3e-3, "optimizer": "adam",
                 "seed": 0, "max_steps": 0}
+        _in_process(cases, {**base, "epochs": 1})  # the first call pays for lazy imports and warm-up
         one_epoch = _in_process(cases, {**base, "epochs": 1})
         epochs = max(1, int(round(min_compute / one_epoch + 0.5)))
 

@@ -12,7 +12,7 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +21,10 @@ import syft as sy
 from syft.service.policy.policy import OutputPolicyExecuteCount
 
 from analyses.federation.centralized import read_site_exports
+from analyses.federation.experiment import links_for, submit
+from analyses.federation.orchestrator import Orchestrator, TrainingPlan
+from analyses.federation.site_link import DatasiteLink
+from analyses.federation_file import load_federation
 from analyses.model_weights import exchanged_weights
 from analyses.site_tasks import local_train
 from analyses.site_tasks.task import SiteFacts
@@ -171,6 +175,42 @@ def test_a_site_killed_mid_run_is_skipped_and_the_run_finishes(fleet) -> None:
     final = json.loads((out / "metrics.json").read_text())
     assert final["rounds_completed"] == 3
     assert "hospital-c" in final["history"][-1]["eval_missed"]
+
+
+@dataclass
+class DivergingLink:
+    """hospital-a's real link, but its copy of the global model is scaled by 1e30 on the way, so its
+    local training overflows: what comes out of the site is NaN/Inf, as from a diverging site."""
+
+    inner: DatasiteLink
+
+    @property
+    def name(self) -> str:
+        return self.inner.name
+
+    def train(self, params: dict) -> dict:
+        blown_up = {k: (v * np.float32(1e30)).astype(v.dtype) for k, v in params["weights"].items()}
+        return self.inner.train({**params, "weights": blown_up})
+
+    def evaluate(self, params: dict) -> dict:
+        return self.inner.evaluate(params)
+
+
+def test_a_nan_update_is_refused_at_the_site_and_the_round_goes_on_without_it(fleet) -> None:
+    plan = TrainingPlan(domain="brain_mr_segmentation", strategy="fedavg", rounds=1, max_steps=2, name="diverge",
+                        min_sites=2)
+    federation = load_federation(fleet["federation"])
+    submit(federation, [plan])
+    approve_pending(fleet["sites"])
+    links = links_for(federation, plan)
+    links[0] = DivergingLink(links[0])
+    assert links[0].name == "hospital-a"
+    report = Orchestrator(plan, links, fleet["root"] / "run-diverge", progress=False).run()
+
+    record = report.history[1]
+    assert record["aggregated"] == ["hospital-b", "hospital-c"]
+    assert "output contract" in record["missed"]["hospital-a"] and "NaN" in record["missed"]["hospital-a"]
+    assert all(np.isfinite(w).all() for w in report.final_state["global"].values())
 
 
 def test_fedavg_full_batch_step_through_the_sites_equals_centralized_gradient_descent(fleet) -> None:
