@@ -72,7 +72,9 @@ def test_the_demo_shows_each_role_and_says_where_the_report_is(demo: dict[str, A
     for command in ("$ datasite-setup up", "$ datasite-setup ingest", "$ federate radiomics", "$ federate train",
                     "$ datasite-admin --site", "requests --status pending", " show ", " approve "):
         assert command in out, command
-    assert out.count("exit 5: awaiting approval") == 2  # radiomics and training, on their first call
+    # on their first call: radiomics with Nyul, radiomics with ComBat, training
+    assert out.count("exit 5: awaiting approval") == 3
+    assert "after ComBat:" in out
     assert "local_train" in out and "source sha256" in out  # the admin saw what she approves
     assert f"report: {(demo['report'] / 'index.html').resolve()}" in out
 
