@@ -405,8 +405,8 @@ def run_demo(size: DemoSize, work: Path, report_dir: Path, keep_sites: bool = Fa
 
         step("data scientist: send the radiomics and training requests")
         params = radiomics_params(layout)
-        sends = {"train": lambda: run_cli("analyses.cli", *train_args(layout, size, exports), ok=(0, 5), show=False,
-                                          stream_stderr=True)}
+        sends = {"train": lambda: [run_cli("analyses.cli", *train_args(layout, size, exports), ok=(0, 5), show=False,
+                                           stream_stderr=True)]}
         variants = [v for v in ("nyul", "raw") if not (layout.runs / f"radiomics-{v}" / "heterogeneity.json").is_file()]
         if variants:
             # one label for all: nyul asks for landmarks and features, raw for features and ComBat;
@@ -414,7 +414,7 @@ def run_demo(size: DemoSize, work: Path, report_dir: Path, keep_sites: bool = Fa
             sends["radiomics"] = lambda: [run_cli("analyses.cli", *radiomics_args(layout, params[v], v), ok=(0, 5),
                                                   show=False) for v in variants]
         sent = in_parallel(sends)
-        for proc in [p for value in sent.values() for p in (value if isinstance(value, list) else [value])]:
+        for proc in [proc for procs in sent.values() for proc in procs]:
             print(command_line("analyses.cli", *proc.args[3:]))
             print(f"  -> exit {proc.returncode}: {_outcome(proc)}")
 
@@ -438,8 +438,8 @@ def run_demo(size: DemoSize, work: Path, report_dir: Path, keep_sites: bool = Fa
                 print(f"  after ComBat: {after['n_significant']} of {after['n_testable']} features differ between sites")
 
         step("data scientist: federated training (FedAvg, FedProx) with local-only and centralized baselines")
-        if sent["train"].returncode == EXIT_OK:  # approved earlier: the first call already trained (or reopened)
-            proc = sent["train"]
+        if sent["train"][0].returncode == EXIT_OK:  # approved earlier: the first call already trained (or reopened)
+            proc = sent["train"][0]
             print(f"  already approved, so the first call trained or reopened the runs: {_shown(str(layout.runs / 'training'))}")
         else:
             print(command_line("analyses.cli", *train_args(layout, size, exports)))

@@ -17,8 +17,6 @@ from typing import Any, Iterator
 import numpy as np
 import pytest
 import SimpleITK as sitk
-import syft as sy
-from syft.service.policy.policy import OutputPolicyExecuteCount
 
 from analyses.federation_file import Federation, load_federation
 from analyses.radiomics_run import AwaitingApproval, nyul_scale, run_radiomics, submit, submit_radiomics
@@ -26,6 +24,7 @@ from analyses.site_requests import request_site_task, run_site_task
 from analyses.site_tasks.radiomics_aggregates import case_features
 from tests.conftest import DS_EMAIL, DS_PASSWORD_ENV, LiveSite, free_port, ibsi_dir, run_cli, write_site_config
 from tests.test_datasite_server import asset_of
+from tests.test_site_execution import approve_and_run
 
 SITES = ("hospital-a", "hospital-b", "hospital-c")
 VENDOR_CASES = {"hospital-a": ("STS_001", "STS_016"), "hospital-b": ("STS_002", "STS_004"), "hospital-c": ("STS_003", "STS_005")}
@@ -344,20 +343,9 @@ def per_case_feature_array(cases):
 
 @pytest.mark.parametrize("func, words", [(per_case_feature_list, "list"), (per_case_feature_array, "array")])
 def test_custom_code_returning_per_case_features_is_refused(fleet: dict[str, LiveSite], func, words: str) -> None:
-    from datasite_setup import review
-
     site = fleet["hospital-c"]
-    ds = site.ds_client()
-    asset = asset_of(ds, "ibsi")
-    code = sy.syft_function(
-        input_policy=sy.MixedInputPolicy(cases=asset, client=ds), output_policy=OutputPolicyExecuteCount(limit=1)
-    )(func)
-    ds.code.request_code_execution(code)
-    admin = site.admin_client()
-    pending = review.list_requests(site.config, admin, status="pending")
-    review.approve(site.config, admin, next(r.id for r in pending if r.function == func.__name__))
     with pytest.raises(Exception, match="output contract") as refused:
-        getattr(ds.code, func.__name__)(cases=asset)
+        approve_and_run(site, func, "ibsi")
     assert words in str(refused.value)
     log = [json.loads(line) for line in (site.config.data_dir / "audit.log").read_text().splitlines()]
     assert any(e["action"] == "refused-result" and e["what"] == "custom code" for e in log)

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from analyses.site_tasks.radiomics_aggregates import (  # same contract: aggregates, 1-D arrays of <= MAX_BINS
-    MAX_BINS, contract, extract, feature_extractor, harmonization_problems, settings_problems, standardized,
+    HARMONIZATION_PARAM, MAX_BINS, SETTINGS_PARAM, contract, extract, feature_extractor, standardized,
 )
 from analyses.site_tasks.task import Param, SiteFacts, SiteTask
 
@@ -146,15 +146,14 @@ TASK = SiteTask(
     summary="distributed ComBat on radiomics features: design moments, residual sums, or harmonized "
     "per-feature n/mean/variance (aggregates only)",
     params={
-        "settings": Param(dict, "pyradiomics parameter set (imageType, featureClass, setting)", check=settings_problems),
+        "settings": SETTINGS_PARAM,
         "features": Param(list, f"names of the features to harmonize (at most {MAX_FEATURES})", check=features_problems),
         "stage": Param(str, "moments, residuals or harmonized", check=stage_problems),
         "fit": Param(dict, "residuals: this site's intercept and beta; harmonized: the ComBat model with this "
                      "site's effects", required=False),
         "covariates": Param(dict, "design covariates from the case metadata (PatientSex levels, PatientAge)",
                             required=False, check=covariates_problems),
-        "harmonization": Param(dict, "{'nyul': standard scale} applied to each image first", required=False,
-                               check=harmonization_problems),
+        "harmonization": HARMONIZATION_PARAM,
     },
     run=run,
     contract=contract,

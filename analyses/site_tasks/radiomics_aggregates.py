@@ -96,6 +96,12 @@ def dp_problems(dp: dict[str, Any]) -> str | None:
     return problems(dp)
 
 
+# The two parameters every task that extracts features declares (combat_statistics too).
+SETTINGS_PARAM = Param(dict, "pyradiomics parameter set (imageType, featureClass, setting)", check=settings_problems)
+HARMONIZATION_PARAM = Param(dict, "{'nyul': standard scale} applied to each image first", required=False,
+                            check=harmonization_problems)
+
+
 # ---- per case --------------------------------------------------------------------------------------
 
 
@@ -220,13 +226,12 @@ TASK = SiteTask(
     summary="pyradiomics features of the lesions: per-feature n/mean/variance/histogram, intensity histogram, "
     "acquisition counts (aggregates only)",
     params={
-        "settings": Param(dict, "pyradiomics parameter set (imageType, featureClass, setting)", check=settings_problems),
+        "settings": SETTINGS_PARAM,
         "intensity_edges": Param(list, "bin edges of the masked-voxel intensity histogram", required=False,
                                  check=edges_problems),
         "feature_edges": Param(dict, "feature name -> bin edges of its per-case histogram", required=False,
                                check=feature_edges_problems),
-        "harmonization": Param(dict, "{'nyul': standard scale} applied to each image first", required=False,
-                               check=harmonization_problems),
+        "harmonization": HARMONIZATION_PARAM,
         "dp": Param(dict, "differential privacy: epsilon, mechanism, delta, bounds per feature", required=False,
                     check=dp_problems),
     },
