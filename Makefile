@@ -28,7 +28,7 @@ test-e2e: install browser
 	$(BIN)/python -m pytest -q -ra -m e2e
 
 demo: install
-	$(BIN)/python -m analyses.demo
+	$(BIN)/python -m demo
 
 # Headless Chromium renders the demo's HTML report in the tests (Debian's package; needs root).
 browser:

@@ -89,7 +89,7 @@ def harmonize_and_report(
 ) -> dict[str, Any]:
     """ComBat on the features of a raw radiomics run; the heterogeneity report after it, in `out_dir`."""
     from analyses.heterogeneity import heterogeneity_report, write_heatmap_png, write_table_csv
-    from analyses.site_tasks.combat_statistics import MAX_FEATURES
+    from datasite_setup.site_tasks.combat_statistics import MAX_FEATURES
 
     features = common_features(raw_aggregates, MAX_FEATURES)
     if not features:

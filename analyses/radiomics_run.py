@@ -6,7 +6,7 @@
 
 The settings are the content of a pyradiomics parameter file; they travel with each run, while the
 site's admin approves the task once per label. Only aggregates come back (see
-`analyses.site_tasks.radiomics_aggregates`); each site decides on its own what of them it releases.
+`datasite_setup.site_tasks.radiomics_aggregates`); each site decides on its own what of them it releases.
 
 `out_dir` receives:
     aggregates.json        {site: the site's result}: n, features {name: {n, mean, var, hist?}}, ...
@@ -90,7 +90,7 @@ def run_everywhere(federation: Federation, task: str, label: str, params: dict[s
 
 def run_on(federation: Federation, task: str, label: str, params_by_site: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """`run_everywhere` with each site's own parameters (every site of the federation must have some)."""
-    from analyses.site_requests import request_status, run_site_task
+    from analyses.site_requests import request_status, call_site_task
 
     missing = [entry.name for entry in federation.datasites if entry.name not in params_by_site]
     if missing:
@@ -105,7 +105,7 @@ def run_on(federation: Federation, task: str, label: str, params_by_site: dict[s
 
     def run(entry: DatasiteEntry, client: Any, asset: Any) -> Any:
         try:
-            return run_site_task(client, asset, task, label, params_by_site[entry.name])
+            return call_site_task(client, asset, task, label, params_by_site[entry.name])
         except RuntimeError as exc:
             raise SiteFailed(f"datasite '{entry.name}': {exc}") from None
 

@@ -20,8 +20,6 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-METHOD_ORDER = ("fedavg", "fedprox", "fedbn", "local", "centralized (simulation)")
-
 
 @dataclass(frozen=True)
 class ReportInputs:
@@ -156,7 +154,7 @@ def _heterogeneity_section(inputs: ReportInputs, out_dir: Path, summary: dict[st
 def _training_section(inputs: ReportInputs, out_dir: Path, summary: dict[str, Any]) -> str:
     comparison = _read_json(inputs.training / "comparison.json")
     metric, final = comparison["metric"], comparison["final"]
-    methods = sorted(final, key=lambda m: (METHOD_ORDER.index(m) if m in METHOD_ORDER else len(METHOD_ORDER), m))
+    methods = list(final)
     columns = sorted({s for values in final.values() for s in values}, key=lambda s: (s == "pooled", s))
     summary["training"] = {"metric": metric, "final": final}
     histories = {}

@@ -13,7 +13,7 @@ import re
 from typing import Any
 
 _TEMPLATE = '''def {name}(cases, params):
-    return run_site_task("{task}", cases, params)
+    return site_task("{task}", cases, params)
 '''
 
 
@@ -52,7 +52,7 @@ def request_site_task(client: Any, asset: Any, task: str, label: str, max_runs: 
     return request
 
 
-def run_site_task(client: Any, asset: Any, task: str, label: str, params: dict[str, Any]) -> Any:
+def call_site_task(client: Any, asset: Any, task: str, label: str, params: dict[str, Any]) -> Any:
     """Run an approved thin request and return its result (raises with the site's reason)."""
     import syft as sy
 

@@ -27,6 +27,7 @@ REGISTRY: dict[str, str] = {
     "federated_round_overhead": "benchmarks.federated_round_overhead",
     "federated_quality": "benchmarks.federated_quality",
     "radiomics_throughput": "benchmarks.radiomics_throughput",
+    "privacy_overhead": "benchmarks.privacy_overhead",
 }
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"

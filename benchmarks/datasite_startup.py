@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -29,6 +28,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from datasite_setup.loopback_site import free_port, write_site_config
+
 REPO = Path(__file__).resolve().parents[1]
 CACHE = Path(__file__).resolve().parent / ".cache"
 API_METADATA = "/api/v2/metadata"
@@ -37,38 +38,6 @@ UP_TIMEOUT_S = 300
 
 
 # --- live datasites, shared with the ingestion benchmark -------------------------------------------
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def write_site_config(folder: Path, name: str, port: int) -> Path:
-    """A site config like the tests' (`tests/conftest.py`); passwords are generated into data_dir."""
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"{name}.toml"
-    path.write_text(
-        f"""
-[site]
-name = "{name}"
-host = "127.0.0.1"
-port = {port}
-data_dir = "{name}-data"
-
-[admin]
-email = "admin@{name}.example"
-
-[[data_scientists]]
-email = "ds@uni.example"
-name = "A. Researcher"
-
-[privacy]
-min_cohort = 2
-"""
-    )
-    return path
-
 
 def run_setup(command: str, config_path: Path, *args: str, timeout: float = 1800) -> tuple[subprocess.CompletedProcess, float]:
     """Run `datasite-setup COMMAND SITE.toml ARGS...` as a person would; return it and its wall time."""

@@ -68,7 +68,7 @@ def run(quick: bool) -> dict[str, Any]:
     from analyses.federation.centralized import SIMULATION_LABEL, train_centralized
     from analyses.federation.orchestrator import Orchestrator, TrainingPlan
     from analyses.federation.simulated_site import SimulatedSite
-    from analyses.model_weights import exchanged_weights
+    from datasite_setup.model_weights import exchanged_weights
     from domains import get_domain
 
     size = QUICK if quick else FULL
@@ -85,7 +85,7 @@ def run(quick: bool) -> dict[str, Any]:
         peak_rss: dict[str, float] = {}
         seconds: dict[str, float] = {}
         for strategy in (*FEDERATED, "local"):
-            plan = TrainingPlan(strategy=strategy, mu=0.01 if strategy == "fedprox" else 0.0, **common)
+            plan = TrainingPlan(strategy=strategy, strategy_options={"mu": 0.01} if strategy == "fedprox" else {}, **common)
             started = time.perf_counter()
             report = Orchestrator(plan, links, work / "runs" / strategy, progress=True).run()
             seconds[strategy] = round(time.perf_counter() - started, 1)

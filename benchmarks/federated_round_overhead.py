@@ -3,9 +3,9 @@ run directly in one process.
 
 Setup: one datasite (the real CLI) holding a phantom export of hospital-a; the data scientist's
 `local_train`/`evaluate` requests are sent and approved as in production. The number of local
-epochs is calibrated so the in-process run takes at least `MIN_COMPUTE_S` seconds (the issue's
+epochs is calibrated so the in-process run takes at least `MIN_COMPUTE_S` seconds (the target's
 "round of >= 5 s compute per site"). Then, interleaved: `repeats` times the same `local_train`
-call in this process (`analyses.site_tasks.local_train.run`, same cases as ingested at the site,
+call in this process (`datasite_setup.site_tasks.local_train.run`, same cases as ingested at the site,
 same parameters and seed) and `repeats` orchestrator rounds (train phase: weights sent over HTTP,
 isolated child at the site, contract check, weights back, update check, aggregation).
 
@@ -31,8 +31,8 @@ DS_EMAIL = "ds@uni.example"
 
 
 def _in_process(cases: list[dict[str, Any]], params: dict[str, Any]) -> float:
-    from analyses.site_tasks import local_train
-    from analyses.site_tasks.task import SiteFacts
+    from datasite_setup.site_tasks import local_train
+    from datasite_setup.site_tasks.task import SiteFacts
 
     started = time.perf_counter()
     local_train.run(cases, params, SiteFacts(min_cohort=1))
@@ -46,7 +46,7 @@ def run(quick: bool) -> dict[str, Any]:
     from analyses.federation.orchestrator import Orchestrator, TrainingPlan
     from analyses.federation.site_link import DatasiteLink
     from analyses.federation_file import load_federation
-    from analyses.model_weights import exchanged_weights
+    from datasite_setup.model_weights import exchanged_weights
     from datasite_setup import review
     from datasite_setup.connection import admin_client
     from datasite_setup.credentials import data_scientist_password

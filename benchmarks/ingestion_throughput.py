@@ -137,9 +137,11 @@ def _rounded(values: list[float]) -> list[float]:
 
 
 def mock_generation_time(site_dir: Path) -> float:
-    """How long the CLI spends making the mock asset (`upload.mock_cases`) for this site."""
+    """How long the CLI spends making the mock asset (the domain's `mock_cases`) for this site."""
     from datasite_setup.ingest import read_cases
-    from datasite_setup.upload import mock_cases
+    from domains import get_domain
+
+    mock_cases = get_domain("brain_mr_segmentation").mock_cases
 
     cases = read_cases(site_dir, None, SECRET, progress=False).cases
     started = time.perf_counter()

@@ -3,7 +3,7 @@
 Every approved function at a site runs through `datasite_setup.isolation.run_isolated`: inputs
 pickled to a fresh interpreter, which preloads libraries, confines itself (Landlock, seccomp,
 audit hook), runs the code and sends the result back in the `result_codec` format. The workload is
-the site task `local_train` (brain MR domain, `analyses.site_tasks.run_site_task`, Adam, phantom
+the site task `local_train` (brain MR domain, `datasite_setup.site_tasks.run_installed_task`, Adam, phantom
 cases at a 64 x 64 matrix), with the U-Net widened (`base_channels`) until its exchanged float32
 weights weigh ~30 MB, as a model state shipped each round would. The function receives those
 weights plus the cases and returns new weights of the same names and shapes.
@@ -54,7 +54,7 @@ QUICK = {"base_channels": 16, "n_cases": 5, "n_slices": 4, "matrix": 64, "batch_
          "torch_threads": 1, "repetitions": 1, "pause_s": 0.5}
 
 # The server's `_TASK_HARNESS` (site_execution.py) with two settings around it: a wider U-Net, so
-# that the weights weigh what the issue asks about, and a fixed torch thread count. Both are
+# that the weights weigh ~30 MB (the target is stated for that size), and a fixed torch thread count. Both are
 # restored afterwards, since in-process the domain object and torch are the server's own.
 TASK_SOURCE = '''
 def train_wide(cases, params, min_cohort, base_channels, torch_threads):
@@ -62,7 +62,7 @@ def train_wide(cases, params, min_cohort, base_channels, torch_threads):
 
     started = time.perf_counter()
     import torch
-    from analyses.site_tasks import run_site_task
+    from datasite_setup.site_tasks import run_installed_task
     from domains import get_domain
 
     domain = get_domain(params["domain"])
@@ -70,7 +70,7 @@ def train_wide(cases, params, min_cohort, base_channels, torch_threads):
     domain.base_channels = base_channels
     torch.set_num_threads(torch_threads)
     try:
-        result = run_site_task("local_train", cases, params, min_cohort)
+        result = run_installed_task("local_train", cases, params, min_cohort)
     finally:
         domain.base_channels = saved_channels
         torch.set_num_threads(saved_threads)
@@ -90,7 +90,7 @@ t = time.perf_counter(); import numpy; lap("numpy", t)
 t = time.perf_counter(); import torch; lap("torch", t)
 t = time.perf_counter(); import radiomics; lap("radiomics", t)
 t = time.perf_counter(); import pydicom; lap("pydicom", t)
-t = time.perf_counter(); import analyses.site_tasks; lap("analyses.site_tasks", t)
+t = time.perf_counter(); import datasite_setup.site_tasks; lap("datasite_setup.site_tasks", t)
 t = time.perf_counter(); import domains.brain_mr_segmentation; lap("domains.brain_mr_segmentation", t)
 model = torch.nn.Linear(2, 2)
 t = time.perf_counter(); torch.optim.Adam(model.parameters()); lap("first torch optimiser (imports torch._dynamo)", t)
@@ -111,7 +111,7 @@ def _global_weights(base_channels: int) -> dict[str, np.ndarray]:
     """Initial weights of the widened U-Net, as the orchestrator would send them."""
     import torch
 
-    from analyses.model_weights import exchanged_weights
+    from datasite_setup.model_weights import exchanged_weights
     from domains import get_domain
 
     domain = get_domain(DOMAIN_NAME)
@@ -132,7 +132,7 @@ def _timed(call: Callable[[], Any]) -> tuple[float, Any]:
 
 def _import_profile() -> dict[str, float]:
     """Seconds per import in a fresh interpreter with the child's working directory and path."""
-    from datasite_setup.sandbox_child import PROJECT_ROOT
+    from datasite_setup.sandbox.grants import PROJECT_ROOT
 
     proc = subprocess.run([sys.executable, "-B", "-c", IMPORT_PROFILE_SCRIPT], capture_output=True, text=True,
                           cwd=PROJECT_ROOT, timeout=300, check=True)
@@ -237,7 +237,7 @@ def run(quick: bool) -> dict[str, Any]:
     return {
         "parameters": {
             **params,
-            "task": "local_train via analyses.site_tasks.run_site_task, adam, lr 1e-3, seed 7",
+            "task": "local_train via datasite_setup.site_tasks.run_installed_task, adam, lr 1e-3, seed 7",
             "domain": DOMAIN_NAME,
             "weights_mb": round(weights_mb, 2),
             "weight_arrays": len(weights),

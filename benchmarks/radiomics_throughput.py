@@ -4,7 +4,7 @@ Phantom cases (hospital-a scanner profile, every case with a lesion) at 2, 8 and
 ingested into one live datasite, one dataset per size. With the example parameter file
 `analyses/radiomics_params/mr_default.yaml` (shape, first order, GLCM; 1 mm in-plane resampling):
 
-(a) remote: the data scientist's `run_site_task` call of an approved `radiomics_aggregates`
+(a) remote: the data scientist's `call_site_task` call of an approved `radiomics_aggregates`
     request, timed around the call: HTTP, the isolated child (interpreter start, preloaded imports,
     passing the cases), pyradiomics on every case, aggregation, the output contract, disclosure
     control and the result's way back;
@@ -58,8 +58,8 @@ def _median(values: list[float]) -> float:
 
 def run(quick: bool) -> dict[str, Any]:
     from analyses.commands.radiomics import read_params
-    from analyses.site_requests import request_site_task, run_site_task
-    from analyses.site_tasks.radiomics_aggregates import extract, feature_extractor
+    from analyses.site_requests import request_site_task, call_site_task
+    from datasite_setup.site_tasks.radiomics_aggregates import extract, feature_extractor
     from datasite_setup import review
     from datasite_setup.connection import admin_client, login
     from datasite_setup.credentials import data_scientist_password
@@ -92,7 +92,7 @@ def run(quick: bool) -> dict[str, Any]:
                 def time_remote() -> None:
                     time.sleep(plan["pause_s"])  # a site between requests: its warm spare child is ready
                     started = time.perf_counter()
-                    result = run_site_task(ds, asset, "radiomics_aggregates", f"bench{n}", {"settings": settings})
+                    result = call_site_task(ds, asset, "radiomics_aggregates", f"bench{n}", {"settings": settings})
                     remote.append(time.perf_counter() - started)
                     assert result["n"] == n, result.get("n")
 
@@ -132,7 +132,7 @@ def run(quick: bool) -> dict[str, Any]:
             "pause_before_remote_s": plan["pause_s"],
             "phantom": {"profile": "hospital-a", "shape_zyx": [24, 64, 64], "tumour_prevalence": 1.0},
             "settings": str(PARAMS.relative_to(PARAMS.parents[2])),
-            "remote": "wall time of the data scientist's run_site_task call (one live datasite, isolated child)",
+            "remote": "wall time of the data scientist's call_site_task call (one live datasite, isolated child)",
             "direct": "one pyradiomics extractor over the same cases in the benchmark process, sequentially",
         },
         "raw": rows,

@@ -4,10 +4,17 @@
     datasite-admin --site SITE.toml show ID [--json]
     datasite-admin --site SITE.toml approve ID [--max-runs N] [--json]
     datasite-admin --site SITE.toml deny ID --reason TEXT [--json]
-    datasite-admin --site SITE.toml audit-log [--json]
+    datasite-admin --site SITE.toml audit-log [--reference REF] [--json]
     datasite-admin --site SITE.toml tasks [--json]
 
-Exit codes: 0 done; 1 an error; 2 bad usage; 4 `show` found high-severity audit findings.
+`show` lists the request's runs with the real reason for each refusal (the data scientist only
+sees a uniform message with a reference; `audit-log --reference REF` finds that entry) and, for
+custom code, how many values and bits one run can carry out.
+
+Every command takes --json (before or after the command): the result as JSON on stdout, and an
+error as `{"error": ..., "command": ...}` on stderr.
+Exit codes: 0 done; 1 an error (nothing changed); 2 bad usage; 4 `show` found high-severity
+audit findings.
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ from datasite_setup.site_config import SiteConfigError, load_site_config
 EXIT_OK = 0
 EXIT_ERROR = 1
 EXIT_FINDINGS = 4
+_CONTROL = {c: "?" for c in [*range(32), 127] if c != 10}  # run reports are the code's text: no terminal escapes
 
 
 def _print_summary_table(rows: list[dict]) -> None:
@@ -60,12 +68,33 @@ def _print_detail(detail: dict) -> None:
                 console.print(f"  parameter {key}: {doc}")
             console.print(Syntax(task["source"], "python", line_numbers=True))
         return
-    console.print("[yellow]custom code: runs only where the site allows it, isolated, returning named scalars only[/yellow]")
+    output = detail["output"]
+    console.print("[yellow]custom code: runs only where the site allows it, isolated, returning named floats only[/yellow]")
+    names = ", ".join(output["names"]) or "none"
+    unnamed = "" if output["names_readable"] else " (and values without a literal name: never released)"
+    console.print(f"  returns {names}{unnamed}", markup=False, soft_wrap=True)
+    total = "no limit on runs" if output["bits_total"] is None else f"{output['bits_total']} bits over {output['runs_allowed']} runs"
+    console.print(f"  one run can carry at most {output['values_per_run']} float values: {output['bits_per_run']} bits "
+                  f"(64 per value, 1 for whether it ran); {total}", soft_wrap=True)
     if not detail["findings"]:
         console.print("[green]static audit: no findings[/green]")
     for finding in detail["findings"]:
         colour = "red" if finding["severity"] == "high" else "yellow"
         console.print(f"[{colour}]line {finding['line']}: {finding['severity']}: {finding['message']}[/{colour}]")
+
+
+def _print_runs(runs: list[dict]) -> None:
+    """One line per run (unwrapped, for grep), then the last lines of a failed run's report."""
+    print("runs:" if runs else "runs: none yet")
+    for run in runs:
+        line = f"  {run['time']} {run['action']}"
+        if "reference" in run:
+            line += f" (reference {run['reference']})"
+        if "why" in run:
+            line += f": {run['why']}"
+        print(line.translate(_CONTROL))
+        for report_line in run.get("report", "").translate(_CONTROL).splitlines()[-12:]:
+            print(f"      {report_line}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -83,7 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
     cmd = sub.add_parser("deny", help="deny a request, with a reason")
     cmd.add_argument("id")
     cmd.add_argument("--reason", required=True)
-    sub.add_parser("audit-log", help="every decision taken at this site")
+    cmd = sub.add_parser("audit-log", help="every decision and run outcome at this site")
+    cmd.add_argument("--reference", help="only the entry a refusal message quoted")
     sub.add_parser("tasks", help="the site tasks installed here, which are enabled, and their source hashes")
     for action in sub.choices.values():
         action.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="machine-readable output")
@@ -97,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = load_site_config(args.site)
         if args.command == "audit-log":
-            entries = review.read_audit_log(config)
+            entries = review.read_audit_log(config, reference=args.reference)
             print(json.dumps(entries, indent=2) if args.json else "\n".join(json.dumps(e) for e in entries))
             return EXIT_OK
         if args.command == "tasks":
@@ -117,7 +147,11 @@ def main(argv: list[str] | None = None) -> int:
             return EXIT_OK
         if args.command == "show":
             detail = review.show_request(config, admin, args.id).to_dict()
-            print(json.dumps(detail, indent=2)) if args.json else _print_detail(detail)
+            if args.json:
+                print(json.dumps(detail, indent=2))
+            else:
+                _print_detail(detail)
+                _print_runs(detail["runs"])
             return EXIT_FINDINGS if any(f["severity"] == "high" for f in detail["findings"]) else EXIT_OK
         if args.command == "approve":
             summary = review.approve(config, admin, args.id, max_runs=args.max_runs)
@@ -129,7 +163,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{summary.id[:8]} {summary.function} by {summary.requested_by}: {summary.status}")
         return EXIT_OK
     except (SiteConfigError, RuntimeError, ValueError, OSError) as exc:
-        print(f"datasite-admin {args.command}: {exc}", file=sys.stderr)
+        if args.json:
+            print(json.dumps({"error": str(exc), "command": args.command}), file=sys.stderr)
+        else:
+            print(f"datasite-admin {args.command}: {exc}", file=sys.stderr)
         return EXIT_ERROR
 
 

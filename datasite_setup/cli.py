@@ -77,21 +77,27 @@ def _cmd_ingest(config: SiteConfig, args: argparse.Namespace) -> int:
         masks_dir=Path(args.masks) if args.masks else None,
         roi=args.roi,
         dataset_name=args.dataset,
+        domain=args.domain,
     )
     if args.report:
         Path(args.report).write_text(json.dumps(report, indent=2, sort_keys=True))
     if args.json:
         _print_json(report)
     else:
-        print(f"{config.name}: {len(report['accepted'])} case(s) accepted, {len(report['rejected'])} rejected")
+        counts = report["summary"]
+        print(f"{config.name}: {counts['files']} file(s) read: {counts['accepted']} accepted into {counts['cases']} "
+              f"case(s), {counts['rejected']} rejected, {counts['ignored']} ignored")
         for item in report["rejected"]:
-            print(f"  rejected {item['path']}: {item['reason']}")
+            files = f" ({len(item['files'])} files)" if len(item["files"]) > 1 else ""
+            print(f"  rejected {item['path']}{files}: {item['reason']}")
         if report.get("dataset"):
             print(f"  dataset '{report['dataset']}' uploaded with a private and a mock asset")
     return EXIT_REJECTED if report["rejected"] else EXIT_OK
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from datasite_setup.upload import DEFAULT_DOMAIN
+
     parser = argparse.ArgumentParser(prog="datasite-setup", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -113,6 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
     cmd.add_argument("--roi", help="RTSTRUCT ROI name to use when a structure set has several")
     cmd.add_argument("--dataset", default=None, help="dataset name (default: <site>-cases)")
     cmd.add_argument("--report", help="write the accepted/rejected report as JSON to this file")
+    cmd.add_argument("--domain", default=DEFAULT_DOMAIN,
+                     help=f"the learning task the cases serve; it makes the mock cases (default {DEFAULT_DOMAIN})")
     return parser
 
 

@@ -2,19 +2,25 @@
 
 It cannot prove code safe (the site's isolation and output checks do the enforcing); it flags the
 patterns a reviewer should never miss: imports outside an allow-list, file, network and process
-access, dynamic execution, reflection that reaches into the server, and returning whole images.
+access, dynamic execution, reflection that reaches into the server, returning whole images, and,
+following each returned value back to the private inputs (`return_flow`), values that leave
+without an aggregation, through an encoding, or under a name the site cannot read.
 """
 
 from __future__ import annotations
 
 import ast
+from collections.abc import Collection
 from dataclasses import asdict, dataclass
+
+from datasite_setup.output_contracts import MAX_NAME_LENGTH, is_scalar_name
+from datasite_setup.return_flow import ReturnedValue, describe_steps, read_returns
 
 ALLOWED_IMPORTS = frozenset(
     {
         "math", "statistics", "collections", "itertools", "functools", "typing", "dataclasses",
         "numpy", "scipy", "torch", "radiomics", "SimpleITK", "skimage", "pandas",
-        "domains", "analyses",
+        "domains",
     }
 )
 
@@ -50,8 +56,6 @@ _DANGEROUS_MODULES = {
     "syft": "the server's own objects",
 }
 
-_IMAGE_SIZED_ATTRS = {"image", "mask", "pixel_array", "images", "masks"}
-
 
 @dataclass(frozen=True)
 class Finding:
@@ -67,17 +71,39 @@ def _root_module(name: str) -> str:
     return name.split(".")[0]
 
 
-def _returns_image_data(node: ast.Return) -> bool:
-    for sub in ast.walk(node) if node.value is not None else ():
-        if isinstance(sub, ast.Subscript) and isinstance(sub.slice, ast.Constant) and sub.slice.value in _IMAGE_SIZED_ATTRS:
-            return True
-        if isinstance(sub, ast.Attribute) and sub.attr in _IMAGE_SIZED_ATTRS:
-            return True
-    return False
+def _returned_value_findings(value: ReturnedValue) -> list[Finding]:
+    line, flow = value.line, value.flow
+    findings = []
+    if not value.in_dict_literal:
+        what = "a value"
+        findings.append(Finding(line, "high", "returns something other than a dict literal: the site releases only "
+                                "values under literal names it can read here (return {\"name\": value, ...})"))
+    elif value.name is None:
+        what = "an entry with a computed name"
+        findings.append(Finding(line, "high", "returns an entry whose name is not a string literal: the site "
+                                "releases only the literal names it can read here"))
+    else:
+        what = f"{value.name[:40]!r}"
+        if not is_scalar_name(value.name):
+            findings.append(Finding(line, "high", f"returns {what}: a name must be an identifier of at most "
+                                    f"{MAX_NAME_LENGTH} characters (letters, digits, _ . -)"))
+    if flow.raw:
+        steps = describe_steps(flow.selections | flow.encodings)
+        findings.append(Finding(line, "high", f"returns {what} derived from the private input without an aggregation: "
+                                "image or mask data or per-case values (only statistics may leave)"
+                                + (f"; through {steps}" if steps else "")))
+    elif flow.encodings:
+        findings.append(Finding(line, "high", f"returns {what} built from the private input through "
+                                f"{describe_steps(flow.encodings)}: an encoding of the data, not a statistic"))
+    elif flow.selections:
+        findings.append(Finding(line, "warn", f"returns {what} computed from a selection of the private input "
+                                f"({describe_steps(flow.selections)}): a statistic of one case or region"))
+    return findings
 
 
-def audit_source(source: str) -> list[Finding]:
-    """Findings for the submitted source, in line order; a syntax error is itself a finding."""
+def audit_source(source: str, private_inputs: Collection[str] | None = None) -> list[Finding]:
+    """Findings for the submitted source, in line order; a syntax error is itself a finding.
+    `private_inputs` names the arguments that receive private data (default: every argument)."""
     try:
         tree = ast.parse(source)
     except SyntaxError as exc:
@@ -96,6 +122,10 @@ def audit_source(source: str) -> list[Finding]:
             findings.append(Finding(node.lineno, "high", f"calls {node.func.id}(): {_DANGEROUS_CALLS[node.func.id]}"))
         elif isinstance(node, ast.Attribute) and node.attr.startswith("__") and node.attr.endswith("__"):
             findings.append(Finding(node.lineno, "high", f"uses dunder attribute {node.attr}: reflection into objects"))
-        elif isinstance(node, ast.Return) and _returns_image_data(node):
-            findings.append(Finding(node.lineno, "high", "returns image or mask data (only weights/aggregates may leave)"))
-    return sorted(findings, key=lambda f: (f.line, f.message))
+    reading = read_returns(source, private_inputs)
+    if reading is None:
+        findings.append(Finding(1, "high", "holds no function to read: the site cannot tell what it returns"))
+    else:
+        for value in reading.values:
+            findings.extend(_returned_value_findings(value))
+    return sorted(set(findings), key=lambda f: (f.line, f.message))

@@ -75,6 +75,12 @@ def case_id(ds: Dataset, secret: bytes) -> str:
     return "case-" + _digest(secret, "case", *parts).hex()[:10]
 
 
+def patient_pseudonym(ds: Dataset, secret: bytes) -> str:
+    """A stable pseudonym of the patient: keeps one patient's series together (same split, one
+    multi-image case) without the PatientID itself."""
+    return "patient-" + _digest(secret, "patient", str(ds.get("PatientID") or "").strip()).hex()[:12]
+
+
 def pseudonymous_uids(ds: Dataset, secret: bytes) -> dict[str, str]:
     """Study, series and frame-of-reference pseudonyms, so analyses can group without the originals."""
     keys = {"StudyInstanceUID": "study_uid", "SeriesInstanceUID": "series_uid",

@@ -14,9 +14,16 @@ position along the normal, so the slice axis always points along row x column.
 
 Decisions:
 - A single-slice series is rejected: it has no slice spacing, and the analyses need a volume.
-- A file that is not readable DICOM is rejected, and so is every image series in the same folder:
-  it may be one of their slices, and a series missing its first or last slice looks complete.
-  Keep notes and other exports out of the series folders.
+- Every input file ends up in exactly one place: an accepted series, the RTSTRUCT or SEG list, a
+  rejection or the ignored list. A series-level rejection lists every file of the series.
+- A file that is not readable DICOM is rejected on its own. It rejects a series only when it can
+  be shown to belong to it: its damaged header still names the series' SeriesInstanceUID. A
+  series beside it is read as usual: a lost slice inside the stack shows as a gap (whose reason
+  names the unreadable file as the likely missing slice), but a lost first or last slice cannot
+  be seen, so the unreadable file's own reason asks to copy it again if it was a slice.
+- Files without the 128-byte preamble and 'DICM' marker (written by older software) are read as
+  pydicom reads them with `force=True`, and used only if the result is a DICOM data set (a valid
+  SOP Class UID, or the tags an image slice needs); anything else is "not a DICOM file".
 - Multi-frame (enhanced) images, colour images and tilted-gantry (sheared) stacks are rejected as
   not supported rather than guessed at.
 - RTSTRUCT and SEG objects are listed for pairing; other non-image objects (SR, RT Dose,
@@ -26,6 +33,7 @@ Decisions:
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,10 +42,11 @@ from typing import TypeVar
 import numpy as np
 import pydicom
 from pydicom.dataelem import RawDataElement
-from pydicom.dataset import Dataset
+from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.errors import InvalidDicomError
+from pydicom.filereader import read_partial
 from pydicom.multival import MultiValue
-from pydicom.uid import UID
+from pydicom.uid import UID, ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from tqdm import tqdm
 
 RTSTRUCT_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.481.3"
@@ -52,6 +61,7 @@ _REQUIRED_TAGS = {
     "Columns": "(0028,0011)",
 }
 _DECIMAL_TAGS = ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing")
+_SERIES_UID_TAG = 0x0020000E
 _DEFER_BYTES = 4096  # headers are read first; pixel data only once a series is known to be sound
 _PROGRESS_MIN_FILES = 200
 _SAME_POSITION_MM = 0.01
@@ -59,16 +69,24 @@ _MISSING_SLICE_FACTOR = 1.5
 _SPACING_TOLERANCE = 0.01  # relative to the median slice spacing
 _GRID_TOLERANCE = 1e-4  # PixelSpacing (mm) and orientation cosines across the files of a series
 _TILT_TOLERANCE = 0.1  # in-plane offset between slices, in pixels
+_NAMES_NO_SERIES = ("it names no series, so no series was rejected for it; if it is a slice of a series beside it, "
+                    "that series may lack its first or last slice: copy the file again from the PACS")
 
 T = TypeVar("T")
 
 
 @dataclass(frozen=True)
 class Rejection:
-    """A file or series left out, and why (`path` is the file at fault, else the series folder)."""
+    """A file or series left out, and why.
+
+    `path` is the file at fault (else the series folder); `files` is every input file the entry
+    accounts for, so that an operator can look up any file of a rejected series, not only the
+    one that caused it.
+    """
 
     path: str
     reason: str
+    files: tuple[str, ...]
 
 
 @dataclass(frozen=True)
@@ -137,6 +155,9 @@ class DicomSeries:
 
 @dataclass
 class ScanResult:
+    """Where every input file went: each of `files` is in exactly one series, list or entry's `files`."""
+
+    files: list[Path] = field(default_factory=list)
     series: list[DicomSeries] = field(default_factory=list)
     rtstructs: list[Path] = field(default_factory=list)
     segs: list[Path] = field(default_factory=list)
@@ -149,6 +170,23 @@ class _SeriesError(Exception):
         super().__init__(reason)
         self.path = path
         self.reason = reason
+
+
+@dataclass(frozen=True)
+class _Header:
+    """A readable file: its header (pixel data deferred), what it is, and the series of an image."""
+
+    dataset: Dataset
+    kind: str
+    series_uid: str | None
+
+
+@dataclass(frozen=True)
+class _Unreadable:
+    """A file that gave no usable data set; `series_uid` if its damaged header still names a series."""
+
+    reason: str
+    series_uid: str | None = None
 
 
 @dataclass
@@ -168,37 +206,47 @@ def scan_folder(root: Path, progress: bool = True) -> ScanResult:
     if not root.is_dir():
         raise NotADirectoryError(f"{root}: not a folder; pass the folder that holds the DICOM files")
     paths = _files_under(root)
-    result = ScanResult()
+    result = ScanResult(files=paths)
     by_series: dict[str, list[tuple[Path, Dataset]]] = {}
-    unreadable: dict[Path, Path] = {}
+    damaged: dict[str, list[tuple[Path, str]]] = {}
+    unassigned: dict[Path, list[Path]] = {}
     for path in _progress(paths, len(paths), "reading DICOM headers", progress):
-        ds = _read_header(path, result, unreadable)
-        if ds is None:
+        read = _read_header(path)
+        if isinstance(read, _Unreadable):
+            if read.series_uid:
+                damaged.setdefault(read.series_uid, []).append((path, read.reason))
+            else:
+                result.rejected.append(Rejection(str(path), read.reason, (str(path),)))
+                unassigned.setdefault(path.parent, []).append(path)
             continue
-        kind = _kind(ds)
-        if kind == "rtstruct":
+        if read.kind == "rtstruct":
             result.rtstructs.append(path)
-        elif kind == "seg":
+        elif read.kind == "seg":
             result.segs.append(path)
-        elif kind == "other":
-            result.ignored.append(Rejection(str(path), f"{_sop_name(ds)}: not an image, RTSTRUCT or SEG; ignored"))
-        elif not ds.get("SeriesInstanceUID"):
+        elif read.kind == "other":
+            reason = f"{_sop_name(read.dataset)}: not an image, RTSTRUCT or SEG; ignored"
+            result.ignored.append(Rejection(str(path), reason, (str(path),)))
+        elif read.series_uid is None:
             result.rejected.append(Rejection(str(path), (
-                f"{path.name}: missing required tag SeriesInstanceUID (0020,000E), so the slice "
-                "cannot be assigned to a series; re-export it from the PACS with its full header")))
-            unreadable.setdefault(path.parent, path)
+                f"{path.name}: missing required tag SeriesInstanceUID (0020,000E), so the slice cannot be "
+                f"assigned to a series; re-export it from the PACS with its full header ({_NAMES_NO_SERIES})"),
+                (str(path),)))
+            unassigned.setdefault(path.parent, []).append(path)
         else:
-            by_series.setdefault(str(ds.SeriesInstanceUID), []).append((path, ds))
+            by_series.setdefault(read.series_uid, []).append((path, read.dataset))
 
     n_image_files = sum(len(members) for members in by_series.values())
     bar = _progress_bar(n_image_files, "reading DICOM pixel data", progress)
     try:
-        for uid, members in by_series.items():
+        for uid in dict.fromkeys([*by_series, *damaged]):
+            members, broken = by_series.get(uid, []), damaged.get(uid, [])
+            files = [p for p, _ in members] + [p for p, _ in broken]
             try:
-                _refuse_beside_unreadable(members, unreadable)
-                result.series.append(_load_series(uid, members, bar))
+                if broken:
+                    raise _broken_member_error(uid, broken, files, has_readable=bool(members))
+                result.series.append(_load_series(uid, members, bar, unassigned))
             except _SeriesError as exc:
-                result.rejected.append(Rejection(str(exc.path), exc.reason))
+                result.rejected.append(Rejection(str(exc.path), exc.reason, tuple(str(p) for p in files)))
     finally:
         bar.close()
     return result
@@ -232,18 +280,92 @@ def _progress_bar(total: int, desc: str, enabled: bool) -> tqdm:
     return tqdm(total=total, desc=desc, unit="file", disable=True if quiet else None)
 
 
-def _read_header(path: Path, result: ScanResult, unreadable: dict[Path, Path]) -> Dataset | None:
+def read_dicom(path: Path, defer_size: int | None = None) -> Dataset:
+    """`pydicom.dcmread`, also for a file without the 128-byte preamble and 'DICM' marker.
+
+    Older software writes such files. They are read as pydicom reads them with `force=True`; that
+    read turns any bytes into some data set, so its result is used only if it is a DICOM one (a
+    valid SOP Class UID, or the tags an image slice needs), else InvalidDicomError is raised.
+    """
     try:
-        return pydicom.dcmread(path, defer_size=_DEFER_BYTES)
+        return pydicom.dcmread(path, defer_size=defer_size)
     except InvalidDicomError:
-        reason = (f"{path.name}: not a DICOM file (no 'DICM' marker after the 128-byte preamble); "
-                  "move it out of the DICOM folder, or re-export it as a DICOM Part 10 file")
+        forced = _read_forced(path, defer_size)
+        if forced is None:
+            raise
+        return forced
+
+
+def _read_header(path: Path) -> _Header | _Unreadable:
+    """The file's header (pixel data deferred) and what it is, or why it gives none."""
+    try:
+        ds = read_dicom(path, _DEFER_BYTES)
+    except InvalidDicomError:
+        return _Unreadable(
+            f"{path.name}: not a DICOM file (no 'DICM' marker after the 128-byte preamble, and no DICOM data "
+            "set at its start either); move it out of the DICOM folder, or re-export it as a DICOM Part 10 file")
     except Exception as exc:  # pydicom raises many types on damaged files; all mean the same here
-        reason = (f"{path.name}: unreadable DICOM file ({type(exc).__name__}: {exc}); the file is "
-                  "probably truncated or damaged: copy it again from the PACS")
-    result.rejected.append(Rejection(str(path), reason))
-    unreadable.setdefault(path.parent, path)
-    return None
+        return _damaged(path, exc)
+    try:
+        kind = _kind(ds)
+        uid = ds.get("SeriesInstanceUID") if kind == "image" else None
+    except Exception as exc:  # pydicom converts values on access; a malformed one raises its own type
+        return _damaged(path, exc)
+    return _Header(ds, kind, str(uid) if uid else None)
+
+
+def _read_forced(path: Path, defer_size: int | None) -> Dataset | None:
+    """The data set in a file without preamble, with the transfer syntax pydicom detected, if it is DICOM."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # pydicom warns on every odd "element" it finds in non-DICOM bytes
+            ds = pydicom.dcmread(path, defer_size=defer_size, force=True)
+            if not _is_dicom_dataset(ds):
+                return None
+    except Exception:  # not parseable even by force: not DICOM, which the caller says
+        return None
+    meta = getattr(ds, "file_meta", None) or FileMetaDataset()
+    if "TransferSyntaxUID" not in meta:
+        implicit, little = ds.original_encoding
+        meta.TransferSyntaxUID = (ImplicitVRLittleEndian if implicit
+                                  else ExplicitVRLittleEndian if little else ExplicitVRBigEndian)
+    ds.file_meta = meta
+    return ds
+
+
+def _is_dicom_dataset(ds: Dataset) -> bool:
+    sop = ds.get("SOPClassUID")
+    if sop and UID(str(sop)).is_valid:
+        return True
+    decimals = {name: decimal_values(ds, name) for name in _DECIMAL_TAGS}
+    return "PixelData" in ds and all(_has_value(ds, name, decimals) for name in _REQUIRED_TAGS)
+
+
+def _damaged(path: Path, exc: Exception) -> _Unreadable:
+    reason = (f"{path.name}: unreadable DICOM file ({type(exc).__name__}: {exc}); the file is probably truncated "
+              "or damaged: copy it again from the PACS")
+    uid = _partial_series_uid(path)
+    return _Unreadable(reason if uid else f"{reason} ({_NAMES_NO_SERIES})", uid)
+
+
+def _partial_series_uid(path: Path) -> str | None:
+    """SeriesInstanceUID (0020,000E) from the intact start of a damaged file, if the damage comes later."""
+    try:
+        with open(path, "rb") as fp, warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ds = read_partial(fp, stop_when=lambda tag, vr, length: tag > _SERIES_UID_TAG, force=True)
+            uid = ds.get("SeriesInstanceUID")
+            return str(uid) if uid and UID(str(uid)).is_valid else None
+    except Exception:  # damaged before the tag: the file names no series
+        return None
+
+
+def _broken_member_error(uid: str, broken: list[tuple[Path, str]], files: list[Path],
+                         has_readable: bool) -> _SeriesError:
+    path, reason = broken[0]
+    consequence = "so the series lacks that slice" if has_readable else "and no readable file of that series was found"
+    return _series_error(path, f"{reason}; its header names series {uid} (SeriesInstanceUID (0020,000E)), "
+                         f"{consequence}", files)
 
 
 def _sop_class(ds: Dataset) -> str:
@@ -269,35 +391,39 @@ def _kind(ds: Dataset) -> str:
     return "other"
 
 
-def _where(members: list[tuple[Path, Dataset]]) -> Path:
-    return Path(os.path.commonpath([str(p.parent) for p, _ in members]))
+def _where(files: list[Path]) -> Path:
+    return Path(os.path.commonpath([str(p.parent) for p in files]))
 
 
-def _series_error(path: Path, problem: str, members: list[tuple[Path, Dataset]]) -> _SeriesError:
-    return _SeriesError(path, f"{problem}; the whole series ({len(members)} files in {_where(members)}) was rejected")
+def _series_error(path: Path, problem: str, files: list[Path]) -> _SeriesError:
+    count = f"{len(files)} file{'s' if len(files) != 1 else ''}"
+    return _SeriesError(path, f"{problem}; the whole series ({count} in {_where(files)}) was rejected")
 
 
-def _refuse_beside_unreadable(members: list[tuple[Path, Dataset]], unreadable: dict[Path, Path]) -> None:
-    for folder in sorted({p.parent for p, _ in members}):
-        if folder in unreadable:
-            bad = unreadable[folder]
-            raise _series_error(folder, f"{bad.name} in the same folder is not readable DICOM and may be one of "
-                                f"this series' slices (see its own entry); remove or replace it", members)
-
-
-def _load_series(uid: str, members: list[tuple[Path, Dataset]], bar: tqdm) -> DicomSeries:
-    slices = [_parse_slice(path, ds, members) for path, ds in members]
-    _check_same_grid(slices, members)
+def _load_series(uid: str, members: list[tuple[Path, Dataset]], bar: tqdm,
+                 unassigned: dict[Path, list[Path]]) -> DicomSeries:
+    files = [path for path, _ in members]
+    slices = []
+    for path, ds in members:
+        try:
+            slices.append(_parse_slice(path, ds, files))
+        except _SeriesError:
+            raise
+        except Exception as exc:  # pydicom converts values on access; a malformed one raises its own type
+            raise _series_error(path, f"{path.name}: malformed header value ({type(exc).__name__}: {exc}); "
+                                "re-export the series from the PACS", files) from exc
+    _check_same_grid(slices, files)
     normal = np.cross(slices[0].orientation[:3], slices[0].orientation[3:])
     slices.sort(key=lambda s: float(s.position @ normal))
     positions = np.array([s.position @ normal for s in slices])
-    _check_stack(slices, positions, normal, members)
+    suspects = [bad for folder in sorted(set(p.parent for p in files)) for bad in unassigned.get(folder, [])]
+    _check_stack(slices, positions, normal, files, suspects)
 
     first = slices[0]
     rows, cols = first.rows, first.cols
     volume = np.empty((len(slices), rows, cols), dtype=np.float32)
     for plane, item in zip(volume, slices):
-        _read_pixels(item, plane, members)
+        _read_pixels(item, plane, files)
         bar.update()
     spacing_z = float((positions[-1] - positions[0]) / (len(slices) - 1))
     direction = np.column_stack([first.orientation[:3], first.orientation[3:], normal])
@@ -329,7 +455,7 @@ def decimal_values(ds: Dataset, keyword: str) -> list[str | float]:
     return [] if element.value in (None, "") else [element.value]
 
 
-def _parse_slice(path: Path, ds: Dataset, members: list[tuple[Path, Dataset]]) -> _Slice:
+def _parse_slice(path: Path, ds: Dataset, files: list[Path]) -> _Slice:
     decimals = {name: decimal_values(ds, name) for name in _DECIMAL_TAGS}
     missing = [f"{name} {tag}" for name, tag in _REQUIRED_TAGS.items() if not _has_value(ds, name, decimals)]
     if "PixelData" not in ds:
@@ -337,32 +463,35 @@ def _parse_slice(path: Path, ds: Dataset, members: list[tuple[Path, Dataset]]) -
     if missing:
         raise _series_error(path, f"{path.name}: missing required tag(s) {', '.join(missing)}, so the slice cannot "
                             "be placed in a volume (a truncated copy, or not a cross-sectional image); re-export "
-                            "the series from the PACS with full headers", members)
+                            "the series from the PACS with full headers", files)
     frames = int(ds.get("NumberOfFrames") or 1)
     if frames > 1:
         raise _series_error(path, f"{path.name}: multi-frame image (NumberOfFrames (0028,0008) = {frames}) is not "
-                            "supported; export the series as one file per slice (classic/legacy images)", members)
+                            "supported; export the series as one file per slice (classic/legacy images)", files)
     samples = int(ds.get("SamplesPerPixel") or 1)
-    if samples != 1:
-        raise _series_error(path, f"{path.name}: colour image (SamplesPerPixel (0028,0002) = {samples}) is not "
-                            "supported; only grayscale cross-sectional images make a volume", members)
+    photometric = str(ds.get("PhotometricInterpretation") or "")
+    if samples != 1 or photometric == "PALETTE COLOR":
+        colour = (f"SamplesPerPixel (0028,0002) = {samples}" if samples != 1
+                  else "PhotometricInterpretation (0028,0004) = PALETTE COLOR")
+        raise _series_error(path, f"{path.name}: colour image ({colour}) is not supported; only grayscale "
+                            "cross-sectional images make a volume", files)
     try:
         position, orientation, pixel_spacing = (np.array([float(v) for v in decimals[name]])
                                                 for name in _DECIMAL_TAGS)
     except (TypeError, ValueError) as exc:
         raise _series_error(path, f"{path.name}: unreadable geometry tag value ({exc}); re-export the series",
-                            members) from exc
+                            files) from exc
     shapes = (position.shape, orientation.shape, pixel_spacing.shape)
     finite = all(np.isfinite(values).all() for values in (position, orientation, pixel_spacing))
     if shapes != ((3,), (6,), (2,)) or not finite or np.any(pixel_spacing <= 0):
         raise _series_error(path, f"{path.name}: malformed ImagePositionPatient (0020,0032) {list(position)}, "
                             f"ImageOrientationPatient (0020,0037) {list(orientation)} or PixelSpacing (0028,0030) "
                             f"{list(pixel_spacing)} (expected 3, 6 and 2 finite numbers, the spacings positive); "
-                            "re-export the series", members)
+                            "re-export the series", files)
     row, col = orientation[:3], orientation[3:]
     if abs(np.linalg.norm(row) - 1) > 1e-3 or abs(np.linalg.norm(col) - 1) > 1e-3 or abs(row @ col) > 1e-3:
         raise _series_error(path, f"{path.name}: ImageOrientationPatient (0020,0037) {list(orientation)} is not two "
-                            "orthogonal unit vectors; the slice cannot be placed in space", members)
+                            "orthogonal unit vectors; the slice cannot be placed in space", files)
     return _Slice(path, ds, position, orientation, pixel_spacing, int(ds.Rows), int(ds.Columns))
 
 
@@ -372,7 +501,7 @@ def _has_value(ds: Dataset, name: str, decimals: dict[str, list[str | float]]) -
     return ds.get(name) not in (None, "")
 
 
-def _check_same_grid(slices: list[_Slice], members: list[tuple[Path, Dataset]]) -> None:
+def _check_same_grid(slices: list[_Slice], files: list[Path]) -> None:
     first = slices[0]
     for item in slices[1:]:
         for name, tag, mine, theirs in (
@@ -380,14 +509,14 @@ def _check_same_grid(slices: list[_Slice], members: list[tuple[Path, Dataset]]) 
             ("Columns", "(0028,0011)", first.cols, item.cols),
         ):
             if mine != theirs:
-                raise _series_error(item.path, _mixed(name, tag, first.path, mine, item.path, theirs), members)
+                raise _series_error(item.path, _mixed(name, tag, first.path, mine, item.path, theirs), files)
         for name, tag, mine, theirs in (
             ("PixelSpacing", "(0028,0030)", first.pixel_spacing, item.pixel_spacing),
             ("ImageOrientationPatient", "(0020,0037)", first.orientation, item.orientation),
         ):
             if not (np.abs(mine - theirs) <= _GRID_TOLERANCE).all():  # np.allclose for finite values, 5x faster
                 problem = _mixed(name, tag, first.path, list(mine), item.path, list(theirs))
-                raise _series_error(item.path, problem, members)
+                raise _series_error(item.path, problem, files)
 
 
 def _mixed(name: str, tag: str, first: Path, mine: object, other: Path, theirs: object) -> str:
@@ -395,8 +524,10 @@ def _mixed(name: str, tag: str, first: Path, mine: object, other: Path, theirs: 
             "series must share one grid: split it into one series per grid, or re-export it")
 
 
-def _check_stack(slices: list[_Slice], positions: np.ndarray, normal: np.ndarray,
-                 members: list[tuple[Path, Dataset]]) -> None:
+def _check_stack(slices: list[_Slice], positions: np.ndarray, normal: np.ndarray, files: list[Path],
+                 suspects: list[Path]) -> None:
+    """Reject duplicated, missing, unevenly spaced or sheared slices; `suspects` are the unreadable
+    files beside the series, named in a gap's reason as the likely missing slices."""
     steps = np.diff(positions)
     for i, step in enumerate(steps):
         if step < _SAME_POSITION_MM:
@@ -404,22 +535,24 @@ def _check_stack(slices: list[_Slice], positions: np.ndarray, normal: np.ndarray
             raise _series_error(b.path, f"duplicated slice position: {a.path.name} and {b.path.name} are both at "
                                 f"{positions[i]:.3f} mm along the slice normal (a copied slice, or several echoes, "
                                 "phases or time points sharing one SeriesInstanceUID); remove the duplicate or "
-                                "split the series", members)
+                                "split the series", files)
     if len(slices) < 2:
         raise _series_error(slices[0].path, f"{slices[0].path.name}: single-slice series; a volume of at least two "
-                            "slices is needed", members)
+                            "slices is needed", files)
     median = float(np.median(steps))
     for i, step in enumerate(steps):
         a, b = slices[i], slices[i + 1]
         if step > _MISSING_SLICE_FACTOR * median:
             missing = round(step / median) - 1
+            likely = (f"; {_names(suspects)} beside it could not be read and may be the missing slice(s) (see "
+                      "their own entries)" if suspects else "")
             raise _series_error(b.path, f"missing slice(s): a gap of {step:.3f} mm between {a.path.name} and "
                                 f"{b.path.name} where the median slice spacing is {median:.3f} mm (about {missing} "
-                                "slice(s) missing); copy the complete series again from the PACS", members)
+                                f"slice(s) missing){likely}; copy the complete series again from the PACS", files)
         if abs(step - median) > _SPACING_TOLERANCE * median:
             raise _series_error(b.path, f"inconsistent slice spacing: {step:.3f} mm between {a.path.name} and "
                                 f"{b.path.name} where the median is {median:.3f} mm; a volume needs evenly spaced "
-                                "slices: resample the series first", members)
+                                "slices: resample the series first", files)
     first = slices[0]
     limit = _TILT_TOLERANCE * float(first.pixel_spacing.min())
     for item, along in zip(slices, positions):
@@ -427,10 +560,15 @@ def _check_stack(slices: list[_Slice], positions: np.ndarray, normal: np.ndarray
         if np.linalg.norm(offset) > limit:
             raise _series_error(item.path, f"{item.path.name} is shifted {np.linalg.norm(offset):.3f} mm in-plane "
                                 f"from the stack through {first.path.name} (gantry tilt or sheared stack); tilted "
-                                "series are not supported: export a tilt-corrected reconstruction", members)
+                                "series are not supported: export a tilt-corrected reconstruction", files)
 
 
-def _read_pixels(item: _Slice, out: np.ndarray, members: list[tuple[Path, Dataset]]) -> None:
+def _names(paths: list[Path], shown: int = 3) -> str:
+    names = ", ".join(p.name for p in paths[:shown])
+    return names if len(paths) <= shown else f"{names} and {len(paths) - shown} more"
+
+
+def _read_pixels(item: _Slice, out: np.ndarray, files: list[Path]) -> None:
     """Decode one slice into `out` (its plane of the volume), rescaled, with pydicom's pixel handlers.
 
     The header parsed by the scan is reused: its Pixel Data was deferred, so only that element is
@@ -442,15 +580,19 @@ def _read_pixels(item: _Slice, out: np.ndarray, members: list[tuple[Path, Datase
         pixels = ds.pixel_array
     except Exception as exc:  # decoders raise many types; all mean this slice is unusable
         raise _series_error(item.path, f"{item.path.name}: truncated or unreadable Pixel Data (7FE0,0010) "
-                            f"({type(exc).__name__}: {exc}); copy the file again from the PACS", members) from exc
+                            f"({type(exc).__name__}: {exc}); copy the file again from the PACS", files) from exc
     finally:
         if "PixelData" in ds:
             del ds.PixelData
     if pixels.shape != out.shape:
         raise _series_error(item.path, f"{item.path.name}: decoded pixel data has shape {pixels.shape}, but Rows "
-                            f"(0028,0010) x Columns (0028,0011) say {out.shape}; the file is damaged", members)
-    slope = float(ds.get("RescaleSlope") or 1.0)
-    intercept = float(ds.get("RescaleIntercept") or 0.0)
+                            f"(0028,0010) x Columns (0028,0011) say {out.shape}; the file is damaged", files)
+    try:
+        slope = float(ds.get("RescaleSlope") or 1.0)
+        intercept = float(ds.get("RescaleIntercept") or 0.0)
+    except (TypeError, ValueError) as exc:
+        raise _series_error(item.path, f"{item.path.name}: malformed RescaleSlope (0028,1053) or RescaleIntercept "
+                            f"(0028,1052) ({exc}); re-export the series from the PACS", files) from exc
     if slope == 1.0 and intercept == 0.0:
         out[...] = pixels  # integers: float32 holds them exactly up to 2**24, as the float64 route would round
     else:

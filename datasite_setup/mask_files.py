@@ -23,11 +23,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import pydicom
 import SimpleITK as sitk
 from pydicom.dataset import Dataset
 
-from datasite_setup.dicom_series import SEG_SOP_CLASS, DicomSeries, Geometry
+from datasite_setup.dicom_series import SEG_SOP_CLASS, DicomSeries, Geometry, read_dicom
 
 MASK_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd", ".dcm")
 _SERIES_SUBFOLDERS = {"image", "images"}
@@ -110,7 +109,7 @@ def seg_referenced_series_uids(seg: Dataset) -> list[str]:
 def read_seg(path: Path, series: DicomSeries) -> np.ndarray:
     """A binary one-segment DICOM SEG as uint8 [Z, Y, X], each frame placed on the slice at its position."""
     try:
-        ds = pydicom.dcmread(path)
+        ds = read_dicom(path)
     except Exception as exc:  # pydicom raises many types on damaged files
         raise MaskError(f"{path}: unreadable DICOM file ({type(exc).__name__}: {exc})") from exc
     if str(ds.get("SOPClassUID", "")) != SEG_SOP_CLASS:

@@ -2,14 +2,15 @@
 
 Review can miss things and sandboxing does not stop code from *returning* private data, so the
 server checks every decoded result against the contract of the request kind: custom code returns
-a flat dict of scalars, training returns weights of exactly the model's declared shapes, a site
-analysis returns per-group aggregates over cohorts of at least `min_cohort`. No string values
-(free text is a channel for anything), no NaN/Inf (they can encode bits and break aggregation),
-no per-case lists, no image-sized arrays.
+a few named finite floats (under the names its code declares), training returns weights of
+exactly the model's declared shapes, a site analysis returns per-group aggregates over cohorts of
+at least `min_cohort`. No string values (free text is a channel for anything), no NaN/Inf (they
+can encode bits and break aggregation), no per-case lists, no image-sized arrays.
 
-A violation's message is shown to the data scientist, so it never quotes a value, and it names a
-dict key only when the contract itself declares that key (an undeclared key is as much the
-code's output as a value is); other keys are shown by position, as `[#2]`.
+A violation's message is the reason the site's admin reads in the audit log (the data scientist
+gets one uniform refusal, `site_execution`). It never quotes a value, and it names a dict key
+only when the contract itself declares that key (an undeclared key is as much the code's output
+as a value is); other keys are shown by position, as `[#2]`.
 """
 
 from __future__ import annotations
@@ -21,7 +22,15 @@ from typing import Any, Protocol
 
 import numpy as np
 
-_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.\-]{0,63}\Z")
+MAX_NAME_LENGTH = 32
+_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.\-]{0,%d}\Z" % (MAX_NAME_LENGTH - 1))
+EXACT_INT_LIMIT = 2**53  # larger integers have no exact float64; below it an int carries no more than a float
+FLOAT_BITS = 64
+
+
+def is_scalar_name(name: Any) -> bool:
+    """A name a scalar may leave under: a short identifier (dots and dashes allowed)."""
+    return isinstance(name, str) and _NAME.match(name) is not None
 
 
 class ContractViolation(ValueError):
@@ -96,29 +105,45 @@ def _refuse_undeclared(mapping: dict[str, Any], allowed: set[str] | frozenset[st
         raise ContractViolation(f"{at} has {len(extra)} undeclared entr{'y' if len(extra) == 1 else 'ies'} (declared: {shown})")
 
 
+def _require_float(value: Any, at: _Path) -> None:
+    """A value a float64 holds exactly: a finite float, or an integer below 2**53 (which is
+    released as a float). Anything wider would carry more than the 64 bits a scalar stands for."""
+    _require_number(value, at)
+    if isinstance(value, (int, np.integer)) and abs(int(value)) > EXACT_INT_LIMIT:
+        raise ContractViolation(f"{at} is an integer too large to be held exactly by a float; return floats")
+
+
 @dataclass(frozen=True)
 class ScalarsContract:
-    """Custom code's default: a flat dict of finite numbers.
+    """Named scalars: a flat dict of at most `max_items` finite floats (integers below 2**53 pass
+    and leave as floats), so one run carries at most `max_items` x 64 bits.
 
-    With `names`, only those keys may appear. Without, any identifier-like key may, but at most
-    `max_items` of them: a hundred scalars named case_001... would be a per-case list again.
+    With `names`, only those keys may appear (custom code: the literal keys its return statements
+    declare, read at review). Every key is a short identifier of at most 32 characters: a name is
+    output too, and a long one is a string channel.
     """
 
     names: set[str] | frozenset[str] | None = None
-    max_items: int = 64
+    max_items: int = 16
 
     def check(self, result: Any) -> None:
         at = _Path()
         result = _require_dict(result, at)
         if self.names is not None:
             _refuse_undeclared(result, self.names, at)
-        elif len(result) > self.max_items:
+        if len(result) > self.max_items:
             raise ContractViolation(f"{at} has {len(result)} entries, at most {self.max_items} are allowed")
         declared = self.names is not None
         for i, (key, value) in enumerate(result.items()):
-            if not declared and not _NAME.match(key):
-                raise ContractViolation(f"{at} entry #{i} has a key that is not a short identifier")
-            _require_number(value, at.key(key if declared else str(i), declared))
+            if not is_scalar_name(key):
+                raise ContractViolation(
+                    f"{at} entry #{i} has a key that is not a short identifier (at most {MAX_NAME_LENGTH} characters)"
+                )
+            _require_float(value, at.key(key if declared else str(i), declared))
+
+    def as_floats(self, result: dict[str, Any]) -> dict[str, float]:
+        """The checked result as it leaves: every value a Python float."""
+        return {key: float(value) for key, value in result.items()}
 
 
 @dataclass(frozen=True)

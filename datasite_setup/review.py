@@ -1,23 +1,29 @@
 """The clinic admin's review of code requests: list, show (with a static audit), approve, deny.
 
 The same functions back `datasite-admin` and the admin notebook. Every decision is appended to
-`data_dir/audit.log` (one JSON object per line: when, who, what, which request, why).
+`data_dir/audit.log` (`audit_log`: when, who, what, which request, why), beside every run's
+outcome, so `show` can list a request's runs with the real reason for each refusal. For custom
+code, `show` also states what one run can carry out: the names its code returns (the only ones
+the site releases), how many float values that is, and how many bits.
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
 from typing import Any
 
+from datasite_setup import audit_log
 from datasite_setup.connection import quiet_syft
 from datasite_setup.code_audit import Finding, audit_source
-from datasite_setup.execution_limits import allowed_runs, set_cap
+from datasite_setup.execution_limits import allowed_runs, runs_started, set_cap
+from datasite_setup.output_contracts import FLOAT_BITS
+from datasite_setup.return_flow import read_returns
 from datasite_setup.site_config import SiteConfig
 from datasite_setup.thin_requests import parse_thin_request
 
-AUDIT_LOG = "audit.log"
+# syft's MixedInputPolicy marks an input the data scientist passes herself `UserOwned`; the
+# site's assets (`Matches`) are the private inputs.
+_OWN_INPUT_KINDS = frozenset({"UserOwned"})
 
 
 class ReviewError(RuntimeError):
@@ -41,12 +47,29 @@ class RequestSummary:
 
 
 @dataclass(frozen=True)
+class OutputCapacity:
+    """What one run of custom code can carry out, and all its approved runs together."""
+
+    names: list[str]  # literal names the code returns: the only ones the site releases
+    names_readable: bool  # False: some returned value has no literal name, and is never released
+    values_per_run: int
+    bits_per_run: int  # values x 64, plus one: whether the run released anything at all
+    runs_allowed: int | None
+    bits_total: int | None  # None: no limit on runs
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
 class RequestDetail:
     summary: RequestSummary
     code: str
     kind: str  # "site task" or "custom code"
     task: dict[str, Any] | None = None  # name, summary, parameters, source hash, enabled here
     findings: list[Finding] = field(default_factory=list)
+    output: OutputCapacity | None = None  # custom code only
+    runs: list[dict[str, Any]] = field(default_factory=list)  # outcome and reason of each run, from the audit log
 
     def to_dict(self) -> dict:
         return {
@@ -55,11 +78,13 @@ class RequestDetail:
             "kind": self.kind,
             "task": self.task,
             "findings": [f.to_dict() for f in self.findings],
+            "output": None if self.output is None else self.output.to_dict(),
+            "runs": self.runs,
         }
 
 
 def _task_description(config: SiteConfig, name: str) -> dict[str, Any]:
-    from analyses.site_tasks import TASKS
+    from datasite_setup.site_tasks import TASKS
 
     task = TASKS.get(name)
     if task is None:
@@ -78,7 +103,7 @@ def _task_description(config: SiteConfig, name: str) -> dict[str, Any]:
 
 def list_tasks(config: SiteConfig) -> list[dict[str, Any]]:
     """Every site task this installation provides, whether this site enables it, and its hash."""
-    from analyses.site_tasks import TASKS
+    from datasite_setup.site_tasks import TASKS
 
     rows = []
     for name in sorted(TASKS):
@@ -88,18 +113,47 @@ def list_tasks(config: SiteConfig) -> list[dict[str, Any]]:
     return rows
 
 
+def _custom_code_problem(config: SiteConfig, code: str) -> str | None:
+    """Custom code whose results the site could never release is not worth an approval."""
+    returns = read_returns(code)
+    if returns is None:
+        return "no function could be read from this code"
+    if not returns.names_readable:
+        return ("it returns values whose names are not string literals in a returned dict literal, and the site "
+                "releases only names it can read at review (see the static audit)")
+    if len(returns.names) > config.custom_code_max_values:
+        return (f"it returns {len(returns.names)} named values and this site releases at most "
+                f"{config.custom_code_max_values} per run ([site] custom_code_max_values)")
+    return None
+
+
 def approval_problem(config: SiteConfig, code: str) -> str | None:
-    """Why this site must not approve the code, or None. Custom code needs `allow_custom_code`."""
+    """Why this site must not approve the code, or None. Custom code needs `allow_custom_code`
+    and returned names the site can read."""
     thin = parse_thin_request(code)
     if thin is None:
         if config.allow_custom_code:
-            return None
+            return _custom_code_problem(config, code)
         return "this is custom code, and this site allows only site tasks (set allow_custom_code = true to change that)"
     task = _task_description(config, thin.task)
     if not task["installed"]:
         return f"site task '{thin.task}' is not installed at this site"
     if not task["enabled"]:
         return f"site task '{thin.task}' is not enabled at this site ([site] enabled_tasks)"
+    return None
+
+
+def _policy_problem(code: Any) -> str | None:
+    """A user-defined policy's class body would run inside the server on approval: only syft's
+    built-in policies are approved (the server's door refuses others at submission; this covers
+    requests stored before it, or sent by an admin account)."""
+    from datasite_setup.server_door import builtin_policies, policy_label
+
+    inputs, outputs = builtin_policies()
+    for policy_type, allowed in ((code.input_policy_type, inputs), (code.output_policy_type, outputs)):
+        if policy_type not in allowed:
+            return (f"it uses the user-defined policy {policy_label(policy_type)}; this site approves only "
+                    "syft's built-in policies")
     return None
 
 
@@ -112,17 +166,34 @@ def _inputs(code: Any) -> dict[str, str]:
     return {name: type(kind).__name__ if not isinstance(kind, type) else kind.__name__ for name, kind in kwargs.items()}
 
 
+def _policy_name(policy_type: Any) -> str:
+    """A request's policy, named without touching it: a built-in policy is a class; a user-defined
+    one (sy.CustomOutputPolicy / UserPolicy) is an object carrying its class's name and code."""
+    if policy_type is None:
+        return "none"
+    if isinstance(policy_type, type):
+        return policy_type.__name__
+    return f"user-defined {getattr(policy_type, 'class_name', None) or type(policy_type).__name__}"
+
+
 def _runs_used(code: Any) -> int:
+    if not isinstance(code.output_policy_type, type):
+        return 0  # a user-defined policy: `code.output_policy` would run its code in this process
     policy = code.output_policy
     if policy is None or not hasattr(policy, "count"):
         return 0
     return int(policy.count())
 
 
+def _runs_started(config: SiteConfig, code: Any) -> int:
+    """Runs started, failed ones included (the site's ledger), or syft's stored outputs if more."""
+    return runs_started(config.data_dir, str(code.id.no_dash), _runs_used(code))
+
+
 def summarise(config: SiteConfig, request: Any) -> RequestSummary:
     code = request.code
     policy_kwargs = {k: v for k, v in (code.output_policy_init_kwargs or {}).items() if k != "id"}
-    policy = code.output_policy_type.__name__ if code.output_policy_type else "none"
+    policy = _policy_name(code.output_policy_type)
     return RequestSummary(
         id=str(request.id.no_dash),
         status=_status_name(request),
@@ -131,7 +202,7 @@ def summarise(config: SiteConfig, request: Any) -> RequestSummary:
         function=code.service_func_name,
         inputs=_inputs(code),
         output_policy=f"{policy}({', '.join(f'{k}={v}' for k, v in policy_kwargs.items())})",
-        runs_used=_runs_used(code),
+        runs_used=_runs_started(config, code),
         runs_allowed=allowed_runs(str(code.id.no_dash), policy_kwargs.get("limit"), config.data_dir),
     )
 
@@ -159,37 +230,58 @@ def find_request(admin: Any, request_id: str) -> Any:
     return matches[0]
 
 
-def show_request(config: SiteConfig, admin: Any, request_id: str) -> RequestDetail:
-    request = find_request(admin, request_id)
-    code = request.code.raw_code
-    thin = parse_thin_request(code)
-    if thin is None:
-        return RequestDetail(summary=summarise(config, request), code=code, kind="custom code", findings=audit_source(code))
-    return RequestDetail(
-        summary=summarise(config, request), code=code, kind="site task", task=_task_description(config, thin.task)
+def output_capacity(config: SiteConfig, code: str, runs_allowed: int | None) -> OutputCapacity:
+    """How many values (and bits) custom code can carry out per run and over its approved runs."""
+    returns = read_returns(code)
+    names = sorted(returns.names) if returns is not None else []
+    values = min(len(names), config.custom_code_max_values)
+    bits = values * FLOAT_BITS + 1
+    return OutputCapacity(
+        names=names, names_readable=returns is not None and returns.names_readable, values_per_run=values,
+        bits_per_run=bits, runs_allowed=runs_allowed, bits_total=None if runs_allowed is None else bits * runs_allowed,
     )
 
 
+def request_runs(config: SiteConfig, code_id: str) -> list[dict[str, Any]]:
+    """Each run of one approved code, oldest first, as the audit log recorded it."""
+    fields = ("time", "action", "requested_by", "reference", "why", "report", "seconds")
+    return [
+        {key: entry[key] for key in fields if key in entry}
+        for entry in read_audit_log(config)
+        if entry.get("code") == code_id
+    ]
+
+
+def show_request(config: SiteConfig, admin: Any, request_id: str) -> RequestDetail:
+    request = find_request(admin, request_id)
+    code = request.code.raw_code
+    summary = summarise(config, request)
+    runs = request_runs(config, str(request.code.id.no_dash))
+    thin = parse_thin_request(code)
+    if thin is None:
+        private = None if not summary.inputs else {n for n, kind in summary.inputs.items() if kind not in _OWN_INPUT_KINDS}
+        return RequestDetail(
+            summary=summary, code=code, kind="custom code", findings=audit_source(code, private),
+            output=output_capacity(config, code, summary.runs_allowed), runs=runs,
+        )
+    return RequestDetail(summary=summary, code=code, kind="site task", task=_task_description(config, thin.task), runs=runs)
+
+
 def _log_decision(config: SiteConfig, action: str, summary: RequestSummary, **extra: Any) -> None:
-    entry = {
-        "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    audit_log.append(config.data_dir, {
         "admin": config.admin_email,
         "action": action,
         "request": summary.id,
         "function": summary.function,
         "requested_by": summary.requested_by,
         **extra,
-    }
-    config.data_dir.mkdir(parents=True, exist_ok=True)
-    with open(config.data_dir / AUDIT_LOG, "a") as fh:
-        fh.write(json.dumps(entry, sort_keys=True) + "\n")
+    })
 
 
-def read_audit_log(config: SiteConfig) -> list[dict[str, Any]]:
-    try:
-        return [json.loads(line) for line in (config.data_dir / AUDIT_LOG).read_text().splitlines() if line]
-    except FileNotFoundError:
-        return []
+def read_audit_log(config: SiteConfig, reference: str | None = None) -> list[dict[str, Any]]:
+    """The site's audit log; with `reference`, only the entry a refusal message quoted."""
+    entries = audit_log.read(config.data_dir)
+    return entries if reference is None else [e for e in entries if e.get("reference") == reference]
 
 
 def approve(config: SiteConfig, admin: Any, request_id: str, max_runs: int | None = None) -> RequestSummary:
@@ -200,7 +292,7 @@ def approve(config: SiteConfig, admin: Any, request_id: str, max_runs: int | Non
     before = summarise(config, request)
     if before.status != "pending":
         raise ReviewError(f"request {before.id[:8]} is {before.status}, not pending; nothing changed")
-    problem = approval_problem(config, request.code.raw_code)
+    problem = _policy_problem(request.code) or approval_problem(config, request.code.raw_code)
     if problem:
         raise ReviewError(f"request {before.id[:8]} cannot be approved: {problem}")
     if max_runs is not None:

@@ -21,11 +21,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import pydicom
 from pydicom.dataset import Dataset
 from skimage.measure import points_in_poly
 
-from datasite_setup.dicom_series import DicomSeries, decimal_values
+from datasite_setup.dicom_series import DicomSeries, decimal_values, read_dicom
 
 _EDGE_TOLERANCE = 1e-3  # voxels: points exactly on the outer edge of the image are inside it
 # Margin of the scanline fill, per squared coordinate scale: pixel centres this near an outline
@@ -41,7 +40,7 @@ class RTStructError(ValueError):
 def read_rtstruct(path: Path) -> Dataset:
     """Read a structure set, with a message naming the file if it is not one."""
     try:
-        ds = pydicom.dcmread(path)
+        ds = read_dicom(path)
     except Exception as exc:  # pydicom raises many types on damaged files
         raise RTStructError(f"{path}: unreadable RTSTRUCT ({type(exc).__name__}: {exc})") from exc
     if "StructureSetROISequence" not in ds or "ROIContourSequence" not in ds:

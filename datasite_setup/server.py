@@ -7,9 +7,11 @@ PostgreSQL), blobs in `data_dir/blob`, the configured admin as root (syft's defa
 never exists), guest sign-up off, never `dev_mode` or `reset`. The FastAPI app is syft's own
 routes under `/api/v2`, served by uvicorn in the foreground (`datasite-setup serve`).
 
-Two changes to syft 0.9.5's behaviour are installed here, before the server object exists:
-execution budgets are enforced (`execution_limits`), and every approved function runs through
-the site's isolated execution with output contracts (`site_execution`).
+Three changes to syft 0.9.5's behaviour are installed here: execution budgets are enforced
+(`execution_limits`), every approved function runs through the site's isolated execution with
+output contracts (`site_execution`), both before the server object exists; and once it exists, its
+API-call handler is put behind the door (`server_door`): a data scientist's session reaches only
+the allow-listed calls of the request workflow, deny by default.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from datasite_setup.credentials import admin_password, server_identity
-from datasite_setup import site_execution
+from datasite_setup import server_door, site_execution
 from datasite_setup.execution_limits import enforce_execution_budgets
 from datasite_setup.site_config import SiteConfig
 
@@ -78,6 +80,7 @@ def build_datasite(config: SiteConfig) -> Any:
             background_tasks=False,
         )
     _disable_guest_signup(datasite)
+    server_door.install(datasite, config.data_dir)
     return datasite
 
 

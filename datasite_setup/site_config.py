@@ -12,6 +12,7 @@ Example::
     data_dir = "hospital-a-data"        # relative to this file
     # db_url = "postgresql://user:pw@db:5432/hospital_a"   # default: SQLite in data_dir
     # allow_custom_code = false
+    # custom_code_max_values = 16                     # named floats one custom-code run may return
     # enabled_tasks = ["local_train", "evaluate"]        # default: every installed site task
 
     [admin]
@@ -22,15 +23,20 @@ Example::
     name = "A. Researcher"
     password_env = "DS_PASSWORD"        # optional; else generated into data_dir (0600)
 
-    [privacy]
-    min_cohort = 5
+    [privacy]                           # what may leave (datasite_setup/disclosure/)
+    min_cohort = 5                      # fewest values behind any released group, bin or release difference
+    min_batch = 8                       # fewest samples behind one training step (local_train)
     dp_epsilon_budget = 10.0            # epsilon per data scientist for differentially private
-                                        # requests, charged before each run (disclosure.py)
+                                        # requests, charged before each run
+    # filters = ["min_count", "noise", "histogram_bins", "release_ledger"]   # default: all, in this order
 
     [execution]                         # limits for each approved run (isolated child process)
     cpu_seconds = 1800
     wall_seconds = 1800
     memory_mb = 6144
+    max_threads = 64                    # live threads of a run, counted by the kernel (root too)
+    max_open_files = 256                # RLIMIT_NOFILE
+    max_result_mb = 256                 # largest result a run may send back
     warm_spares = 2                     # children kept with their imports done for the next runs
                                         # (~450 MB idle each; a run starts in ~0.1 s instead of
                                         # 2-9 s); 0 turns them off
@@ -43,6 +49,8 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from datasite_setup.disclosure import FILTERS
 
 _EMAIL = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
 _SITE_NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
@@ -63,16 +71,21 @@ class DataScientist:
 @dataclass(frozen=True)
 class PrivacySettings:
     min_cohort: int = 5
+    min_batch: int = 8
     dp_epsilon_budget: float = 10.0
+    filters: tuple[str, ...] = FILTERS
 
 
 @dataclass(frozen=True)
 class ExecutionLimits:
-    """Per-run limits for approved code (the isolated child process)."""
+    """Per-run limits for approved code (the isolated child process; `isolation.Limits` says how each holds)."""
 
     cpu_seconds: int = 1800
     wall_seconds: float = 1800.0
     memory_mb: int = 6144
+    max_threads: int = 64
+    max_open_files: int = 256
+    max_result_mb: int = 256
 
 
 @dataclass(frozen=True)
@@ -87,6 +100,7 @@ class SiteConfig:
     admin_password_env: str
     db_url: str | None = None
     allow_custom_code: bool = False
+    custom_code_max_values: int = 16  # each a float64 (64 bits): bounds what one custom-code run carries
     data_scientists: tuple[DataScientist, ...] = ()
     privacy: PrivacySettings = field(default_factory=PrivacySettings)
     limits: ExecutionLimits = field(default_factory=ExecutionLimits)
@@ -122,6 +136,29 @@ def _check_email(email: str, where: str, path: Path) -> str:
     return email
 
 
+def _privacy_settings(privacy: dict[str, Any], path: Path) -> PrivacySettings:
+    """The [privacy] table: thresholds and which disclosure filters the site applies."""
+    defaults = PrivacySettings()
+    min_cohort = _typed(privacy.get("min_cohort", defaults.min_cohort), int, "privacy.min_cohort", path)
+    if min_cohort < 1:
+        raise SiteConfigError(f"{path}: 'privacy.min_cohort' must be at least 1, got {min_cohort}")
+    min_batch = _typed(privacy.get("min_batch", defaults.min_batch), int, "privacy.min_batch", path)
+    if min_batch < 1:
+        raise SiteConfigError(f"{path}: 'privacy.min_batch' must be at least 1, got {min_batch}")
+    budget = _typed(privacy.get("dp_epsilon_budget", defaults.dp_epsilon_budget), (int, float), "privacy.dp_epsilon_budget", path)
+    if not 0 <= budget < float("inf"):
+        raise SiteConfigError(f"{path}: 'privacy.dp_epsilon_budget' must be a finite number >= 0 (0 refuses every "
+                              f"differentially private request), got {budget}")
+    filters = privacy.get("filters", list(defaults.filters))
+    if not (isinstance(filters, list) and all(isinstance(f, str) for f in filters)):
+        raise SiteConfigError(f"{path}: 'privacy.filters' must be a list of filter names, got {filters!r}")
+    unknown = [f for f in filters if f not in FILTERS]
+    if unknown:
+        raise SiteConfigError(f"{path}: 'privacy.filters' names unknown filter(s) {unknown}; known: {', '.join(FILTERS)}")
+    return PrivacySettings(min_cohort=min_cohort, min_batch=min_batch, dp_epsilon_budget=float(budget),
+                           filters=tuple(f for f in FILTERS if f in filters))
+
+
 def load_site_config(path: str | Path) -> SiteConfig:
     """Read and validate SITE.toml; relative paths are resolved against the file's folder."""
     path = Path(path).resolve()
@@ -147,6 +184,9 @@ def load_site_config(path: str | Path) -> SiteConfig:
     if db_url is not None and not str(db_url).startswith(("postgresql://", "sqlite://")):
         raise SiteConfigError(f"{path}: 'site.db_url' must start with postgresql:// or sqlite://, got {db_url!r}")
     allow_custom = _typed(site.get("allow_custom_code", False), bool, "site.allow_custom_code", path)
+    custom_values = _typed(site.get("custom_code_max_values", 16), int, "site.custom_code_max_values", path)
+    if not 1 <= custom_values <= 64:
+        raise SiteConfigError(f"{path}: 'site.custom_code_max_values' must be 1 to 64, got {custom_values}")
 
     if "admin" not in raw:
         raise SiteConfigError(f"{path}: missing table [admin] with the clinic admin's e-mail")
@@ -172,21 +212,20 @@ def load_site_config(path: str | Path) -> SiteConfig:
     if len(set(emails)) != len(emails):
         raise SiteConfigError(f"{path}: a data scientist's e-mail appears twice in [[data_scientists]]")
 
-    privacy = _typed(raw.get("privacy", {}), dict, "privacy", path)
-    min_cohort = _typed(privacy.get("min_cohort", 5), int, "privacy.min_cohort", path)
-    if min_cohort < 1:
-        raise SiteConfigError(f"{path}: 'privacy.min_cohort' must be at least 1, got {min_cohort}")
-    budget = _typed(privacy.get("dp_epsilon_budget", 10.0), (int, float), "privacy.dp_epsilon_budget", path)
-    if not 0 <= budget < float("inf"):
-        raise SiteConfigError(f"{path}: 'privacy.dp_epsilon_budget' must be a finite number >= 0 (0 refuses every "
-                              f"differentially private request), got {budget}")
+    privacy = _privacy_settings(_typed(raw.get("privacy", {}), dict, "privacy", path), path)
 
     execution = _typed(raw.get("execution", {}), dict, "execution", path)
     defaults = ExecutionLimits()
+    caps = {}
+    for key, low, high in (("max_threads", 4, 4096), ("max_open_files", 32, 65536), ("max_result_mb", 1, 4096)):
+        caps[key] = _typed(execution.get(key, getattr(defaults, key)), int, f"execution.{key}", path)
+        if not low <= caps[key] <= high:
+            raise SiteConfigError(f"{path}: 'execution.{key}' must be {low} to {high}, got {caps[key]}")
     limits = ExecutionLimits(
         cpu_seconds=_typed(execution.get("cpu_seconds", defaults.cpu_seconds), int, "execution.cpu_seconds", path),
         wall_seconds=float(_typed(execution.get("wall_seconds", defaults.wall_seconds), (int, float), "execution.wall_seconds", path)),
         memory_mb=_typed(execution.get("memory_mb", defaults.memory_mb), int, "execution.memory_mb", path),
+        **caps,
     )
     warm_spares = _typed(execution.get("warm_spares", 2), int, "execution.warm_spares", path)
     if not 0 <= warm_spares <= 4:
@@ -206,8 +245,9 @@ def load_site_config(path: str | Path) -> SiteConfig:
         admin_password_env=str(admin.get("password_env", "DATASITE_ADMIN_PASSWORD")),
         db_url=db_url,
         allow_custom_code=allow_custom,
+        custom_code_max_values=custom_values,
         data_scientists=tuple(scientists),
-        privacy=PrivacySettings(min_cohort=min_cohort, dp_epsilon_budget=float(budget)),
+        privacy=privacy,
         limits=limits,
         warm_spares=warm_spares,
         enabled_tasks=None if tasks is None else tuple(tasks),

@@ -7,12 +7,17 @@ The server entry point installs `install(config)`, which replaces syft 0.9.5's i
    against the task's schema; the task's installed code runs, never the request's own text.
    Anything else is custom code: refused unless `allow_custom_code = true`, then run as written.
 2. The code runs in a child process (`isolation`) that receives only its declared inputs.
-3. The result is decoded safely and must satisfy the task's output contract (custom code: named
-   finite scalars only). An aggregates result is first shape-checked, then passes disclosure
-   control (`disclosure.protect`: small groups and bins removed, differential-privacy noise),
-   then meets its contract's full check as the last line. A failure or violation becomes a
-   refusal the data scientist sees, with no data values and no traceback, and a line in the
-   site's audit log.
+3. The result is decoded safely and must satisfy the task's output contract (custom code: at
+   most `custom_code_max_values` finite floats, under the literal names its return statements
+   declare, as shown at review). A site task's run also says, privately, which cases entered
+   each part of its result (or why it declined); that record is stripped here. An aggregates
+   result is first shape-checked, then passes the site's disclosure filters (`disclosure`: small
+   groups and bins removed, differential-privacy noise), then meets its contract's full check,
+   and last the release ledger (data_dir/release_ledger.json) refuses it if, with what its data
+   scientist was released before, it would single out fewer than `min_cohort` cases. A failure,
+   violation or such refusal becomes one uniform refusal for the data scientist, quoting a
+   reference, and a line in the site's audit log with the real reason (`run_failures`) under
+   that reference.
 
 A request asking for differential privacy is charged against its data scientist's epsilon budget
 (`[privacy] dp_epsilon_budget`, kept in data_dir/privacy_budget.json) before anything runs.
@@ -23,68 +28,100 @@ placeholder without executing anything, so the site never spends compute on it.
 
 from __future__ import annotations
 
-import json
+import secrets
 from dataclasses import asdict, replace
-from datetime import datetime, timezone
 from typing import Any
 
-from datasite_setup.disclosure import BudgetExhausted, PrivacyBudget, Released, dp_epsilon, protect
+from datasite_setup import audit_log
+from datasite_setup.disclosure import (
+    BudgetExhausted, Policy, PrivacyBudget, Released, ReleaseRefused, dp_epsilon, read_task_release,
+)
 from datasite_setup.isolation import Limits, prewarm, run_isolated
 from datasite_setup.output_contracts import AggregatesContract, ContractViolation, ScalarsContract
+from datasite_setup.return_flow import read_returns
+from datasite_setup.run_failures import failure_reason, failure_report, reporting
 from datasite_setup.site_config import SiteConfig
 from datasite_setup.thin_requests import parse_thin_request
+from domains.case_record import is_mock_case
 
-MOCK_CASE_PREFIX = "mock-"
 MOCK_PLACEHOLDER = {"mock_run": True}
 
-_TASK_HARNESS = '''
-def run_task_in_sandbox(task, cases, params, min_cohort):
-    from analyses.site_tasks import run_site_task
-    return run_site_task(task, cases, params, min_cohort)
+_TASK_FUNCTION = "run_task_in_sandbox"
+_TASK_HARNESS = f'''
+def {_TASK_FUNCTION}(task, cases, params, min_cohort, min_batch):
+    from datasite_setup.site_tasks import run_for_parent
+    return run_for_parent(task, cases, params, min_cohort, min_batch)
 '''
 
 
+WITHHELD = "{label} did not complete at the site with a result it can release; the site's admin can see why (reference {reference})"
+
+
 class SiteRefusal(Exception):
-    """A run the site refused; the message is safe to show to the data scientist."""
+    """A run the site refused; the message is safe to show to the data scientist.
+
+    A refusal decided from the request alone (custom code, task, parameters, budgets) says why.
+    One that depends on what the code did with the data (it raised, hit a limit, was stopped by
+    the sandbox, or returned what its contract refuses) reads the same whatever happened
+    (`withheld`): an exception's type or the rule a result broke would carry a few bits per run.
+    The reason goes to the audit log under the reference the message quotes.
+    """
+
+    @classmethod
+    def withheld(cls, config: SiteConfig, label: str, event: dict[str, Any]) -> SiteRefusal:
+        reference = secrets.token_hex(4)
+        _audit(config, {**event, "reference": reference})
+        return cls(WITHHELD.format(label=label, reference=reference))
 
 
 def _is_mock_run(kwargs: dict[str, Any]) -> bool:
     case_lists = [v for v in kwargs.values() if isinstance(v, list) and v and all(isinstance(c, dict) and "case_id" in c for c in v)]
-    return bool(case_lists) and all(str(c["case_id"]).startswith(MOCK_CASE_PREFIX) for cases in case_lists for c in cases)
+    return bool(case_lists) and all(is_mock_case(c) for cases in case_lists for c in cases)
 
 
 def _audit(config: SiteConfig, event: dict[str, Any]) -> None:
-    entry = {"time": datetime.now(timezone.utc).isoformat(timespec="seconds"), **event}
-    with open(config.data_dir / "audit.log", "a") as fh:
-        fh.write(json.dumps(entry, sort_keys=True) + "\n")
+    audit_log.append(config.data_dir, event)
+
+
+def _code_id(code: Any) -> str | None:
+    """The approved code's id, by which `datasite-admin show` lists a request's runs (None for a
+    code object that carries none)."""
+    uid = getattr(code, "id", None)
+    return None if uid is None else str(uid.no_dash)
 
 
 def _plan(config: SiteConfig, code: Any, kwargs: dict[str, Any]) -> tuple[str, str, dict[str, Any], Any, str, dict[str, Any]]:
     """What to run for this request: (source, function, kwargs, contract, label, task params)."""
-    from analyses.site_tasks import TASKS, SiteFacts
+    from datasite_setup.site_tasks import TASKS, SiteFacts
 
     thin = parse_thin_request(code.raw_code)
-    facts = SiteFacts(min_cohort=config.privacy.min_cohort)
+    facts = SiteFacts(min_cohort=config.privacy.min_cohort, min_batch=config.privacy.min_batch)
     if thin is None:
         if not config.allow_custom_code:
             raise SiteRefusal("custom code is not allowed at this site; request a site task instead")
-        return code.parsed_code, code.unique_func_name, kwargs, ScalarsContract(names=None), "custom code", {}
+        returns = read_returns(code.raw_code)
+        names = frozenset() if returns is None else returns.names  # the names shown at review, and only those
+        contract = ScalarsContract(names=names, max_items=config.custom_code_max_values)
+        return code.parsed_code, code.unique_func_name, kwargs, contract, "custom code", {}
     enabled = TASKS.keys() if config.enabled_tasks is None else config.enabled_tasks
     if thin.task not in TASKS or thin.task not in enabled:
         raise SiteRefusal(f"site task '{thin.task}' is not enabled at this site")
     task = TASKS[thin.task]
     params = kwargs.get("params")
-    problems = task.problems(params)
+    problems = task.problems(params, facts)
     if problems:
         raise SiteRefusal(f"parameters refused for task '{task.name}': " + "; ".join(problems))
-    task_kwargs = {"task": task.name, "cases": kwargs["cases"], "params": params, "min_cohort": facts.min_cohort}
-    return _TASK_HARNESS, "run_task_in_sandbox", task_kwargs, task.contract(params, facts), f"task {task.name}", params
+    task_kwargs = {"task": task.name, "cases": kwargs["cases"], "params": params, "min_cohort": facts.min_cohort,
+                   "min_batch": facts.min_batch}
+    return _TASK_HARNESS, _TASK_FUNCTION, task_kwargs, task.contract(params, facts), f"task {task.name}", params
 
 
 def _charge_privacy_budget(config: SiteConfig, params: dict[str, Any], who: str, label: str) -> None:
     epsilon = dp_epsilon(params)
     if epsilon is None:
         return
+    if "noise" not in config.privacy.filters:
+        raise SiteRefusal("this site does not offer differentially private releases; send the request without 'dp'")
     budget = PrivacyBudget(config.data_dir / "privacy_budget.json", config.privacy.dp_epsilon_budget)
     try:
         remaining = budget.charge(who, epsilon)
@@ -99,24 +136,39 @@ def run_request(config: SiteConfig, code: Any, kwargs: dict[str, Any], who: str)
     """Run one approved request's code (a syft UserCode); return its result or raise SiteRefusal."""
     plan_source, plan_function, plan_kwargs, contract, label, params = _plan(config, code, kwargs)
     _charge_privacy_budget(config, params, who, label)
+    run_source, run_function = reporting(plan_source, plan_function)
     outcome = run_isolated(
-        plan_source, plan_function, plan_kwargs, Limits(**asdict(config.limits)), forbidden_paths=[config.data_dir],
+        run_source, run_function, plan_kwargs, Limits(**asdict(config.limits)), forbidden_paths=[config.data_dir],
         warm=config.warm_spares > 0, spares=config.warm_spares,
     )
+    about = {"what": label, "code": _code_id(code), "requested_by": who}
     if not outcome.ok:
-        _audit(config, {"action": "refused-run", "what": label, "requested_by": who, "why": outcome.failure})
-        raise SiteRefusal(f"{label} did not complete at the site ({outcome.failure}); the site's admin has the details")
-    result, released = outcome.result, Released()
+        raise SiteRefusal.withheld(config, label, {
+            "action": "refused-run", **about, "why": failure_reason(outcome, config.limits),
+            "failure": outcome.failure, "report": failure_report(outcome), "seconds": round(outcome.seconds, 2),
+        })
+    policy = Policy.for_site(config.privacy.min_cohort, config.privacy.filters, config.data_dir)
+    result, cohorts, released = outcome.result, [], Released()
     try:
+        if plan_function == _TASK_FUNCTION:
+            result, cohorts = read_task_release(result, kwargs["cases"])
         if isinstance(contract, AggregatesContract):
-            replace(contract, min_cohort=0).check(result)  # the shape `protect` relies on
-            result, released = protect(result, params, config.privacy.min_cohort)
+            replace(contract, min_cohort=0).check(result)  # the shape the filters rely on
+            result, released = policy.protect(result, params, cohorts)
         contract.check(result)
+        policy.record(who, result, cohorts, released)
     except ContractViolation as exc:
-        _audit(config, {"action": "refused-result", "what": label, "requested_by": who, "why": str(exc)})
-        raise SiteRefusal(f"result of {label} refused by the site's output contract: {exc}") from None
-    _audit(config, {"action": "ran", "what": label, "requested_by": who, "seconds": round(outcome.seconds, 2),
-                    **released.audit_fields()})
+        raise SiteRefusal.withheld(config, label, {
+            "action": "refused-result", **about, "why": f"output contract: {exc}", "seconds": round(outcome.seconds, 2),
+        }) from None
+    except ReleaseRefused as exc:
+        raise SiteRefusal.withheld(config, label, {
+            "action": "refused-release", **about, "why": f"disclosure control: {exc.reason}",
+            "seconds": round(outcome.seconds, 2),
+        }) from None
+    if isinstance(contract, ScalarsContract):
+        result = contract.as_floats(result)
+    _audit(config, {"action": "ran", **about, "seconds": round(outcome.seconds, 2), **released.audit_fields()})
     return result
 
 
@@ -142,6 +194,12 @@ def install(config: SiteConfig) -> None:
                 errored, message = False, ""
             except SiteRefusal as exc:
                 result, errored, message = None, True, str(exc)
+            except Exception as exc:  # a fault in the site's own checks; its text may quote data
+                refusal = SiteRefusal.withheld(config, "the request", {
+                    "action": "refused-run", "code": _code_id(code_item), "requested_by": who,
+                    "why": f"site error {type(exc).__name__}: {exc}",
+                })
+                result, errored, message = None, True, str(refusal)
         return UserCodeExecutionOutput(
             user_code_id=code_item.id, stdout="", stderr="", result=result, errored=errored, safe_error_message=message
         )

@@ -4,7 +4,7 @@ The admin approves the site's own, installed task code, not arbitrary code. A th
 exactly this shape (any function name; decorators are syft's and are ignored)::
 
     def anything(cases, params):
-        return run_site_task("local_train", cases, params)
+        return site_task("local_train", cases, params)
 
 Everything else is custom code, which a site refuses unless its config sets
 `allow_custom_code = true` (and even then it runs isolated under the strict scalars contract).
@@ -15,7 +15,7 @@ from __future__ import annotations
 import ast
 from dataclasses import dataclass
 
-CALL_NAME = "run_site_task"
+CALL_NAME = "site_task"
 ARGUMENTS = ("cases", "params")
 
 

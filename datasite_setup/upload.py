@@ -2,7 +2,8 @@
 
 Everything is read, de-identified and checked before the first byte is sent, and the dataset is
 uploaded in one call, so a failure leaves the datasite as it was. The mock holds synthetic cases
-with the same shapes, spacing and metadata keys as the private ones, and no real pixel.
+with the same shapes, spacing and metadata keys as the private ones, and no real pixel, made by
+the mock-case generator of the domain the dataset serves.
 """
 
 from __future__ import annotations
@@ -10,44 +11,19 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from datasite_setup.connection import admin_client
 from datasite_setup.credentials import pseudonym_key
 from datasite_setup.ingest import read_cases
 from datasite_setup.site_config import SiteConfig
+from domains import DOMAINS
 
 ASSET_NAME = "cases"
 
-# Patient-level metadata is replaced in the mock; scanner settings stay (they describe the site).
-_PATIENT_LEVEL_KEYS = {"PatientAge", "PatientSex"}
+DEFAULT_DOMAIN = "brain_mr_segmentation"
 
 
 def default_dataset_name(config: SiteConfig) -> str:
     return f"{config.name}-cases"
-
-
-def mock_cases(cases: list[dict[str, Any]], seed: int = 0) -> list[dict[str, Any]]:
-    """Synthetic stand-ins with each private case's shape, spacing and metadata schema."""
-    from domains.brain_mr_segmentation.phantom import synthetic_case
-
-    rng = np.random.default_rng(seed)
-    mocks = []
-    for i, case in enumerate(cases):
-        image, mask = synthetic_case(tuple(case["image"].shape), tuple(case["spacing"]), rng)
-        metadata = {k: ("" if k in _PATIENT_LEVEL_KEYS else v) for k, v in case["metadata"].items()}
-        mocks.append(
-            {
-                "case_id": f"mock-{i:04d}",
-                "image": image.astype(np.float32),
-                "mask": mask.astype(np.uint8),
-                "spacing": list(case["spacing"]),
-                "origin": list(case["origin"]),
-                "direction": list(case["direction"]),
-                "metadata": metadata,
-            }
-        )
-    return mocks
 
 
 def _describe(config: SiteConfig, cases: list[dict[str, Any]]) -> str:
@@ -65,15 +41,23 @@ def ingest_to_datasite(
     masks_dir: Path | None = None,
     roi: str | None = None,
     dataset_name: str | None = None,
+    domain: str = DEFAULT_DOMAIN,
 ) -> dict[str, Any]:
-    """Read, de-identify and upload; return the accepted/rejected report (JSON-serialisable)."""
+    """Read, de-identify and upload; return the accepted/rejected report (JSON-serialisable).
+
+    `domain` names the learning task the cases serve; its mock-case generator makes the mock asset.
+    """
     import syft as sy
+
+    from domains import get_domain
 
     if not dicom_dir.is_dir():
         raise ValueError(f"{dicom_dir}: not a folder; give the folder that holds the DICOM series")
     if masks_dir is not None and not masks_dir.is_dir():
         raise ValueError(f"{masks_dir}: --masks is not a folder")
     name = dataset_name or default_dataset_name(config)
+    if domain not in DOMAINS:
+        raise ValueError(f"unknown domain {domain!r} for the mock cases; known domains: {', '.join(DOMAINS)}")
     result = read_cases(dicom_dir, masks_dir, pseudonym_key(config), roi=roi)
     report = result.to_report()
     report["dataset"] = None
@@ -87,7 +71,7 @@ def ingest_to_datasite(
             "(nothing was uploaded)"
         )
     dataset = sy.Dataset(name=name, description=_describe(config, result.cases))
-    dataset.add_asset(sy.Asset(name=ASSET_NAME, data=result.cases, mock=mock_cases(result.cases)))
+    dataset.add_asset(sy.Asset(name=ASSET_NAME, data=result.cases, mock=get_domain(domain).mock_cases(result.cases)))
     outcome = admin.upload_dataset(dataset)
     if isinstance(outcome, sy.SyftError):
         raise RuntimeError(f"upload of dataset '{name}' to {config.name} failed: {outcome.message}")

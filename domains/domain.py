@@ -24,7 +24,7 @@ if TYPE_CHECKING:
 @runtime_checkable
 class Domain(Protocol):
     name: str
-    evaluation_scalars: frozenset[str]  # every key `confusion_counts` + `metrics_from_counts` return
+    evaluation_scalars: frozenset[str]  # every key `evaluation_counts` + `metrics_from_counts` return
     primary_metric: str  # the metric runs are compared on (e.g. "dice")
     higher_is_better: bool
 
@@ -37,9 +37,14 @@ class Domain(Protocol):
     def batches(self, cases: list[dict[str, Any]], batch_size: int, rng: np.random.Generator) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """One epoch of (x, y) tensors over `cases`, shuffled by `rng` so a round is reproducible."""
 
-    def confusion_counts(self, model: torch.nn.Module, cases: list[dict[str, Any]]) -> dict[str, int]:
+    def evaluation_counts(self, model: torch.nn.Module, cases: list[dict[str, Any]]) -> dict[str, int]:
         """Additive integer evaluation counts of `model` on `cases` (for segmentation: tp, fp, tn,
         fn over all voxels of all cases)."""
 
     def metrics_from_counts(self, counts: dict[str, int]) -> dict[str, float]:
         """Metrics from counts, possibly summed over several sites."""
+
+    def mock_cases(self, templates: list[dict[str, Any]], seed: int = 0) -> list[dict[str, Any]]:
+        """Synthetic case records with each template's shape, spacing, geometry and metadata keys and
+        no real pixel or patient value: the mock asset a data scientist develops against. The site
+        asks the domain of a dataset for them at ingestion."""

@@ -6,8 +6,9 @@ module-scoped because one costs ~10 s and ~400 MB; tests that restart a site get
 
 from __future__ import annotations
 
+import json
 import os
-import socket
+import re
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -16,7 +17,9 @@ from typing import Any, Iterator
 
 import pytest
 
+from datasite_setup import loopback_site
 from datasite_setup.credentials import data_scientist_password
+from datasite_setup.loopback_site import free_port
 from datasite_setup.site_config import SiteConfig, load_site_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -46,40 +49,9 @@ def ibsi_dir() -> Path:
     return path
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def write_site_config(
-    folder: Path, name: str, port: int, min_cohort: int = 2, allow_custom_code: bool = False, extra: str = ""
-) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"{name}.toml"
-    path.write_text(
-        f"""
-[site]
-name = "{name}"
-host = "127.0.0.1"
-port = {port}
-data_dir = "{name}-data"
-allow_custom_code = {str(allow_custom_code).lower()}
-
-[admin]
-email = "admin@{name}.example"
-
-[[data_scientists]]
-email = "{DS_EMAIL}"
-name = "A. Researcher"
-password_env = "{DS_PASSWORD_ENV}"
-
-[privacy]
-min_cohort = {min_cohort}
-{extra}
-"""
-    )
-    return path
+def write_site_config(folder: Path, name: str, port: int, *args: Any, **kwargs: Any) -> Path:
+    """`loopback_site.write_site_config` with the tests' data scientist, whose password is in the environment."""
+    return loopback_site.write_site_config(folder, name, port, *args, ds_email=DS_EMAIL, password_env=DS_PASSWORD_ENV, **kwargs)
 
 
 def run_cli(module: str, *args: str, check: bool = False, timeout: float = 600) -> subprocess.CompletedProcess:
@@ -115,6 +87,13 @@ class LiveSite:
         from datasite_setup.connection import login
 
         return login(self.config.url, DS_EMAIL, data_scientist_password(self.config, DS_EMAIL))
+
+
+def audit_entry(site: LiveSite, refusal: BaseException | str) -> dict:
+    """The admin's audit-log entry behind a refusal, found by the reference its message quotes."""
+    reference = re.search(r"reference ([0-9a-f]+)", str(refusal)).group(1)
+    log = [json.loads(line) for line in (site.config.data_dir / "audit.log").read_text().splitlines()]
+    return next(e for e in log if e.get("reference") == reference)
 
 
 def start_site(folder: Path, name: str, **kwargs: Any) -> LiveSite:

@@ -16,9 +16,9 @@ import pytest
 
 from analyses.combat_run import combat_rounds, common_features
 from analyses.harmonization.combat import CombatModel, apply_combat, fit_combat_distributed
-from analyses.site_tasks import TASKS, SiteFacts, run_site_task
-from analyses.site_tasks.combat_statistics import MAX_FEATURES
-from analyses.site_tasks.radiomics_aggregates import case_features
+from datasite_setup.site_tasks import TASKS, SiteFacts, run_installed_task
+from datasite_setup.site_tasks.combat_statistics import MAX_FEATURES
+from datasite_setup.site_tasks.radiomics_aggregates import case_features
 from tests.test_radiomics_features import SETTINGS, make_case
 
 SITES = ("hospital-a", "hospital-b", "hospital-c")
@@ -55,7 +55,7 @@ def call_sites(fleet: dict[str, list[dict[str, Any]]]):
         results = {}
         for site, params in params_by_site.items():
             assert TASK.problems(params) == []
-            result = run_site_task("combat_statistics", fleet[site], params, MIN_COHORT)
+            result = run_installed_task("combat_statistics", fleet[site], params, MIN_COHORT)
             TASK.contract(params, SiteFacts(min_cohort=MIN_COHORT)).check(result)
             results[site] = result
         return results
@@ -104,7 +104,7 @@ def test_harmonized_site_means_move_together(fleet, features) -> None:
 def test_nothing_per_case_leaves_a_stage(fleet, features) -> None:
     """Moments are sums (X'X, X'Y), residuals and harmonized results are per-feature aggregates."""
     params = {"settings": SETTINGS, "features": features, "covariates": SEX, "stage": "moments"}
-    moments = run_site_task("combat_statistics", fleet["hospital-a"], params, MIN_COHORT)
+    moments = run_installed_task("combat_statistics", fleet["hospital-a"], params, MIN_COHORT)
     assert set(moments) == {"n", "skipped", "XtX", "XtY"}
     assert moments["XtX"].shape == (4,) and moments["XtY"].shape == (2 * len(features),)
 
@@ -114,7 +114,7 @@ def test_a_cohort_too_small_once_unusable_cases_are_dropped_is_refused(fleet, fe
     cases = fleet["hospital-a"][:4] + fleet["hospital-a"][-1:]
     params = {"settings": SETTINGS, "features": features, "stage": "moments"}
     with pytest.raises(ValueError, match="4 usable cases; ComBat statistics need at least 5"):
-        run_site_task("combat_statistics", cases, params, min_cohort=5)
+        run_installed_task("combat_statistics", cases, params, min_cohort=5)
 
 
 @pytest.mark.parametrize(
@@ -140,3 +140,39 @@ def test_common_features_are_those_every_site_returned_with_a_spread() -> None:
         "b": {"features": {"x": {"n": 5, "var": 1.0}, "y": {"n": 5, "var": 3.0}}},
     }
     assert common_features(aggregates, 10) == ["x"]
+
+
+def test_a_covariate_level_held_by_fewer_than_min_cohort_cases_is_refused(fleet, features) -> None:
+    """One woman among six: her row of X'Y would be her features."""
+    from datasite_setup.site_tasks import TaskRefusal
+
+    cases = [{**case, "metadata": {**case["metadata"], "PatientSex": "F" if i == 0 else "M"}}
+             for i, case in enumerate(fleet["hospital-a"])]
+    params = {"settings": SETTINGS, "features": features, "covariates": SEX, "stage": "moments"}
+    with pytest.raises(TaskRefusal, match="covariate level is held by fewer than 3"):
+        run_installed_task("combat_statistics", cases, params, MIN_COHORT)
+    no_sex = {"settings": SETTINGS, "features": features, "stage": "moments"}
+    assert run_installed_task("combat_statistics", cases, no_sex, MIN_COHORT)["n"] == 6
+
+
+def test_a_case_the_request_would_leave_out_refuses_the_run(fleet, features) -> None:
+    """A level the request does not list would silently drop that case: the whole run is refused instead."""
+    from datasite_setup.site_tasks import TaskRefusal
+
+    cases = [{**case, "metadata": {**case["metadata"], "PatientSex": "O" if i == 0 else case["metadata"].get("PatientSex")}}
+             for i, case in enumerate(fleet["hospital-a"])]
+    params = {"settings": SETTINGS, "features": features, "covariates": SEX, "stage": "moments"}
+    with pytest.raises(TaskRefusal, match="no listed level"):
+        run_installed_task("combat_statistics", cases, params, MIN_COHORT)
+    with pytest.raises(TaskRefusal, match="not finite"):
+        run_installed_task("combat_statistics", fleet["hospital-a"],
+                           {"settings": SETTINGS, "features": ["not_a_feature"], "stage": "moments"}, MIN_COHORT)
+
+
+def test_moments_name_the_cases_behind_each_level_for_the_release_ledger(fleet, features) -> None:
+    from datasite_setup.site_tasks.task import feature_quantity
+
+    params = {"settings": SETTINGS, "features": features[:1], "covariates": SEX, "stage": "moments"}
+    release = TASK.run_with_cohorts(fleet["hospital-a"], params, SiteFacts(min_cohort=MIN_COHORT))
+    assert {c.cases for c in release.cohorts} == {(0, 1, 2, 3, 4, 5), (1, 3, 5), (0, 2, 4)}  # all, F, M
+    assert {c.quantity for c in release.cohorts} == {feature_quantity(features[0])}

@@ -32,7 +32,7 @@ pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(1800)]  # t
 
 
 def run_demo(work: Path, report: Path, *extra: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "analyses.demo", "--small", "--work", str(work), "--report", str(report),
+    return subprocess.run([sys.executable, "-m", "demo", "--small", "--work", str(work), "--report", str(report),
                            *extra], capture_output=True, text=True, timeout=1500, cwd=REPO)
 
 

@@ -106,7 +106,7 @@ def test_single_file_is_rejected_as_single_slice_series(tmp_path):
     result = scan_folder(tmp_path, progress=False)
     assert result.series == []
     [rejection] = result.rejected
-    assert rejection.path == str(target)
+    assert rejection.path == str(target) and rejection.files == (str(target),)
     assert "single-slice series" in rejection.reason and "CT_small.dcm" in rejection.reason
 
 
@@ -138,6 +138,7 @@ def test_undecodable_pixel_data_rejects_the_series(tmp_path):
     [rejection] = result.rejected
     assert "nm0.dcm: truncated or unreadable Pixel Data (7FE0,0010)" in rejection.reason
     assert "the whole series (3 files" in rejection.reason
+    assert rejection.files == tuple(str(tmp_path / f"nm{k}.dcm") for k in range(3))
 
 
 def test_oblique_shuffled_series_matches_simpleitk(tmp_path):
@@ -168,6 +169,7 @@ def test_non_image_objects_are_ignored_not_rejected(tmp_path):
     assert len(result.series) == 1 and result.rejected == []
     [ignored] = result.ignored
     assert ignored.path.endswith("report.dcm") and "Basic Text SR Storage" in ignored.reason
+    assert ignored.files == (ignored.path,)
 
 
 def test_series_split_by_series_uid_in_one_folder(tmp_path):

@@ -190,3 +190,19 @@ def test_run_request_suppresses_small_groups_and_charges_dp_before_running(tmp_p
     log = [json.loads(line) for line in (config.data_dir / "audit.log").read_text().splitlines()]
     assert [e["action"] for e in log] == ["ran", "charged-budget", "ran", "refused-budget"]
     assert log[0]["suppressed_groups"] == 1 and log[2]["dp_epsilon"] == 1.0
+
+
+def test_a_site_chooses_its_filters_and_one_without_noise_refuses_dp_before_running(tmp_path: Path) -> None:
+    from datasite_setup.site_execution import SiteRefusal, run_request
+
+    result, released = protect(aggregates(), {}, min_cohort=3, filters=("histogram_bins",))
+    assert result["acquisition"]["Manufacturer"]["Philips"] == {"n": 1}  # no min-count rule at this site
+    assert released.suppressed_groups == 0 and result["intensity"]["counts"].tolist() == [0, 0, 40, 0]
+
+    extra = 'filters = ["min_count", "histogram_bins", "release_ledger"]\n'
+    config = load_site_config(write_site_config(tmp_path, "site-unit", 8081, min_cohort=3, extra=extra))
+    config.data_dir.mkdir(parents=True)
+    params = {"settings": {"featureClass": {"firstorder": ["Mean"]}}, "dp": LAPLACE}
+    with pytest.raises(SiteRefusal, match="does not offer differentially private releases"):
+        run_request(config, thin_code("radiomics_aggregates"), {"cases": tiny_cases(4), "params": params}, "ds@uni.example")
+    assert not (config.data_dir / "privacy_budget.json").exists()

@@ -10,7 +10,7 @@ import torch
 
 import domains
 from domains.brain_mr_segmentation import DOMAIN, PROFILES, UNet2D, generate_case
-from domains.brain_mr_segmentation.cases import check_case_record, fit_centre, normalise_volume, slices_for_training
+from domains.brain_mr_segmentation.cases import check_segmentation_case, fit_centre, normalise_volume, slices_for_training
 from domains.brain_mr_segmentation.loss import dice_bce_loss
 from domains.brain_mr_segmentation.metrics import add_counts, confusion_counts, metrics_from_counts
 
@@ -57,7 +57,7 @@ def test_unet_keeps_spatial_shape_and_has_batchnorm():
 
 def test_domain_model_starts_predicting_background(ge_case):
     model = DOMAIN.build_model()
-    counts = DOMAIN.confusion_counts(model, [ge_case])
+    counts = DOMAIN.evaluation_counts(model, [ge_case])
     assert counts["tp"] + counts["fp"] < 0.05 * ge_case["mask"].size
 
 
@@ -121,7 +121,7 @@ def test_slices_are_padded_centred_to_a_multiple_of_eight(tumour_cases, ge_case)
     with pytest.raises(ValueError, match="multiple of 8"):
         slices_for_training(tumour_cases, size=(50, 56))
     with pytest.raises(ValueError, match="mask"):
-        check_case_record({k: v for k, v in ge_case.items() if k != "mask"})
+        check_segmentation_case({k: v for k, v in ge_case.items() if k != "mask"})
 
 
 def test_batches_cover_every_slice_once_and_are_reproducible(tumour_cases):
@@ -135,7 +135,7 @@ def test_batches_cover_every_slice_once_and_are_reproducible(tumour_cases):
 
 
 def test_counts_cover_the_original_voxels_only(ge_case, tumour_cases):
-    counts = DOMAIN.confusion_counts(DOMAIN.build_model(), [ge_case, *tumour_cases])
+    counts = DOMAIN.evaluation_counts(DOMAIN.build_model(), [ge_case, *tumour_cases])
     assert set(counts) == {"tp", "fp", "tn", "fn"} and all(isinstance(v, int) for v in counts.values())
     assert sum(counts.values()) == sum(case["mask"].size for case in [ge_case, *tumour_cases])
     assert counts["tp"] + counts["fn"] == sum(int(case["mask"].sum()) for case in [ge_case, *tumour_cases])
@@ -144,7 +144,7 @@ def test_counts_cover_the_original_voxels_only(ge_case, tumour_cases):
 def test_a_few_adam_steps_raise_dice(tumour_cases):
     torch.manual_seed(0)
     model = DOMAIN.build_model()
-    untrained = DOMAIN.metrics_from_counts(DOMAIN.confusion_counts(model, tumour_cases))["dice"]
+    untrained = DOMAIN.metrics_from_counts(DOMAIN.evaluation_counts(model, tumour_cases))["dice"]
     optimiser = torch.optim.Adam(model.parameters(), lr=3e-3)
     rng = np.random.default_rng(0)
     model.train()
@@ -153,6 +153,6 @@ def test_a_few_adam_steps_raise_dice(tumour_cases):
             optimiser.zero_grad()
             DOMAIN.loss(model(x), y).backward()
             optimiser.step()
-    trained = DOMAIN.metrics_from_counts(DOMAIN.confusion_counts(model, tumour_cases))["dice"]
+    trained = DOMAIN.metrics_from_counts(DOMAIN.evaluation_counts(model, tumour_cases))["dice"]
     assert trained > untrained + 0.3, (untrained, trained)
     assert model.training

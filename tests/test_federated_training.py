@@ -25,13 +25,13 @@ from analyses.federation.experiment import links_for, submit
 from analyses.federation.orchestrator import Orchestrator, TrainingPlan
 from analyses.federation.site_link import DatasiteLink
 from analyses.federation_file import load_federation
-from analyses.model_weights import exchanged_weights
-from analyses.site_tasks import local_train
-from analyses.site_tasks.task import SiteFacts
+from datasite_setup.model_weights import exchanged_weights
+from datasite_setup.site_tasks import local_train
+from datasite_setup.site_tasks.task import SiteFacts
 from datasite_setup import review
 from domains import get_domain
 from domains.brain_mr_segmentation import PROFILES, write_phantom_site
-from tests.conftest import DS_EMAIL, DS_PASSWORD_ENV, REPO, LiveSite, start_site
+from tests.conftest import DS_EMAIL, DS_PASSWORD_ENV, REPO, LiveSite, audit_entry, start_site
 
 SITES = ("hospital-a", "hospital-b", "hospital-c")
 pytestmark = pytest.mark.e2e
@@ -209,7 +209,10 @@ def test_a_nan_update_is_refused_at_the_site_and_the_round_goes_on_without_it(fl
 
     record = report.history[1]
     assert record["aggregated"] == ["hospital-b", "hospital-c"]
-    assert "output contract" in record["missed"]["hospital-a"] and "NaN" in record["missed"]["hospital-a"]
+    assert "did not complete at the site" in record["missed"]["hospital-a"]
+    assert "NaN" not in record["missed"]["hospital-a"]  # the reason is the admin's to read
+    entry = audit_entry(fleet["sites"]["hospital-a"], record["missed"]["hospital-a"])
+    assert "output contract" in entry["why"] and "NaN" in entry["why"]
     assert all(np.isfinite(w).all() for w in report.final_state["global"].values())
 
 
@@ -264,5 +267,6 @@ def test_a_request_returning_an_input_image_is_refused_by_the_guard(shared_site:
             raise RuntimeError(result.message)
         result.get()
     message = str(refused.value)
-    assert "output contract" in message
+    assert "did not complete at the site" in message
     assert "100." not in message and "Traceback" not in message
+    assert "output contract" in audit_entry(shared_site, message)["why"]

@@ -20,9 +20,9 @@ from analyses.federation.fedbn import is_normalisation
 from analyses.federation.simulated_site import SimulatedSite
 from analyses.federation.orchestrator import Orchestrator, PlanMismatch, RoundFailed, TrainingPlan
 from analyses.federation.update_checks import RejectedUpdate, check_update
-from analyses.model_weights import declared_shapes, exchanged_weights
-from analyses.site_tasks import evaluate, local_train
-from analyses.site_tasks.task import SiteFacts
+from datasite_setup.model_weights import declared_shapes, exchanged_weights
+from datasite_setup.site_tasks import evaluate, local_train
+from datasite_setup.site_tasks.task import SiteFacts
 from domains import get_domain
 from domains.brain_mr_segmentation import PROFILES, generate_case
 

@@ -1,5 +1,6 @@
-"""Bad input through `read_cases`: every defect gives a reason naming the file, and nothing of the
-defective series reaches the cases, while a sound series beside it is still accepted."""
+"""Bad input through `read_cases`: every defect gives a reason naming the file, nothing of the
+defective series reaches the cases (every one of its files is listed as rejected), while a sound
+series beside it is still accepted."""
 
 from __future__ import annotations
 
@@ -26,19 +27,19 @@ N_SLICES = 5
 SEG_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
 
 
-def write_stack(folder: Path, n: int = N_SLICES) -> list[Path]:
+def write_stack(folder: Path, n: int = N_SLICES, prefix: str = "slice") -> list[Path]:
     """n copies of pydicom's MR_small.dcm (64x64, axial) as one series, STEP mm apart."""
     source = pydicom.dcmread(get_testdata_file("MR_small.dcm"))
     start = np.array([float(v) for v in source.ImagePositionPatient])
     series_uid = generate_uid()
-    folder.mkdir(parents=True)
+    folder.mkdir(parents=True, exist_ok=True)
     paths = []
     for k in range(n):
         ds = copy.deepcopy(source)
         ds.SeriesInstanceUID = series_uid
         ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
         ds.ImagePositionPatient = [f"{v:.4f}" for v in start + [0.0, 0.0, k * STEP]]
-        paths.append(folder / f"slice{k:03d}.dcm")
+        paths.append(folder / f"{prefix}{k:03d}.dcm")
         ds.save_as(paths[-1])
     return paths
 
@@ -66,10 +67,6 @@ def tree(tmp_path: Path) -> dict[str, Path]:
     write_stack(dicom / "bad")
     write_mask(masks / "bad.nii.gz")
     return {"dicom": dicom, "masks": masks, "bad": dicom / "bad", "good": dicom / "good"}
-
-
-def non_dicom_file(t: dict[str, Path]) -> None:
-    (t["bad"] / "notes.dcm").write_text("exported by the PACS viewer")
 
 
 def truncated_pixel_data(t: dict[str, Path]) -> None:
@@ -100,6 +97,17 @@ def edit(name: str, change: Callable[[Dataset], None]) -> Callable[[dict[str, Pa
 
 def set_attr(keyword: str, value: object) -> Callable[[Dataset], None]:
     return lambda ds: setattr(ds, keyword, value)
+
+
+def malformed(keyword: str, placeholder: str, garbage: bytes) -> Callable[[dict[str, Path]], None]:
+    """Write `keyword` as `placeholder`, then overwrite its bytes with `garbage` (pydicom refuses to write it)."""
+    def apply(t: dict[str, Path]) -> None:
+        path = t["bad"] / "slice002.dcm"
+        edit("slice002.dcm", set_attr(keyword, placeholder))(t)
+        raw = path.read_bytes()
+        assert raw.count(placeholder.encode()) == 1 and len(garbage) == len(placeholder)
+        path.write_bytes(raw.replace(placeholder.encode(), garbage))
+    return apply
 
 
 def shifted_z(ds: Dataset) -> None:
@@ -135,7 +143,6 @@ def two_masks(t: dict[str, Path]) -> None:
 
 
 BAD_INPUTS = [
-    pytest.param(non_dicom_file, "notes.dcm", "not a DICOM file (no 'DICM' marker", id="non-dicom-file"),
     pytest.param(truncated_pixel_data, "slice002.dcm",
                  "slice002.dcm: truncated or unreadable Pixel Data (7FE0,0010)", id="truncated-pixel-data"),
     pytest.param(truncated_header, "slice002.dcm", "slice002.dcm: missing required tag", id="truncated-header"),
@@ -156,6 +163,14 @@ BAD_INPUTS = [
                  "slice002.dcm: missing required tag(s) ImagePositionPatient (0020,0032)", id="missing-tag"),
     pytest.param(edit("slice002.dcm", set_attr("SamplesPerPixel", 3)), "slice002.dcm", "colour image",
                  id="colour-slice"),
+    pytest.param(edit("slice002.dcm", set_attr("PhotometricInterpretation", "PALETTE COLOR")), "slice002.dcm",
+                 "slice002.dcm: colour image (PhotometricInterpretation (0028,0004) = PALETTE COLOR)",
+                 id="palette-colour-slice"),
+    pytest.param(malformed("NumberOfFrames", "98765432", b"abcdefgh"), "slice002.dcm",
+                 "slice002.dcm: malformed header value (ValueError", id="malformed-number-of-frames"),
+    pytest.param(malformed("RescaleSlope", "9.876543", b"abcdefgh"), "slice002.dcm",
+                 "slice002.dcm: malformed RescaleSlope (0028,1053) or RescaleIntercept (0028,1052)",
+                 id="malformed-rescale-slope"),
     pytest.param(misfit_mask, "bad.nii.gz",
                  "the mask's grid does not match the image series' (origin differs): mask size 64x64x5, spacing "
                  "0.3125x0.3125x2.5000 mm, origin (-78.906", id="mask-shifted"),
@@ -181,15 +196,22 @@ def test_bad_input_is_rejected_with_its_reason_and_nothing_kept(tree, damage, na
     hits = [r for r in result.rejected if expected in r["reason"]]
     assert hits, f"no rejection says {expected!r}; got {reasons}"
     assert any(named in r["path"] or named in r["reason"] for r in hits)
-    json.dumps(result.to_report())
+    report = json.loads(json.dumps(result.to_report()))
+    listed = [f for outcome in ("accepted", "rejected", "ignored") for entry in report[outcome] for f in entry["files"]]
+    assert sorted(listed) == sorted(str(p) for p in tree["dicom"].rglob("*") if p.is_file())
+    rejected = {f for entry in report["rejected"] for f in entry["files"]}
+    assert {str(p) for p in tree["bad"].iterdir()} <= rejected
 
 
-def test_non_dicom_file_in_a_series_folder_also_rejects_that_series(tree):
-    non_dicom_file(tree)
+def test_non_dicom_file_beside_a_complete_series_rejects_only_itself(tree):
+    """Decision: a file that names no series does not reject the series in its folder."""
+    (tree["bad"] / "notes.dcm").write_text("exported by the PACS viewer")
     result = read_cases(tree["dicom"], tree["masks"], SECRET, progress=False)
-    by_path = {r["path"]: r["reason"] for r in result.rejected}
-    assert "not a DICOM file" in by_path[str(tree["bad"] / "notes.dcm")]
-    assert "notes.dcm in the same folder is not readable DICOM" in by_path[str(tree["bad"])]
+    assert sorted(a["folder"] for a in result.accepted) == [str(tree["bad"]), str(tree["good"])]
+    [rejection] = result.rejected
+    assert rejection["path"] == str(tree["bad"] / "notes.dcm") and rejection["files"] == [rejection["path"]]
+    assert rejection["reason"].startswith("notes.dcm: not a DICOM file (no 'DICM' marker after the 128-byte "
+                                          "preamble, and no DICOM data set at its start either); move it out")
 
 
 def test_no_mask_reason_names_the_possible_mask_files(tree):
@@ -197,6 +219,7 @@ def test_no_mask_reason_names_the_possible_mask_files(tree):
     result = read_cases(tree["dicom"], tree["masks"], SECRET, progress=False)
     [rejection] = result.rejected
     assert rejection["path"] == str(tree["bad"])
+    assert rejection["files"] == [str(p) for p in sorted(tree["bad"].iterdir())]
     assert "or bad.nii.gz or 4MR1.nii.gz in --masks" in rejection["reason"]
 
 
@@ -257,9 +280,11 @@ def test_binary_seg_in_the_tree_is_read_onto_the_series(tmp_path):
     write_stack(tmp_path / "dicom" / "p1")
     expected = write_seg(tmp_path / "dicom" / "seg.dcm", tmp_path / "dicom" / "p1")
     result = read_cases(tmp_path / "dicom", None, SECRET, progress=False)
-    assert result.rejected == []
+    assert result.rejected == [] and result.ignored == []
     [record] = result.cases
     assert np.array_equal(record["mask"], expected)
+    [accepted] = result.accepted
+    assert accepted["files"][-1] == str(tmp_path / "dicom" / "seg.dcm") and len(accepted["files"]) == N_SLICES + 1
 
 
 def test_seg_with_several_segments_is_not_supported(tmp_path):
@@ -269,6 +294,7 @@ def test_seg_with_several_segments_is_not_supported(tmp_path):
     assert result.cases == []
     [rejection] = result.rejected
     assert "seg.dcm: DICOM SEG with 2 segments is not supported" in rejection["reason"]
+    assert len(rejection["files"]) == N_SLICES + 1 and rejection["files"][-1] == str(tmp_path / "dicom" / "seg.dcm")
 
 
 def test_short_secret_and_missing_masks_folder_are_refused(tree):

@@ -6,6 +6,11 @@ thread-safety test), and each test reads its outcome. Warm: one after the other,
 spare started for it. The secret is planted where a hostile
 function would look: the server's environment, a file in the site's data dir, an exception
 message, an exception's class name, an audit event name and a forged protocol frame.
+
+The result channel is attacked as well: a forged "ok" frame written after a refusal, before it,
+to every fd, to objects found through gc or the harness's frames, and the hook's own state
+tampered with; none of it turns a refusal into a success. The caps on threads (Python and
+OpenMP), open files and result size hold with the tests running as root.
 """
 
 from __future__ import annotations
@@ -23,13 +28,30 @@ import pytest
 
 import psutil
 
-from datasite_setup.isolation import IsolatedOutcome, Limits, discard_spares, prewarm, run_isolated
-from datasite_setup.sandbox_child import carve
+from datasite_setup.isolation import REQUIRED_LAYERS, IsolatedOutcome, Limits, discard_spares, prewarm, run_isolated
+from datasite_setup.sandbox.audit_hook import REFUSABLE_EVENTS, exit_status, refused_event
+from datasite_setup.sandbox.grants import carve
 
 SECRET = f"s3cr3t-{uuid.uuid4().hex[:12]}"
 LIMITS = Limits(cpu_seconds=60, wall_seconds=60, memory_mb=2048)
 NUMPY = ("numpy",)
 TORCH = ("numpy", "torch")
+# A thread's stack and malloc arena take address space, so under the 2 GB memory limit a run cannot
+# start many more than ~20 threads anyway; a cap below that shows the cap itself refusing.
+EIGHT_THREADS = Limits(cpu_seconds=60, wall_seconds=60, memory_mb=2048, max_threads=8)
+ONE_MB_RESULT = Limits(cpu_seconds=60, wall_seconds=60, memory_mb=2048, max_result_mb=1)
+# Code that forges the harness's result frame, as a hostile function can: the format is public.
+FORGE = """
+import os
+from datasite_setup.sandbox.frames import frame
+forged = frame({"ok": True, "result": {"forged": 1.0}, "error_type": None, "stdout": ""}, 1 << 20)
+def forge(fds):
+    for fd in fds:
+        try:
+            os.write(fd, forged)
+        except OSError:
+            pass
+"""
 
 
 def _code(body: str, args: str = "") -> str:
@@ -106,6 +128,119 @@ def _probes(data_dir: Path, outside: Path, port: int) -> dict[str, tuple[str, di
                 """
             ),
             {}, LIMITS, NUMPY,
+        ),
+        "forged_ok_after_refusal": (
+            _code(FORGE + "try:\n    open('/etc/hostname').read()\nexcept PermissionError:\n    pass\n"
+                  "forge(range(3, 256))\nos._exit(0)"),
+            {}, LIMITS, NUMPY,
+        ),
+        "forged_ok_before_refusal": (
+            _code(FORGE + "forge(range(3, 256))\ntry:\n    open('/etc/hostname').read()\nexcept PermissionError:\n"
+                  "    pass\nreturn {'x': 1.0}"),
+            {}, LIMITS, NUMPY,
+        ),
+        "forged_ok_found_by_gc": (
+            _code(
+                FORGE
+                + textwrap.dedent(
+                    """
+                import gc, socket
+                try:
+                    found = [o for o in gc.get_objects() if isinstance(o, socket.socket)]
+                except PermissionError:
+                    found = []
+                forge([s.fileno() for s in found])
+                os._exit(0)
+                """
+                )
+            ),
+            {}, LIMITS, NUMPY,
+        ),
+        "forged_ok_found_in_frames": (
+            _code(
+                FORGE
+                + textwrap.dedent(
+                    """
+                import sys
+                fds, frame_ = set(), sys._getframe()
+                while frame_ is not None:
+                    fds |= {v for v in frame_.f_locals.values() if type(v) is int and 2 < v < 1024}
+                    frame_ = frame_.f_back
+                forge(sorted(fds))
+                try:
+                    open('/etc/hostname').read()
+                except PermissionError:
+                    pass
+                forge(sorted(fds))
+                os._exit(0)
+                """
+                )
+            ),
+            {}, LIMITS, NUMPY,
+        ),
+        "forged_ok_alone": (_code(FORGE + "forge(range(3, 256))\nos._exit(0)"), {}, LIMITS, NUMPY),
+        "hook_tampering_defaults": (
+            _code(
+                """
+                import sys, types
+                hook_module = sys.modules["datasite_setup.sandbox.audit_hook"]
+                for value in list(vars(hook_module).values()):
+                    if isinstance(value, types.FunctionType) and value.__defaults__:
+                        value.__defaults__ = tuple(None for _ in value.__defaults__)
+                return open('/etc/hostname').read()
+                """
+            ),
+            {}, LIMITS, NUMPY,
+        ),
+        "thread_bomb": (
+            _code("import threading\nstop = threading.Event()\nfor _ in range(1000):\n"
+                  "    threading.Thread(target=stop.wait, daemon=True).start()\nreturn 1"),
+            {}, EIGHT_THREADS, NUMPY,
+        ),
+        "thread_bomb_caught": (
+            _code(
+                """
+                import threading
+                stop, started = threading.Event(), 0
+                try:
+                    for _ in range(1000):
+                        threading.Thread(target=stop.wait, daemon=True).start()
+                        started += 1
+                except RuntimeError:
+                    pass
+                return {"started": float(started)}
+                """
+            ),
+            {}, EIGHT_THREADS, NUMPY,
+        ),
+        "thread_bomb_native": (
+            _code("import torch\ntorch.set_num_threads(200)\nreturn float(torch.ones(20_000_000).exp().sum())"),
+            {}, EIGHT_THREADS, TORCH,
+        ),
+        "open_files": (_code("handles = [open(f'f{i}', 'w') for i in range(1000)]\nreturn 1"), {}, LIMITS, NUMPY),
+        "open_files_caught": (
+            _code("handles = []\ntry:\n    for i in range(1000):\n        handles.append(open(f'f{i}', 'w'))\n"
+                  "except OSError:\n    pass\nreturn {'opened': float(len(handles))}"),
+            {}, LIMITS, NUMPY,
+        ),
+        "oversized_result": (
+            _code("import numpy as np\nreturn {'a': np.zeros(2 * 1024 * 1024, dtype=np.uint8)}"), {}, ONE_MB_RESULT, NUMPY,
+        ),
+        "oversized_forged_output": (
+            _code(
+                """
+                import os, stat
+                junk = bytes(3 * 1024 * 1024)
+                for fd in range(3, 256):
+                    try:
+                        if stat.S_ISSOCK(os.fstat(fd).st_mode):
+                            os.write(fd, junk)
+                    except OSError:
+                        pass
+                return 1
+                """
+            ),
+            {}, ONE_MB_RESULT, NUMPY,
         ),
         "hard_exit": (_code("import os\nos._exit(3)"), {}, LIMITS, NUMPY),
         "memory_hog": (
@@ -196,7 +331,7 @@ def _children_running_sandbox() -> list[psutil.Process]:
     found = []
     for child in psutil.Process().children(recursive=True):
         try:
-            if "datasite_setup.sandbox_child" in child.cmdline():
+            if "datasite_setup.sandbox.child_main" in child.cmdline():
                 found.append(child)
         except psutil.NoSuchProcess:
             continue
@@ -256,6 +391,17 @@ REFUSED = {
     "exception_class_name": "error:Exception",
     "forged_frame": "crashed",
     "hard_exit": "crashed",
+    "forged_ok_after_refusal": "refused:open",
+    "forged_ok_before_refusal": "refused:open",
+    "forged_ok_found_by_gc": "refused:gc.get_objects",
+    "forged_ok_found_in_frames": "refused:open",
+    "hook_tampering_defaults": "refused:object.__setattr__",
+    "thread_bomb": "threads",
+    "thread_bomb_caught": "threads",  # the parent refused the thread: final, whatever the code does next
+    "thread_bomb_native": "threads",  # OpenMP threads go through the same kernel check
+    "open_files": "open-files",
+    "oversized_result": "result-size",
+    "oversized_forged_output": "result-size",  # the parent stops reading at the cap
 }
 
 
@@ -404,3 +550,48 @@ def test_a_cold_run_starts_no_spare() -> None:
     outcome = run_isolated(_code("return {'v': 2.0}"), "f", {}, LIMITS, preload=NUMPY, warm=False)
     assert outcome.ok and not outcome.warm
     assert _children_running_sandbox() == []
+
+
+def test_a_forged_frame_without_a_refusal_counts_only_as_a_return_value(site: dict[str, Any]) -> None:
+    """Code can always write to its own channel; what it writes there is believed no more than
+    what it could have returned, and the layers reported are the harness's, sent before it ran."""
+    outcome = site["outcomes"]["forged_ok_alone"]
+    assert outcome.ok and outcome.result == {"forged": 1.0}
+    assert set(outcome.confinement) >= REQUIRED_LAYERS
+
+
+def test_the_open_file_cap_holds_when_the_code_handles_the_error(site: dict[str, Any]) -> None:
+    outcome = site["outcomes"]["open_files_caught"]
+    assert outcome.ok, outcome
+    assert 0 < outcome.result["opened"] < 256
+
+
+def test_every_refusable_event_has_its_own_exit_status() -> None:
+    statuses = {exit_status(name) for name in REFUSABLE_EVENTS}
+    assert len(statuses) == len(REFUSABLE_EVENTS) and max(statuses) <= 255
+    assert statuses.isdisjoint({0, 1, 2, 70, 71, 120, 126, 127, *range(128, 193)})
+    assert all(refused_event(exit_status(name)) == name for name in REFUSABLE_EVENTS)
+    assert refused_event(0) is None and refused_event(70) is None
+
+
+def test_limits_refuse_caps_too_small_to_run_anything() -> None:
+    for caps in ({"max_threads": 1}, {"max_open_files": 8}, {"max_result_mb": 0}):
+        with pytest.raises(ValueError, match="too small"):
+            Limits(**caps)
+
+
+def test_site_config_reads_the_execution_caps(tmp_path: Path) -> None:
+    from dataclasses import asdict
+
+    from datasite_setup.site_config import SiteConfigError, load_site_config
+    from tests.conftest import write_site_config
+
+    default = load_site_config(write_site_config(tmp_path / "a", "site-a", 8081)).limits
+    assert (default.max_threads, default.max_open_files, default.max_result_mb) == (64, 256, 256)
+    extra = "\n[execution]\nmax_threads = 16\nmax_open_files = 64\nmax_result_mb = 8\n"
+    custom = load_site_config(write_site_config(tmp_path / "b", "site-b", 8081, extra=extra)).limits
+    assert Limits(**asdict(custom)) == Limits(1800, 1800.0, 6144, max_threads=16, max_open_files=64, max_result_mb=8)
+    for key, bad in (("max_threads", "2"), ("max_open_files", '"many"'), ("max_result_mb", "0"), ("max_threads", "true")):
+        path = write_site_config(tmp_path / "c", "site-c", 8081, extra=f"\n[execution]\n{key} = {bad}\n")
+        with pytest.raises(SiteConfigError, match=f"execution.{key}"):
+            load_site_config(path)

@@ -126,3 +126,36 @@ def test_aggregates_contract_refuses(mutate: Any, expected: str) -> None:
     result = _aggregates()
     mutate(result)
     assert expected in _refused(AggregatesContract(min_cohort=5, max_array_len=64), result)
+
+
+@pytest.mark.parametrize(
+    ("result", "expected"),
+    [
+        ({"n": 2**1024}, "not a finite number"),
+        ({"n": 2**53 + 1}, "too large to be held exactly by a float"),
+        ({"n": np.int64(2**60)}, "too large to be held exactly by a float"),
+        ({"flag": np.bool_(True)}, "a number is required"),
+        ({"a" * 33: 1.0}, "not a short identifier (at most 32 characters)"),
+        ({7: 1.0}, "not a short identifier"),
+        ({f"v{i}": 1.0 for i in range(17)}, "17 entries, at most 16"),
+    ],
+)
+def test_scalars_carry_at_most_a_few_float64_values(result: Any, expected: str) -> None:
+    assert expected in _refused(ScalarsContract(), result)
+
+
+def test_declared_names_do_not_lift_the_count_or_the_name_rules() -> None:
+    many = {f"v{i}": 1.0 for i in range(5)}
+    assert "at most 4" in _refused(ScalarsContract(names=set(many), max_items=4), many)
+    long_name = "x" * 40
+    assert "short identifier" in _refused(ScalarsContract(names={long_name}), {long_name: 1.0})
+
+
+def test_scalars_leave_as_python_floats() -> None:
+    contract = ScalarsContract(names={"n", "mean", "sd"})
+    result = {"n": 40, "mean": np.float32(0.5), "sd": np.float64(0.25)}
+    contract.check(result)
+    released = contract.as_floats(result)
+    assert released == {"n": 40.0, "mean": 0.5, "sd": 0.25}
+    assert all(type(v) is float for v in released.values())
+    contract.check({"n": 2**53})

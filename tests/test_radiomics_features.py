@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from analyses.site_tasks import TASKS, SiteFacts, run_site_task
-from analyses.site_tasks.radiomics_aggregates import case_features, sitk_image
+from datasite_setup.site_tasks import TASKS, SiteFacts, run_installed_task
+from datasite_setup.site_tasks.radiomics_aggregates import case_features, sitk_image
 
 SETTINGS = {"imageType": {"Original": {}}, "featureClass": {"shape": None, "firstorder": None}, "setting": {"binWidth": 10}}
 SITE = SiteFacts(min_cohort=2)
@@ -57,7 +57,7 @@ def test_run_returns_aggregates_of_the_case_features_and_skips_empty_masks() -> 
     cases = [make_case(0), make_case(1), make_case(3, lesion=False), make_case(4, manufacturer="Philips")]
     params = {"settings": SETTINGS, "intensity_edges": [0.0, 200.0, 300.0, 400.0, 600.0],
               "feature_edges": {"original_firstorder_Mean": [250.0, 300.0, 350.0, 400.0]}}
-    result = run_site_task("radiomics_aggregates", cases, params, min_cohort=2)
+    result = run_installed_task("radiomics_aggregates", cases, params, min_cohort=2)
     per_case = [case_features(c, SETTINGS) for c in cases if c["mask"].any()]
     assert result["n"] == 3 and result["skipped_empty_mask"] == 1 and result["skipped_unusable"] == 0
     mean = result["features"]["original_firstorder_Mean"]
@@ -75,7 +75,7 @@ def test_run_returns_aggregates_of_the_case_features_and_skips_empty_masks() -> 
 def test_with_dp_each_case_value_is_clipped_to_the_declared_bounds() -> None:
     cases = [make_case(0), make_case(1)]
     dp = {"epsilon": 1.0, "mechanism": "laplace", "bounds": {"original_firstorder_Mean": [0.0, 250.0]}}
-    result = run_site_task("radiomics_aggregates", cases, {"settings": SETTINGS, "dp": dp}, min_cohort=2)
+    result = run_installed_task("radiomics_aggregates", cases, {"settings": SETTINGS, "dp": dp}, min_cohort=2)
     assert result["features"]["original_firstorder_Mean"]["mean"] == 250.0  # both lesions are brighter
     assert result["features"]["original_firstorder_Mean"]["var"] == 0.0
 
@@ -84,7 +84,7 @@ def test_nyul_harmonization_standardizes_each_image_before_extraction() -> None:
     from analyses.harmonization.nyul import DEFAULT_PERCENTILES, case_landmarks, fit_standard_scale, standardize, StandardScale
 
     cases = [make_case(0), make_case(1)]
-    summary = run_site_task("intensity_landmarks", cases, {}, min_cohort=2)
+    summary = run_installed_task("intensity_landmarks", cases, {}, min_cohort=2)
     assert summary["n"] == 2 and summary["mean"].shape == (len(DEFAULT_PERCENTILES),)
     expected = np.array([case_landmarks(c["image"], None, DEFAULT_PERCENTILES) for c in cases])
     assert summary["mean"] == pytest.approx(expected.mean(axis=0)) and summary["var"] == pytest.approx(expected.var(axis=0, ddof=1))
@@ -93,7 +93,7 @@ def test_nyul_harmonization_standardizes_each_image_before_extraction() -> None:
     scale = fit_standard_scale({"site": summary})
     params = {"settings": SETTINGS, "harmonization": {"nyul": scale.to_params()}}
     assert TASKS["radiomics_aggregates"].problems(params) == []
-    result = run_site_task("radiomics_aggregates", cases, params, min_cohort=2)
+    result = run_installed_task("radiomics_aggregates", cases, params, min_cohort=2)
     restored = StandardScale.from_params(scale.to_params())
     standardized = [
         case_features({**c, "image": standardize(c["image"], case_landmarks(c["image"], None, restored.percentiles), restored).astype(np.float32)}, SETTINGS)
@@ -155,3 +155,57 @@ def test_cli_refuses_bad_input_with_exit_code_2_before_contacting_any_site(tmp_p
         assert main(["radiomics", str(federation), "--params", str(params), "--out", str(tmp_path / "o")]) == 2
         assert words in capsys.readouterr().out
     assert main(["radiomics", str(tmp_path / "missing.toml"), "--params", str(params), "--out", str(tmp_path / "o")]) == 2
+
+
+# ---- no parameter selects cases; the release says which cases entered what ---------------------------
+
+
+@pytest.mark.parametrize(
+    "settings, words",
+    [
+        ({"setting": {"minimumROISize": 100}}, "minimumROISize"),
+        ({"setting": {"minimumROIDimensions": 3}}, "minimumROIDimensions"),
+        ({"setting": {"resegmentRange": [0, 300]}}, "resegmentRange"),
+        ({"setting": {"label": 2}}, "'label' must be 1"),
+        ({"imageType": {"Original": {"minimumROISize": 100}}}, "minimumROISize"),
+    ],
+)
+def test_settings_that_decide_which_lesions_enter_are_refused(settings: dict, words: str) -> None:
+    problems = " ".join(TASKS["radiomics_aggregates"].problems({"settings": settings}))
+    assert words in problems, problems
+    assert TASKS["combat_statistics"].problems({"settings": settings, "features": ["f"], "stage": "moments"})
+    assert TASKS["radiomics_aggregates"].problems({"settings": {"setting": {"label": 1}}}) == []
+
+
+def test_a_case_pyradiomics_refuses_refuses_the_whole_run() -> None:
+    from datasite_setup.site_tasks import TaskRefusal
+
+    tiny = make_case(5)
+    tiny["mask"][:] = 0
+    tiny["mask"][5, 10, 8] = 1  # one voxel: pyradiomics cannot describe it
+    with pytest.raises(TaskRefusal, match="pyradiomics refused case #2"):
+        run_installed_task("radiomics_aggregates", [make_case(0), make_case(1), tiny], {"settings": SETTINGS}, min_cohort=2)
+
+
+def test_the_release_names_the_cases_behind_each_feature_bin_and_voxel_bin() -> None:
+    cases = [make_case(0), make_case(3, lesion=False), make_case(1), make_case(4)]
+    edges = [250.0, 330.0, 400.0]
+    params = {"settings": SETTINGS, "intensity_edges": [0.0, 290.0, 1000.0],
+              "feature_edges": {"original_firstorder_Mean": edges}}
+    release = TASKS["radiomics_aggregates"].run_with_cohorts(cases, params, SITE)
+    by_path = {c.path: c for c in release.cohorts}
+    mean = by_path[("features", "original_firstorder_Mean")]
+    assert mean.quantity == "lesion_mean_intensity" and mean.cases == (0, 2, 3)
+    assert by_path[("features", "original_shape_Elongation")].quantity == "radiomics_feature/original_shape_Elongation"
+    values = {i: case_features(cases[i], SETTINGS)["original_firstorder_Mean"] for i in (0, 2, 3)}
+    hist = release.result["features"]["original_firstorder_Mean"]["hist"]
+    for b in np.flatnonzero(hist):
+        members = by_path[("features", "original_firstorder_Mean", "hist", str(b))]
+        assert members.quantity == "lesion_mean_intensity/bins" and len(members.cases) == hist[b]
+        assert all(edges[b] <= values[i] < edges[b + 1] for i in members.cases)
+    assert by_path[("intensity",)].cases == (0, 2, 3)
+    for b in (0, 1):
+        assert by_path[("intensity", "counts", str(b))].quantity is None  # a sum of voxels: bins cleanser only
+        contributors = by_path[("intensity", "counts", str(b))].cases
+        assert contributors == tuple(i for i in (0, 2, 3) if np.histogram(cases[i]["image"][cases[i]["mask"] > 0],
+                                                                           params["intensity_edges"])[0][b])

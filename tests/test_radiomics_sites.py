@@ -20,9 +20,9 @@ import SimpleITK as sitk
 
 from analyses.federation_file import Federation, load_federation
 from analyses.radiomics_run import AwaitingApproval, nyul_scale, run_radiomics, submit, submit_radiomics
-from analyses.site_requests import request_site_task, run_site_task
-from analyses.site_tasks.radiomics_aggregates import case_features
-from tests.conftest import DS_EMAIL, DS_PASSWORD_ENV, LiveSite, free_port, ibsi_dir, run_cli, write_site_config
+from analyses.site_requests import request_site_task, call_site_task
+from datasite_setup.site_tasks.radiomics_aggregates import case_features
+from tests.conftest import DS_EMAIL, DS_PASSWORD_ENV, LiveSite, audit_entry, free_port, ibsi_dir, run_cli, write_site_config
 from tests.test_datasite_server import asset_of
 from tests.test_site_execution import approve_and_run
 
@@ -306,19 +306,19 @@ def test_dp_budget_is_enforced_across_requests_and_a_restart(fleet: dict[str, Li
         request_site_task(ds, asset, "radiomics_aggregates", label, max_runs=3)
     approve_pending({"hospital-a": site})
 
-    noisy = run_site_task(ds, asset, "radiomics_aggregates", "dp1", params)
+    noisy = call_site_task(ds, asset, "radiomics_aggregates", "dp1", params)
     assert set(noisy) == {"n", "features", "suppressed_groups", "zeroed_bins"}  # unbounded sections withheld
     assert set(noisy["features"]) == {"original_firstorder_Mean"}  # Median has no declared bounds
     assert 0.0 <= noisy["features"]["original_firstorder_Mean"]["mean"] <= 4000.0
-    run_site_task(ds, asset, "radiomics_aggregates", "dp2", params)  # another request: 2.0 of 2.0 spent
+    call_site_task(ds, asset, "radiomics_aggregates", "dp2", params)  # another request: 2.0 of 2.0 spent
     with pytest.raises(Exception, match="budget exhausted"):
-        run_site_task(ds, asset, "radiomics_aggregates", "dp3", params)
+        call_site_task(ds, asset, "radiomics_aggregates", "dp3", params)
 
     site.setup("down")
     site.setup("up")
     ds = site.ds_client()
     with pytest.raises(Exception, match="budget exhausted"):
-        run_site_task(ds, asset_of(ds, "phantom"), "radiomics_aggregates", "dp3", params)
+        call_site_task(ds, asset_of(ds, "phantom"), "radiomics_aggregates", "dp3", params)
     ledger = json.loads((site.config.data_dir / "privacy_budget.json").read_text())
     assert ledger["spent"] == {DS_EMAIL: BUDGET}
     log = [json.loads(line) for line in (site.config.data_dir / "audit.log").read_text().splitlines()]
@@ -326,7 +326,7 @@ def test_dp_budget_is_enforced_across_requests_and_a_restart(fleet: dict[str, Li
 
 
 def per_case_feature_list(cases):
-    from analyses.site_tasks.radiomics_aggregates import case_features
+    from datasite_setup.site_tasks.radiomics_aggregates import case_features
 
     settings = {"featureClass": {"firstorder": ["Mean"]}}
     return {"mean_per_case": [case_features(c, settings)["original_firstorder_Mean"] for c in cases]}
@@ -335,7 +335,7 @@ def per_case_feature_list(cases):
 def per_case_feature_array(cases):
     import numpy as np
 
-    from analyses.site_tasks.radiomics_aggregates import case_features
+    from datasite_setup.site_tasks.radiomics_aggregates import case_features
 
     settings = {"featureClass": {"firstorder": ["Mean"]}}
     return {"mean_per_case": np.array([case_features(c, settings)["original_firstorder_Mean"] for c in cases])}
@@ -344,8 +344,9 @@ def per_case_feature_array(cases):
 @pytest.mark.parametrize("func, words", [(per_case_feature_list, "list"), (per_case_feature_array, "array")])
 def test_custom_code_returning_per_case_features_is_refused(fleet: dict[str, LiveSite], func, words: str) -> None:
     site = fleet["hospital-c"]
-    with pytest.raises(Exception, match="output contract") as refused:
+    with pytest.raises(Exception, match="did not complete at the site") as refused:
         approve_and_run(site, func, "ibsi")
-    assert words in str(refused.value)
-    log = [json.loads(line) for line in (site.config.data_dir / "audit.log").read_text().splitlines()]
-    assert any(e["action"] == "refused-result" and e["what"] == "custom code" for e in log)
+    assert words not in str(refused.value)
+    entry = audit_entry(site, refused.value)
+    assert entry["action"] == "refused-result" and entry["what"] == "custom code"
+    assert "output contract" in entry["why"] and words in entry["why"]

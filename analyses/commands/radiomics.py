@@ -41,7 +41,7 @@ def read_params(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     """(pyradiomics settings, federated options) from a parameter file; ValueError names what is wrong."""
     import yaml
 
-    from analyses.site_tasks.radiomics_aggregates import settings_problems
+    from datasite_setup.site_tasks.radiomics_aggregates import settings_problems
 
     try:
         content = yaml.safe_load(path.read_text())
@@ -55,7 +55,7 @@ def read_params(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     if federated.get("harmonize", "none") not in HARMONIZE:
         raise ValueError(f"{path}: 'federated.harmonize' must be one of {', '.join(HARMONIZE)}")
     if "combat_covariates" in federated:
-        from analyses.site_tasks.combat_statistics import covariates_problems
+        from datasite_setup.site_tasks.combat_statistics import covariates_problems
 
         covariates = federated["combat_covariates"]
         problem = "must be a mapping" if not isinstance(covariates, dict) else covariates_problems(covariates)

@@ -46,14 +46,17 @@ def register(subparsers: Any) -> None:
                                 description=__doc__.split("\n\n")[0])
     cmd.add_argument("federation", type=Path, help="federation file (TOML) listing the datasites")
     cmd.add_argument("--domain", default="brain_mr_segmentation")
-    cmd.add_argument("--strategy", default="fedavg", help="fedavg, fedprox, fedbn or local; several comma-separated")
+    cmd.add_argument("--strategy", default="fedavg",
+                     help="a strategy (fedavg, fedprox, fedbn, local); several comma-separated")
+    cmd.add_argument("--strategy-option", action="append", default=[], metavar="NAME=VALUE",
+                     help="an option of the chosen strategies (e.g. mu=0.01 for fedprox); each listed strategy "
+                          "that has the option gets it")
     cmd.add_argument("--rounds", type=int, default=5)
     cmd.add_argument("--epochs", type=int, default=1, help="local epochs per round")
     cmd.add_argument("--batch-size", type=int, default=8)
     cmd.add_argument("--lr", type=float, default=3e-3)
     cmd.add_argument("--optimizer", choices=("adam", "sgd"), default="adam")
     cmd.add_argument("--max-steps", type=int, default=0, help="cap on local steps per round (0 = whole epochs)")
-    cmd.add_argument("--mu", type=float, default=0.01, help="FedProx proximal weight")
     cmd.add_argument("--seed", type=int, default=0)
     cmd.add_argument("--min-sites", type=int, default=2, help="a round needs this many usable updates")
     cmd.add_argument("--timeout", type=float, default=600.0, help="seconds each site call may take")
@@ -75,7 +78,7 @@ def _emit(args: argparse.Namespace, payload: dict[str, Any], text: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from analyses.federation import STRATEGIES
+    from analyses.federation import STRATEGIES, options_for, parse_strategy_options
     from analyses.federation.centralized import SIMULATION_LABEL, read_site_exports, train_centralized
     from analyses.federation.experiment import AwaitingApproval, compare, local_plan, submit, train
     from analyses.federation.orchestrator import PlanMismatch, RoundFailed, TrainingPlan
@@ -91,16 +94,18 @@ def run(args: argparse.Namespace) -> int:
         unknown = sorted(set(leave_after) - {s.name for s in federation.datasites})
         if unknown:
             raise ValueError(f"--leave-after names sites not in {args.federation}: {unknown}")
-        plans = [
-            TrainingPlan(domain=args.domain, strategy=name.strip(), rounds=args.rounds, epochs=args.epochs,
-                         batch_size=args.batch_size, lr=args.lr, optimizer=args.optimizer, max_steps=args.max_steps,
-                         mu=args.mu, seed=args.seed, leave_after=leave_after, min_sites=args.min_sites,
-                         call_timeout_s=args.timeout, name=f"{args.name}_{name.strip()}" if args.name else "")
-            for name in args.strategy.split(",") if name.strip()
-        ]
-        bad = [p.strategy for p in plans if p.strategy not in STRATEGIES]
-        if bad or not plans:
+        names = [name.strip() for name in args.strategy.split(",") if name.strip()]
+        bad = [name for name in names if name not in STRATEGIES]
+        if bad or not names:
             raise ValueError(f"unknown strategy {bad}; known: {', '.join(STRATEGIES)}")
+        options = options_for(names, parse_strategy_options(args.strategy_option))
+        plans = [
+            TrainingPlan(domain=args.domain, strategy=name, strategy_options=options[name], rounds=args.rounds,
+                         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, optimizer=args.optimizer,
+                         max_steps=args.max_steps, seed=args.seed, leave_after=leave_after, min_sites=args.min_sites,
+                         call_timeout_s=args.timeout, name=f"{args.name}_{name}" if args.name else "")
+            for name in names
+        ]
     except (FederationFileError, ValueError, argparse.ArgumentTypeError) as exc:
         _emit(args, {"status": "bad-input", "error": str(exc)}, f"error: {exc}")
         return EXIT_BAD_INPUT
@@ -135,7 +140,7 @@ def run(args: argparse.Namespace) -> int:
     centralized = None
     if exports:
         cases = read_site_exports(exports)
-        from analyses.model_weights import exchanged_weights
+        from datasite_setup.model_weights import exchanged_weights
         import torch
 
         torch.manual_seed(plans[0].seed)

@@ -37,8 +37,8 @@ def read_site_exports(exports: dict[str, Path]) -> dict[str, list[dict[str, Any]
 
 def evaluate_at_sites(domain: str, weights: Weights, cases_by_site: dict[str, list[dict[str, Any]]]) -> tuple[dict[str, dict[str, float]], dict[str, float]]:
     """Per-site and pooled metrics, computed exactly as the sites' `evaluate` task would."""
-    from analyses.site_tasks import evaluate
-    from analyses.site_tasks.task import SiteFacts
+    from datasite_setup.site_tasks import evaluate
+    from datasite_setup.site_tasks.task import SiteFacts
     from domains import get_domain
 
     facts = SiteFacts(min_cohort=1)
@@ -55,8 +55,8 @@ def train_centralized(plan: TrainingPlan, cases_by_site: dict[str, list[dict[str
     """History (round 0 = initial model) of centralized training under `plan`, scored on
     `eval_cases_by_site` (held-out cases) when given, else on the training cases as the sites'
     own `evaluate` would be."""
-    from analyses.site_tasks import local_train
-    from analyses.site_tasks.task import SiteFacts
+    from datasite_setup.site_tasks import local_train
+    from datasite_setup.site_tasks.task import SiteFacts
 
     pooled_cases = [case for site in sorted(cases_by_site) for case in cases_by_site[site]]
     facts = SiteFacts(min_cohort=1)

@@ -74,7 +74,7 @@ def train(federation: Federation, plan: TrainingPlan, out_dir: Path, progress: b
 
 def local_plan(plan: TrainingPlan) -> TrainingPlan:
     """The local-only baseline of `plan`: same schedule, no aggregation."""
-    return replace(plan, strategy="local", name=f"{plan.name}_local" if plan.name else "")
+    return replace(plan, strategy="local", strategy_options={}, name=f"{plan.name}_local" if plan.name else "")
 
 
 def compare(reports: dict[str, RunReport], out_dir: Path, metric: str,

@@ -3,12 +3,10 @@ is the sample-weighted mean of their weights."""
 
 from __future__ import annotations
 
-from typing import Any
-
-from analyses.federation.strategy import SiteUpdate, Weights, weighted_average
+from analyses.federation.strategy import SiteUpdate, Strategy, Weights, weighted_average
 
 
-class FedAvg:
+class FedAvg(Strategy):
     name = "fedavg"
 
     def __init__(self) -> None:
@@ -19,9 +17,6 @@ class FedAvg:
 
     def weights_for(self, site: str) -> Weights:
         return self.global_weights
-
-    def train_params(self, site: str) -> dict[str, Any]:
-        return {}
 
     def aggregate(self, updates: list[SiteUpdate]) -> None:
         self.global_weights = weighted_average(updates, list(self.global_weights))

@@ -10,9 +10,7 @@ A state name is a normalisation entry when it belongs to a BatchNorm/GroupNorm/L
 
 from __future__ import annotations
 
-from typing import Any
-
-from analyses.federation.strategy import SiteUpdate, Weights, weighted_average
+from analyses.federation.strategy import SiteUpdate, Strategy, Weights, weighted_average
 
 _NORM_MARKERS = ("bn", "norm")
 
@@ -22,7 +20,7 @@ def is_normalisation(name: str) -> bool:
     return any(part.startswith(_NORM_MARKERS) for part in module.split("."))
 
 
-class FedBN:
+class FedBN(Strategy):
     name = "fedbn"
 
     def __init__(self) -> None:
@@ -38,9 +36,6 @@ class FedBN:
 
     def weights_for(self, site: str) -> Weights:
         return {**self.global_weights, **self.local[site]}
-
-    def train_params(self, site: str) -> dict[str, Any]:
-        return {}
 
     def aggregate(self, updates: list[SiteUpdate]) -> None:
         self.global_weights = weighted_average(updates, list(self.global_weights))

@@ -18,5 +18,8 @@ class FedProx(FedAvg):
             raise ValueError(f"FedProx needs mu > 0 (mu = 0 is FedAvg), got {mu}")
         self.mu = float(mu)
 
+    def options(self) -> dict[str, Any]:
+        return {"mu": self.mu}
+
     def train_params(self, site: str) -> dict[str, Any]:
         return {"mu": self.mu}

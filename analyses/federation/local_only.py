@@ -5,12 +5,10 @@ and is measured exactly like the federated runs; only aggregation is missing."""
 
 from __future__ import annotations
 
-from typing import Any
-
-from analyses.federation.strategy import SiteUpdate, Weights
+from analyses.federation.strategy import SiteUpdate, Strategy, Weights
 
 
-class LocalOnly:
+class LocalOnly(Strategy):
     name = "local"
 
     def __init__(self) -> None:
@@ -22,8 +20,9 @@ class LocalOnly:
     def weights_for(self, site: str) -> Weights:
         return self.models[site]
 
-    def train_params(self, site: str) -> dict[str, Any]:
-        return {}
+    def required_updates(self, participants: int, min_sites: int) -> int:
+        """Nothing is combined, so a round never waits for a quorum."""
+        return 0
 
     def aggregate(self, updates: list[SiteUpdate]) -> None:
         for update in updates:

@@ -45,7 +45,8 @@ class PlanMismatch(RuntimeError):
 
 
 # Fields that change what is trained (and therefore the requests' label); the rest are how to run.
-_IDENTITY = ("domain", "strategy", "rounds", "epochs", "batch_size", "lr", "optimizer", "max_steps", "mu", "seed", "leave_after")
+_IDENTITY = ("domain", "strategy", "strategy_options", "rounds", "epochs", "batch_size", "lr", "optimizer", "max_steps",
+             "seed", "leave_after")
 
 
 @dataclass(frozen=True)
@@ -58,7 +59,7 @@ class TrainingPlan:
     lr: float = 3e-3
     optimizer: str = "adam"
     max_steps: int = 0
-    mu: float = 0.01
+    strategy_options: dict[str, Any] = field(default_factory=dict)  # the strategy's constructor keywords
     seed: int = 0
     leave_after: dict[str, int] = field(default_factory=dict)  # site -> last round it trains in
     min_sites: int = 2
@@ -80,9 +81,6 @@ class TrainingPlan:
         """Runs to request per task: one training per round, one evaluation per round plus the
         initial model's, and a few spare for rounds redone after an interruption."""
         return {"local_train": self.rounds + self.spare_runs, "evaluate": self.rounds + 1 + self.spare_runs}
-
-    def strategy_options(self) -> dict[str, float]:
-        return {"mu": self.mu} if self.strategy == "fedprox" else {}
 
     def trains_in(self, site: str, round_no: int) -> bool:
         return round_no <= self.leave_after.get(site, self.rounds)
@@ -108,6 +106,27 @@ class RunReport:
         return out
 
 
+@dataclass(frozen=True)
+class TrainingOutcome:
+    """One round's training calls: accepted updates, sites that gave none or a bad one, bytes moved."""
+
+    updates: list[SiteUpdate]
+    missed: dict[str, str]
+    rejected: dict[str, str]
+    bytes_sent: int
+    bytes_received: int
+
+
+@dataclass(frozen=True)
+class EvaluationOutcome:
+    """One round's evaluation: each site's scalars, metrics pooled from their counts, sites that gave none."""
+
+    site_metrics: dict[str, dict[str, float]]
+    pooled: dict[str, float]
+    missed: dict[str, str]
+    bytes_sent: int
+
+
 def _reason(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     return text[:300]
@@ -127,11 +146,8 @@ class Orchestrator:
         self.links = {link.name: link for link in links}
         self.out_dir = Path(out_dir)
         self.progress = progress
-        from analyses.model_weights import declared_shapes
-
         self.domain = get_domain(plan.domain)
-        self.strategy: Strategy = make_strategy(plan.strategy, **plan.strategy_options())
-        self.expected_shapes = declared_shapes(self.domain.build_model())
+        self.strategy: Strategy = make_strategy(plan.strategy, **plan.strategy_options)
 
     @property
     def checkpoint_dir(self) -> Path:
@@ -140,7 +156,7 @@ class Orchestrator:
     def _initial_weights(self) -> Weights:
         import torch
 
-        from analyses.model_weights import exchanged_weights
+        from datasite_setup.model_weights import exchanged_weights
 
         torch.manual_seed(self.plan.seed)
         return exchanged_weights(self.domain.build_model())
@@ -172,7 +188,7 @@ class Orchestrator:
             pool.shutdown(wait=False, cancel_futures=True)
         return results, failures
 
-    def _evaluate(self, round_no: int) -> tuple[dict[str, dict[str, float]], dict[str, float], dict[str, str], int]:
+    def _evaluate(self, round_no: int) -> EvaluationOutcome:
         sent = {site: self.strategy.weights_for(site) for site in self.links}
         calls = {
             site: (lambda link=link, w=sent[site]: link.evaluate({"domain": self.plan.domain, "weights": w}))
@@ -185,47 +201,48 @@ class Orchestrator:
             counts = {key: sum(m[key] for m in per_site.values()) for key in next(iter(per_site.values()))}
             pooled = {k: float(v) for k, v in self.domain.metrics_from_counts(counts).items()}
             pooled["n_cases"] = counts.get("n_cases", 0.0)
-        return per_site, pooled, failures, sum(_nbytes(w) for w in sent.values())
+        return EvaluationOutcome(per_site, pooled, failures, sum(_nbytes(w) for w in sent.values()))
 
-    def _train(self, round_no: int) -> tuple[list[SiteUpdate], dict[str, str], dict[str, str], int, int]:
+    def _train(self, round_no: int) -> TrainingOutcome:
         order = sorted(self.links)
         calls, sent = {}, 0
         for site in order:
             if not self.plan.trains_in(site, round_no):
                 continue
-            weights = self.strategy.weights_for(site)
-            sent += _nbytes(weights)
+            instruction = self.strategy.training_instruction(site)
+            sent += _nbytes(instruction.weights)
             params = {
                 "domain": self.plan.domain,
-                "weights": weights,
+                "weights": instruction.weights,
                 "epochs": self.plan.epochs,
                 "batch_size": self.plan.batch_size,
                 "lr": float(self.plan.lr),
                 "optimizer": self.plan.optimizer,
                 "seed": self.plan.seed * 100_003 + round_no * 101 + order.index(site),
                 "max_steps": self.plan.max_steps,
-                **self.strategy.train_params(site),
+                **instruction.params,
             }
             calls[site] = lambda link=self.links[site], p=params: link.train(p)
         answers, missed = self._call_all(calls, f"round {round_no} train")
         updates, rejected, received = [], {}, 0
         for site in sorted(answers):
             try:
-                update = check_update(site, answers[site], self.expected_shapes)
+                update = check_update(site, answers[site], self.strategy.expected_update(site))
             except RejectedUpdate as exc:
                 rejected[site] = str(exc)
                 continue
             received += _nbytes(update.weights)
             updates.append(update)
-        return updates, missed, rejected, sent, received
+        return TrainingOutcome(updates, missed, rejected, sent, received)
 
     def _round(self, round_no: int) -> dict[str, Any]:
         started = time.perf_counter()
         participants = [s for s in sorted(self.links) if self.plan.trains_in(s, round_no)]
-        updates, missed, rejected, sent, received = self._train(round_no)
-        needed = min(self.plan.min_sites, len(participants)) if self.plan.strategy != "local" else 0
+        trained = self._train(round_no)
+        updates = trained.updates
+        needed = self.strategy.required_updates(len(participants), self.plan.min_sites)
         if len(updates) < needed:
-            problems = {**missed, **rejected}
+            problems = {**trained.missed, **trained.rejected}
             raise RoundFailed(
                 f"round {round_no}: {len(updates)} of {len(participants)} sites gave a usable update, "
                 f"min_sites is {self.plan.min_sites} ({'; '.join(f'{s}: {why}' for s, why in problems.items())}); "
@@ -234,22 +251,22 @@ class Orchestrator:
         if updates:
             self.strategy.aggregate(updates)
         train_seconds = time.perf_counter() - started
-        per_site, pooled, eval_missed, eval_sent = self._evaluate(round_no)
+        evaluated = self._evaluate(round_no)
         return {
             "round": round_no,
             "participants": participants,
             "aggregated": [u.site for u in updates],
-            "missed": missed,
-            "rejected": rejected,
-            "eval_missed": eval_missed,
+            "missed": trained.missed,
+            "rejected": trained.rejected,
+            "eval_missed": evaluated.missed,
             "train_loss": {u.site: u.train_loss for u in updates},
             "n_samples": {u.site: u.n_samples for u in updates},
-            "site_metrics": per_site,
-            "pooled": pooled,
+            "site_metrics": evaluated.site_metrics,
+            "pooled": evaluated.pooled,
             "train_seconds": round(train_seconds, 3),
             "seconds": round(time.perf_counter() - started, 3),
-            "payload_bytes_sent": sent + eval_sent,
-            "payload_bytes_received": received,
+            "payload_bytes_sent": trained.bytes_sent + evaluated.bytes_sent,
+            "payload_bytes_received": trained.bytes_received,
         }
 
     def run(self) -> RunReport:
@@ -267,9 +284,10 @@ class Orchestrator:
             history, start, resumed_from = checkpoint.history, checkpoint.round + 1, checkpoint.round
         else:
             self.strategy.initialize(self._initial_weights(), sorted(self.links))
-            per_site, pooled, eval_missed, sent = self._evaluate(0)
-            history = [{"round": 0, "site_metrics": per_site, "pooled": pooled, "eval_missed": eval_missed,
-                        "payload_bytes_sent": sent, "payload_bytes_received": 0}]
+            evaluated = self._evaluate(0)
+            history = [{"round": 0, "site_metrics": evaluated.site_metrics, "pooled": evaluated.pooled,
+                        "eval_missed": evaluated.missed, "payload_bytes_sent": evaluated.bytes_sent,
+                        "payload_bytes_received": 0}]
             save_checkpoint(self.checkpoint_dir, Checkpoint(0, plan_record, history, self.strategy.state()))
             start = 1
         rounds = tqdm(range(start, self.plan.rounds + 1), desc=f"{self.plan.strategy} rounds", unit="round",

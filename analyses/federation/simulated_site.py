@@ -20,13 +20,13 @@ class SimulatedSite:
     eval_cases: list[dict[str, Any]] = field(default_factory=list)
 
     def train(self, params: dict[str, Any]) -> Any:
-        from analyses.site_tasks import local_train
-        from analyses.site_tasks.task import SiteFacts
+        from datasite_setup.site_tasks import local_train
+        from datasite_setup.site_tasks.task import SiteFacts
 
         return local_train.run(self.train_cases, params, SiteFacts(min_cohort=1))
 
     def evaluate(self, params: dict[str, Any]) -> dict[str, float]:
-        from analyses.site_tasks import evaluate
-        from analyses.site_tasks.task import SiteFacts
+        from datasite_setup.site_tasks import evaluate
+        from datasite_setup.site_tasks.task import SiteFacts
 
         return evaluate.run(self.eval_cases or self.train_cases, params, SiteFacts(min_cohort=1))

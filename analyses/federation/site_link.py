@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from analyses.federation_file import DatasiteEntry
-from analyses.site_requests import ensure_request, request_status, run_site_task
+from analyses.site_requests import ensure_request, request_status, call_site_task
 
 
 class SiteLink(Protocol):
@@ -61,7 +61,7 @@ class DatasiteLink:
     def _run(self, task: str, params: dict[str, Any]) -> Any:
         self.connect()
         try:
-            return run_site_task(self._client, self._asset, task, self.label, params)
+            return call_site_task(self._client, self._asset, task, self.label, params)
         except Exception:
             self._client = None  # the next call logs in again (the site may have restarted)
             raise

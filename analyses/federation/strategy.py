@@ -1,16 +1,17 @@
-"""What a federated strategy is: one protocol the orchestrator drives, nothing else.
+"""What a federated strategy is: one small class the orchestrator drives, nothing else.
 
-Each round the orchestrator asks the strategy which weights to send to each site
-(`weights_for`) and which extra training parameters that site gets (`train_params`), collects the
-sites' updates, and hands the accepted ones to `aggregate`. Everything a strategy must remember
-between rounds lives in `state()` so a checkpoint can restore it exactly. A new strategy
-(SCAFFOLD, FedAdam, ...) is a new small class; the orchestrator does not change.
+Each round the orchestrator asks the strategy for each site's `training_instruction` (the weights
+to train from and any extra parameters), checks every answer against the strategy's
+`expected_update`, and hands the accepted ones to `aggregate`. Evaluation uses `weights_for`.
+Everything a strategy must remember between rounds lives in `state()` so a checkpoint can restore
+it exactly. A new strategy (SCAFFOLD, FedAdam, ...) is a new small class with its own options; the
+orchestrator, the command line and the report do not change.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Protocol, runtime_checkable
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -27,27 +28,65 @@ class SiteUpdate:
     train_loss: float
 
 
-@runtime_checkable
-class Strategy(Protocol):
-    name: str
+@dataclass(frozen=True)
+class TrainInstruction:
+    """The strategy's message to one site for one round: the weights it trains from and the extra
+    `local_train` parameters it needs (e.g. FedProx's mu). The orchestrator adds the plan's
+    schedule (epochs, batch size, learning rate, seed) and sends both."""
+
+    weights: Weights
+    params: dict[str, Any] = field(default_factory=dict)
+
+
+class Strategy:
+    """Base of every strategy: the orchestrator calls only these methods.
+
+    A strategy owns its options (constructor keywords, reported by `options()` so they are part of
+    a run's identity), its messages (`training_instruction`), what it accepts back
+    (`expected_update`, names and shapes checked before `aggregate`) and how many answers a round
+    needs (`required_updates`).
+    """
+
+    name: ClassVar[str]
+
+    def options(self) -> dict[str, Any]:
+        """The options this strategy was built with (empty when it has none)."""
+        return {}
 
     def initialize(self, weights: Weights, sites: list[str]) -> None:
         """Start from the initial model for these sites."""
+        raise NotImplementedError
 
     def weights_for(self, site: str) -> Weights:
         """The weights `site` trains from (and is evaluated with) this round."""
+        raise NotImplementedError
 
     def train_params(self, site: str) -> dict[str, Any]:
-        """Extra `local_train` parameters for `site` (e.g. FedProx's mu)."""
+        """Extra `local_train` parameters for `site`."""
+        return {}
+
+    def training_instruction(self, site: str) -> TrainInstruction:
+        return TrainInstruction(weights=self.weights_for(site), params=self.train_params(site))
+
+    def expected_update(self, site: str) -> dict[str, tuple[int, ...]]:
+        """Names and shapes of the weights `site` must send back (by default those it was sent)."""
+        return {name: tuple(np.shape(value)) for name, value in self.weights_for(site).items()}
+
+    def required_updates(self, participants: int, min_sites: int) -> int:
+        """Accepted updates a round needs before it aggregates; fewer fails the round."""
+        return min(min_sites, participants)
 
     def aggregate(self, updates: list[SiteUpdate]) -> None:
         """Fold the round's accepted updates into the strategy's state."""
+        raise NotImplementedError
 
     def state(self) -> dict[str, Weights]:
         """Everything needed to resume: named weight sets ("global", "site/<name>", ...)."""
+        raise NotImplementedError
 
     def load_state(self, state: dict[str, Weights]) -> None:
         """Restore what `state()` returned."""
+        raise NotImplementedError
 
 
 def weighted_average(updates: list[SiteUpdate], names: list[str]) -> Weights:

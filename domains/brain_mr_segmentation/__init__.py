@@ -13,12 +13,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from domains.brain_mr_segmentation.cases import check_case_record, fit_centre, make_case_record, normalise_volume, slices_for_training
+from domains.brain_mr_segmentation.cases import check_segmentation_case, fit_centre, normalise_volume, slices_for_training
 from domains.brain_mr_segmentation.loss import dice_bce_loss, soft_dice_loss
 from domains.brain_mr_segmentation.metrics import add_counts, confusion_counts, metrics_from_counts
+from domains.brain_mr_segmentation.mock_cases import mock_cases
 from domains.brain_mr_segmentation.phantom import PhantomCase, generate_case, synthetic_case, write_dicom_series, write_nifti_mask, write_phantom_site, write_rtstruct
 from domains.brain_mr_segmentation.scanner_profiles import PROFILES, ScannerProfile
 from domains.brain_mr_segmentation.unet2d import UNet2D
+from domains.shuffled_batches import shuffled_batches
 
 __all__ = [
     "DOMAIN",
@@ -28,12 +30,12 @@ __all__ = [
     "ScannerProfile",
     "UNet2D",
     "add_counts",
-    "check_case_record",
+    "check_segmentation_case",
     "confusion_counts",
     "dice_bce_loss",
     "generate_case",
-    "make_case_record",
     "metrics_from_counts",
+    "mock_cases",
     "normalise_volume",
     "slices_for_training",
     "soft_dice_loss",
@@ -74,13 +76,8 @@ class BrainMRSegmentation:
 
     def batches(self, cases: list[dict[str, Any]], batch_size: int, rng: np.random.Generator) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Shuffled slices of all cases, x and y both [B, 1, H, W]; the last batch may be smaller."""
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
         x, y = slices_for_training(cases)
-        order = rng.permutation(len(x))
-        for start in range(0, len(order), batch_size):
-            chosen = order[start : start + batch_size]
-            yield torch.from_numpy(x[chosen]), torch.from_numpy(y[chosen])
+        return shuffled_batches(x, y, batch_size, rng)
 
     def predict_mask(self, model: torch.nn.Module, case: dict[str, Any]) -> np.ndarray:
         """Binary tumour mask uint8 [Z, Y, X] on the case's own grid (logit > 0, i.e. p > 0.5)."""
@@ -96,11 +93,14 @@ class BrainMRSegmentation:
         predicted = (torch.cat(logits)[:, 0] > 0).numpy().astype(np.uint8)
         return fit_centre(predicted, case["mask"].shape[1:], fill=0)
 
-    def confusion_counts(self, model: torch.nn.Module, cases: list[dict[str, Any]]) -> dict[str, int]:
+    def evaluation_counts(self, model: torch.nn.Module, cases: list[dict[str, Any]]) -> dict[str, int]:
         return add_counts(*(confusion_counts(self.predict_mask(model, case), case["mask"]) for case in cases))
 
     def metrics_from_counts(self, counts: dict[str, int]) -> dict[str, float]:
         return metrics_from_counts(counts)
+
+    def mock_cases(self, templates: list[dict[str, Any]], seed: int = 0) -> list[dict[str, Any]]:
+        return mock_cases(templates, seed)
 
 
 DOMAIN = BrainMRSegmentation()

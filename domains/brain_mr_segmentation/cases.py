@@ -1,18 +1,9 @@
-"""How the brain-MR task turns a site's case records into training slices.
+"""How the brain-MR task turns a site's case records (`domains.case_record`) into training slices.
 
-A case record is a plain dict so that it survives PySyft serialisation unchanged::
-
-    {"case_id": str,
-     "image": float32 [Z, Y, X] in scanner units,
-     "mask": uint8 [Z, Y, X] with 1 = tumour,
-     "spacing": [z, y, x] mm (array order),
-     "origin": [x, y, z] mm (patient order, centre of the first voxel),
-     "direction": 9 floats, row-major 3x3 (patient order, as SimpleITK gives it),
-     "metadata": {str: str | int | float}}
-
-Scanners disagree on intensity scale and offset, so every volume is z-scored within its own
-head before the model sees it; contrast (gamma), bias field and noise differences stay, which is
-the heterogeneity federated training has to live with.
+Segmentation needs the optional "mask" of a record (1 = tumour). Scanners disagree on intensity
+scale and offset, so every volume is z-scored within its own head before the model sees it;
+contrast (gamma), bias field and noise differences stay, which is the heterogeneity federated
+training has to live with.
 """
 
 from __future__ import annotations
@@ -22,46 +13,14 @@ from typing import Any
 import numpy as np
 from skimage.filters import threshold_otsu
 
-CASE_KEYS = ("case_id", "image", "mask", "spacing", "origin", "direction", "metadata")
+from domains.case_record import check_case_record
+
 MULTIPLE = 8
 
 
-def make_case_record(
-    case_id: str,
-    image: np.ndarray,
-    mask: np.ndarray,
-    spacing: tuple[float, float, float] | list[float],
-    origin: tuple[float, float, float] | list[float],
-    direction: tuple[float, ...] | list[float],
-    metadata: dict[str, Any] | None = None,
-) -> dict[str, Any]:
-    """Build a record with the exact types the schema promises, so every producer agrees."""
-    record = {
-        "case_id": str(case_id),
-        "image": np.ascontiguousarray(image, dtype=np.float32),
-        "mask": np.ascontiguousarray(mask, dtype=np.uint8),
-        "spacing": [float(v) for v in spacing],
-        "origin": [float(v) for v in origin],
-        "direction": [float(v) for v in direction],
-        "metadata": dict(metadata or {}),
-    }
-    check_case_record(record)
-    return record
-
-
-def check_case_record(record: dict[str, Any]) -> None:
-    """Fail early, naming the case, when a site hands over something the model cannot use."""
-    missing = [key for key in CASE_KEYS if key not in record]
-    case_id = record.get("case_id", "<no case_id>")
-    if missing:
-        raise ValueError(f"case {case_id}: missing keys {missing}; a case record needs {list(CASE_KEYS)}")
-    image, mask = record["image"], record["mask"]
-    if not isinstance(image, np.ndarray) or image.ndim != 3:
-        raise ValueError(f"case {case_id}: 'image' must be a 3-D numpy array [Z, Y, X]")
-    if not isinstance(mask, np.ndarray) or mask.shape != image.shape:
-        raise ValueError(f"case {case_id}: 'mask' must be a numpy array shaped like the image {image.shape}")
-    if len(record["spacing"]) != 3 or len(record["origin"]) != 3 or len(record["direction"]) != 9:
-        raise ValueError(f"case {case_id}: need 3 spacing values, 3 origin values and 9 direction values")
+def check_segmentation_case(record: dict[str, Any]) -> None:
+    """A case record this domain can train on: the common schema plus a mask."""
+    check_case_record(record, require=("mask",))
 
 
 def foreground_mask(image: np.ndarray) -> np.ndarray:
@@ -123,7 +82,7 @@ def slices_for_training(
     if not cases:
         raise ValueError("no cases given; a site needs at least one case to train on")
     for case in cases:
-        check_case_record(case)
+        check_segmentation_case(case)
     size = training_size(cases) if size is None else size
     if size[0] % MULTIPLE or size[1] % MULTIPLE:
         raise ValueError(f"slice size {size} must be a multiple of {MULTIPLE} in both axes for the U-Net")

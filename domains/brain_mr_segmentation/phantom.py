@@ -30,7 +30,7 @@ from scipy.spatial.transform import Rotation
 from skimage.measure import find_contours
 from tqdm import tqdm
 
-from domains.brain_mr_segmentation.cases import make_case_record
+from domains.case_record import make_case_record
 from domains.brain_mr_segmentation.scanner_profiles import PROFILES, ScannerProfile
 
 IDENTITY_DIRECTION = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)

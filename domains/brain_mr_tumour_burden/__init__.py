@@ -19,7 +19,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from domains.brain_mr_segmentation.cases import check_case_record, fit_centre, normalise_volume
+from domains.brain_mr_segmentation.cases import check_segmentation_case, fit_centre, normalise_volume
+from domains.brain_mr_segmentation.mock_cases import mock_cases
+from domains.shuffled_batches import shuffled_batches
 
 SLICE_SIZE = (64, 64)
 FIXED_POINT = 1_000_000  # errors are summed as integers in micro-units so counts stay additive
@@ -32,7 +34,7 @@ def slices_and_burden(cases: list[dict[str, Any]]) -> tuple[np.ndarray, np.ndarr
         raise ValueError("no cases given; a site needs at least one case to train on")
     xs, ys = [], []
     for case in cases:
-        check_case_record(case)
+        check_segmentation_case(case)
         image = normalise_volume(case["image"])
         xs.append(fit_centre(image, SLICE_SIZE, fill=float(image.min())))
         pixel_cm2 = float(case["spacing"][1]) * float(case["spacing"][2]) / 100.0
@@ -68,15 +70,10 @@ class BrainMRTumourBurden:
         return nn.functional.mse_loss(prediction, target)
 
     def batches(self, cases: list[dict[str, Any]], batch_size: int, rng: np.random.Generator) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
         x, y = slices_and_burden(cases)
-        order = rng.permutation(len(x))
-        for start in range(0, len(order), batch_size):
-            chosen = order[start : start + batch_size]
-            yield torch.from_numpy(x[chosen]), torch.from_numpy(y[chosen])
+        return shuffled_batches(x, y, batch_size, rng)
 
-    def confusion_counts(self, model: nn.Module, cases: list[dict[str, Any]]) -> dict[str, int]:
+    def evaluation_counts(self, model: nn.Module, cases: list[dict[str, Any]]) -> dict[str, int]:
         x, y = slices_and_burden(cases)
         model.eval()
         with torch.no_grad():
@@ -93,6 +90,10 @@ class BrainMRTumourBurden:
             "mae_cm2": counts["abs_error_micro"] / FIXED_POINT / n,
             "rmse_cm2": float(np.sqrt(counts["sq_error_micro"] / FIXED_POINT / n)),
         }
+
+    def mock_cases(self, templates: list[dict[str, Any]], seed: int = 0) -> list[dict[str, Any]]:
+        """The same cases as segmentation (a mask gives the burden), so the same mocks."""
+        return mock_cases(templates, seed)
 
 
 DOMAIN = BrainMRTumourBurden()

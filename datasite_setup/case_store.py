@@ -1,0 +1,312 @@
+"""The site's case store: every accepted case written once to disk, listed in a versioned manifest,
+read back one case at a time.
+
+A site holds hundreds to thousands of cases, far more than fit in memory or should cross a process
+boundary per call. So ingestion writes each case once under `data_dir/case_store/` as uncompressed
+NIfTI (what the field's tools read, and memory-mappable), and the manifest (`manifest.sqlite`
+beside the files) lists the cases with their geometry, metadata, labels, split and content hash.
+The syft asset is the manifest; site tasks read the cases they need through `CaseSource`.
+
+Guarantees:
+- a case appears in the manifest only once its files are complete (written to a temporary folder,
+  renamed into place, then listed in one transaction), so an interrupted ingestion leaves no
+  half-written case and the next ingestion simply resumes;
+- putting a case whose id and content are already stored is a no-op (re-ingesting the same
+  series); the same id with other content is refused, never silently replaced;
+- each ingestion that adds cases starts a new manifest version; a run can name the version it used,
+  and older versions stay reproducible (cases are only ever added).
+
+Orientation: records are ITK-style (array [Z, Y, X], LPS patient coordinates); the NIfTI files carry
+the equivalent RAS affine so external tools show them correctly, while the manifest's own
+spacing/origin/direction are what the site tasks use.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import sqlite3
+import uuid
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from domains.case_record import check_case_record
+
+STORE_DIR = "case_store"
+MANIFEST = "manifest.sqlite"
+_CASES = "cases"
+_TEMPORARY_PREFIX = ".incomplete-"
+_LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS versions (
+    version INTEGER PRIMARY KEY,
+    created TEXT NOT NULL DEFAULT (datetime('now')),
+    note TEXT NOT NULL DEFAULT ''
+);
+CREATE TABLE IF NOT EXISTS cases (
+    case_id TEXT PRIMARY KEY,
+    entry TEXT NOT NULL,
+    content_hash TEXT NOT NULL,
+    added_in INTEGER NOT NULL REFERENCES versions(version)
+);
+"""
+
+
+class CaseStoreError(ValueError):
+    """A case the store cannot take as given; the message names the case and what to do."""
+
+
+@dataclass(frozen=True)
+class ManifestEntry:
+    """One case as the manifest lists it: everything about it except its pixels.
+
+    `images` names the extra images stored beside the primary one; `split` is train, validation or
+    test (see `case_splits`), and `labelled` is False for a case kept for semi-supervised training.
+    """
+
+    case_id: str
+    patient: str
+    split: str
+    labelled: bool
+    shape: tuple[int, int, int]
+    spacing: tuple[float, float, float]
+    origin: tuple[float, float, float]
+    direction: tuple[float, ...]
+    metadata: dict[str, Any]
+    labels: dict[str, float] = field(default_factory=dict)
+    images: tuple[str, ...] = ()
+    has_mask: bool = True
+    content_hash: str = ""
+    added_in: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-able values: what the syft asset holds for this case."""
+        out = asdict(self)
+        for key in ("shape", "spacing", "origin", "direction", "images"):
+            out[key] = list(out[key])
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> ManifestEntry:
+        return cls(
+            case_id=str(data["case_id"]), patient=str(data["patient"]), split=str(data["split"]),
+            labelled=bool(data["labelled"]), shape=tuple(int(v) for v in data["shape"]),
+            spacing=tuple(float(v) for v in data["spacing"]), origin=tuple(float(v) for v in data["origin"]),
+            direction=tuple(float(v) for v in data["direction"]), metadata=dict(data["metadata"]),
+            labels={str(k): float(v) for k, v in (data.get("labels") or {}).items()},
+            images=tuple(str(v) for v in data.get("images") or ()), has_mask=bool(data.get("has_mask", True)),
+            content_hash=str(data.get("content_hash", "")), added_in=int(data.get("added_in", 0)),
+        )
+
+
+def content_hash(record: Mapping[str, Any]) -> str:
+    """SHA-256 over the pixels, masks, labels and grid of a case record: equal for a re-ingested series."""
+    digest = hashlib.sha256()
+    arrays = [("image", record["image"])]
+    if record.get("mask") is not None:
+        arrays.append(("mask", record["mask"]))
+    arrays += [(f"images/{name}", array) for name, array in sorted((record.get("images") or {}).items())]
+    for name, array in arrays:
+        array = np.ascontiguousarray(array)
+        digest.update(f"{name}|{array.dtype.str}|{array.shape}|".encode())
+        digest.update(array.tobytes())
+    grid = {k: [float(v) for v in record[k]] for k in ("spacing", "origin", "direction")}
+    digest.update(json.dumps({"grid": grid, "labels": record.get("labels") or {}}, sort_keys=True).encode())
+    return digest.hexdigest()
+
+
+def _affine(spacing: Sequence[float], origin: Sequence[float], direction: Sequence[float]) -> np.ndarray:
+    """4x4 RAS affine of an ITK-style grid: voxel (x, y, z) index -> RAS mm."""
+    z, y, x = spacing
+    affine = np.eye(4)
+    affine[:3, :3] = _LPS_TO_RAS @ np.array(direction, dtype=float).reshape(3, 3) @ np.diag([x, y, z])
+    affine[:3, 3] = _LPS_TO_RAS @ np.array(origin, dtype=float)
+    return affine
+
+
+def _write_nifti(path: Path, volume: np.ndarray, affine: np.ndarray) -> None:
+    import nibabel as nib
+
+    image = nib.Nifti1Image(np.asarray(volume).transpose(2, 1, 0), affine)
+    image.header.set_xyzt_units("mm")
+    nib.save(image, str(path))
+
+
+def read_volume(path: Path) -> np.ndarray:
+    """A stored volume as [Z, Y, X], memory-mapped: only the slices a task touches are read."""
+    import nibabel as nib
+
+    proxy = nib.load(str(path), mmap=True).dataobj
+    if proxy.slope != 1 or proxy.inter != 0:
+        raise CaseStoreError(f"{path}: scaled NIfTI data; the case store writes unscaled volumes only")
+    return proxy.get_unscaled().transpose(2, 1, 0)
+
+
+class CaseStore:
+    """The case files and manifest of one site, rooted at `data_dir/case_store`."""
+
+    def __init__(self, data_dir: Path) -> None:
+        self.root = Path(data_dir) / STORE_DIR
+        (self.root / _CASES).mkdir(parents=True, exist_ok=True, mode=0o700)
+        with self._db() as db:
+            db.executescript(_SCHEMA)
+        self._remove_incomplete()
+
+    @contextmanager
+    def _db(self) -> Iterator[sqlite3.Connection]:
+        db = sqlite3.connect(self.root / MANIFEST, timeout=60, isolation_level=None)
+        try:
+            yield db
+        finally:
+            db.close()
+
+    def _remove_incomplete(self) -> None:
+        """Folders of cases an interrupted ingestion did not finish; they are rewritten on resume."""
+        listed = set(self.case_ids())
+        for folder in (self.root / _CASES).iterdir():
+            if folder.name.startswith(_TEMPORARY_PREFIX) or folder.name not in listed:
+                shutil.rmtree(folder, ignore_errors=True)
+
+    def case_dir(self, case_id: str) -> Path:
+        return self.root / _CASES / case_id
+
+    def case_ids(self) -> list[str]:
+        with self._db() as db:
+            return [row[0] for row in db.execute("SELECT case_id FROM cases ORDER BY case_id")]
+
+    @property
+    def version(self) -> int:
+        """The newest manifest version (0 before the first case)."""
+        with self._db() as db:
+            return int(db.execute("SELECT COALESCE(MAX(version), 0) FROM versions").fetchone()[0])
+
+    def manifest(self, version: int | None = None) -> list[ManifestEntry]:
+        """The cases of manifest `version` (default: the newest), in case-id order."""
+        newest = self.version
+        version = newest if version is None else version
+        if not 0 <= version <= newest:
+            raise CaseStoreError(f"manifest version {version} does not exist; this store has versions 0 to {newest}")
+        with self._db() as db:
+            rows = db.execute("SELECT entry FROM cases WHERE added_in <= ? ORDER BY case_id", (version,)).fetchall()
+        return [ManifestEntry.from_dict(json.loads(row[0])) for row in rows]
+
+    def stored_hash(self, case_id: str) -> str | None:
+        with self._db() as db:
+            row = db.execute("SELECT content_hash FROM cases WHERE case_id = ?", (case_id,)).fetchone()
+        return None if row is None else str(row[0])
+
+    def put(self, record: Mapping[str, Any], patient: str, split: str, labelled: bool = True,
+            version: int | None = None) -> ManifestEntry | None:
+        """Write one case and list it in manifest `version` (see `new_version`).
+
+        Returns the entry, or None when the same case with the same content is already stored.
+        """
+        check_case_record(record)
+        case_id = str(record["case_id"])
+        if not case_id or "/" in case_id or case_id.startswith("."):
+            raise CaseStoreError(f"case id {case_id!r} cannot name a folder; case ids come from de-identification")
+        digest = content_hash(record)
+        existing = self.stored_hash(case_id)
+        if existing == digest:
+            return None
+        if existing is not None:
+            raise CaseStoreError(
+                f"case {case_id}: already stored with other content (a re-export of the same series with changed "
+                "pixels, mask or labels); stored cases are never replaced - remove the site's case from the store "
+                "deliberately, or ingest the new export under a new series")
+        version = self.version if version is None else version
+        if version < 1:
+            raise CaseStoreError("start a manifest version (CaseStore.new_version) before adding cases")
+        image = np.asarray(record["image"])
+        entry = ManifestEntry(
+            case_id=case_id, patient=patient, split=split, labelled=labelled, shape=tuple(int(n) for n in image.shape),
+            spacing=tuple(float(v) for v in record["spacing"]), origin=tuple(float(v) for v in record["origin"]),
+            direction=tuple(float(v) for v in record["direction"]), metadata=dict(record["metadata"]),
+            labels={str(k): float(v) for k, v in (record.get("labels") or {}).items()},
+            images=tuple(sorted(record.get("images") or {})), has_mask=record.get("mask") is not None,
+            content_hash=digest, added_in=version,
+        )
+        affine = _affine(entry.spacing, entry.origin, entry.direction)
+        staging = self.root / _CASES / f"{_TEMPORARY_PREFIX}{case_id}-{uuid.uuid4().hex[:8]}"
+        staging.mkdir(mode=0o700)
+        try:
+            _write_nifti(staging / "image.nii", image.astype(np.float32, copy=False), affine)
+            if entry.has_mask:
+                _write_nifti(staging / "mask.nii", np.asarray(record["mask"]).astype(np.uint8, copy=False), affine)
+            for name in entry.images:
+                _write_nifti(staging / f"image-{name}.nii", np.asarray(record["images"][name], dtype=np.float32), affine)
+            target = self.case_dir(case_id)
+            if target.exists():
+                shutil.rmtree(target)
+            os.rename(staging, target)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        with self._db() as db:
+            db.execute("INSERT INTO cases (case_id, entry, content_hash, added_in) VALUES (?, ?, ?, ?)",
+                       (case_id, json.dumps(entry.to_dict(), sort_keys=True), digest, version))
+        return entry
+
+    def new_version(self, note: str = "") -> int:
+        """Start the manifest version that the next cases are added to."""
+        with self._db() as db:
+            cursor = db.execute("INSERT INTO versions (note) VALUES (?)", (note,))
+            return int(cursor.lastrowid)
+
+    def drop_empty_version(self, version: int) -> None:
+        """Forget a version to which no case was added (an ingestion that found nothing new)."""
+        with self._db() as db:
+            db.execute("DELETE FROM versions WHERE version = ? AND NOT EXISTS "
+                       "(SELECT 1 FROM cases WHERE added_in = ?)", (version, version))
+
+
+class CaseSource(Sequence[dict[str, Any]]):
+    """The cases of a manifest as a read-only sequence of case records, each loaded when asked for.
+
+    This is what a site task receives: `len(cases)`, `cases[i]` and `for case in cases` work as on
+    a list, while memory holds only the case being used (volumes are memory-mapped). Only the
+    files under the store's root are read.
+    """
+
+    def __init__(self, store_root: Path, entries: Sequence[Mapping[str, Any]]) -> None:
+        self.store_root = Path(store_root)
+        self.entries = [e if isinstance(e, ManifestEntry) else ManifestEntry.from_dict(e) for e in entries]
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:  # type: ignore[override]
+        if isinstance(index, slice):
+            return CaseSource(self.store_root, self.entries[index])  # type: ignore[return-value]
+        entry = self.entries[index]
+        folder = self.store_root / _CASES / entry.case_id
+        record: dict[str, Any] = {
+            "case_id": entry.case_id,
+            "image": read_volume(folder / "image.nii"),
+            "spacing": list(entry.spacing),
+            "origin": list(entry.origin),
+            "direction": list(entry.direction),
+            "metadata": dict(entry.metadata),
+            "split": entry.split,
+        }
+        if entry.has_mask:
+            record["mask"] = read_volume(folder / "mask.nii")
+        if entry.images:
+            record["images"] = {name: read_volume(folder / f"image-{name}.nii") for name in entry.images}
+        if entry.labels:
+            record["labels"] = dict(entry.labels)
+        return record
+
+    def in_split(self, split: str) -> CaseSource:
+        """Only the cases of one split (train, validation, test or unlabelled)."""
+        if split == "unlabelled":
+            return CaseSource(self.store_root, [e for e in self.entries if not e.labelled])
+        return CaseSource(self.store_root, [e for e in self.entries if e.split == split and e.labelled])

@@ -1,0 +1,23 @@
+"""Disclosure control: what of a site task's result may leave this site. The one place these rules live.
+
+Site tasks compute; they do not decide what is safe to release. One small filter per rule, chosen
+by the site's `[privacy] filters` and applied in a fixed order by `policy.Policy` in the site's
+parent process, after the task ran in isolation: the min-count cleanser, differential-privacy
+noise (with the per-data-scientist epsilon budget), the histogram-bins cleanser and the release
+ledger. The first three look at one result; the ledger reasons over all the releases a data
+scientist has had, using the cohorts the task reports privately (`cohorts.py`).
+"""
+
+from datasite_setup.disclosure.budget import BudgetExhausted, PrivacyBudget
+from datasite_setup.disclosure.cohorts import (
+    CohortRecord, LedgerRefused, ReleaseRefused, TaskDeclined, read_task_release,
+)
+from datasite_setup.disclosure.ledger import ReleaseLedger
+from datasite_setup.disclosure.noise import dp_epsilon, dp_problems
+from datasite_setup.disclosure.policy import FILTERS, Policy, protect
+from datasite_setup.disclosure.released import Released
+
+__all__ = [
+    "FILTERS", "BudgetExhausted", "CohortRecord", "LedgerRefused", "Policy", "PrivacyBudget", "Released",
+    "ReleaseLedger", "ReleaseRefused", "TaskDeclined", "dp_epsilon", "dp_problems", "protect", "read_task_release",
+]

@@ -1,0 +1,132 @@
+"""Starting a sandboxed child: a fresh interpreter with a scrubbed environment, its own scratch
+dir and process group, the run's resource limits already in force, and a Unix socket pair as
+its only channel to the parent (the child's stdin; stdout goes to /dev/null).
+
+The resource limits are set by `preexec_fn`, which runs Python between fork and exec, a known
+hazard in threaded programs; it is kept to `setrlimit` calls on pre-built arguments (no imports,
+no locks), which is as small as that window gets.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import resource
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+
+from datasite_setup.isolation.limits import Limits
+from datasite_setup.sandbox.grants import PROJECT_ROOT
+
+CHILD_MODULE = "datasite_setup.sandbox.child_main"
+# pydicom is here because importing it pulls in urllib3, which opens a socket at import time to
+# probe for IPv6: after the audit hook that is refused, and every task that touches a domain (the
+# brain MR domain imports pydicom) would fail with "refused:socket.__new__".
+DEFAULT_PRELOAD = ("numpy", "torch", "radiomics", "pydicom", "datasite_setup.site_tasks")
+PASSED_ENV = ("LANG",)
+THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+
+
+@functools.cache
+def _project_import_path() -> str | None:
+    """PYTHONPATH the child needs to import this project, or None when the install already provides it."""
+    probe = subprocess.run(
+        [sys.executable, "-B", "-c", f"import {CHILD_MODULE}"],
+        env={"PATH": "/usr/bin:/bin"},
+        cwd="/",
+        capture_output=True,
+        timeout=60,
+    )
+    return None if probe.returncode == 0 else str(PROJECT_ROOT)
+
+
+def _child_env(scratch: str, threads: int) -> dict[str, str]:
+    """Nothing of the server's environment (its secrets live there) beyond what the child needs;
+    its BLAS/OpenMP pools sized to `threads`."""
+    env = {"PATH": "/usr/bin:/bin", "HOME": scratch, "TMPDIR": scratch}
+    env.update({name: os.environ[name] for name in PASSED_ENV if name in os.environ})
+    env.update({name: str(threads) for name in THREAD_ENV})
+    pythonpath = _project_import_path()
+    if pythonpath is not None:
+        env["PYTHONPATH"] = pythonpath
+    return env
+
+
+def _apply_limits(rlimits: tuple[tuple[int, int, int], ...]) -> None:
+    """preexec_fn: runs in the forked child before exec, so it only makes setrlimit calls."""
+    for which, soft, hard in rlimits:
+        resource.setrlimit(which, (soft, hard))
+
+
+def run_threads(limits: Limits) -> int:
+    """The threads a run's BLAS/OpenMP/torch pools get: the server's OMP_NUM_THREADS, else one
+    per core, and at most half of `max_threads`, so the pools leave room for the code's own."""
+    configured = os.environ.get("OMP_NUM_THREADS", "")
+    wanted = int(configured) if configured.isdigit() and int(configured) > 0 else len(os.sched_getaffinity(0))
+    return max(1, min(wanted, limits.max_threads // 2))
+
+
+@dataclass
+class Child:
+    """A started child, cold or a warm spare: its process, the parent's end of its channel and
+    the scratch dir it owns."""
+
+    proc: subprocess.Popen
+    channel: socket.socket
+    scratch: tempfile.TemporaryDirectory
+    warm: bool
+
+    def kill(self) -> None:
+        """Kill the child's whole process group (it still exists: its leader is not reaped yet)."""
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+    def release(self) -> None:
+        """Close the channel and the stderr pipe and remove the scratch dir (the child is reaped)."""
+        self.channel.close()
+        if self.proc.stderr is not None:
+            self.proc.stderr.close()
+        self.scratch.cleanup()
+
+    def discard(self) -> None:
+        self.kill()
+        self.proc.wait()
+        self.release()
+
+
+def spawn(preload: tuple[str, ...], limits: Limits, warm: bool) -> Child:
+    """Start a child; a warm one (`--warm`) imports `preload` at once and then waits for its payload.
+
+    A warm spare imports numpy/torch before Landlock, which binds only the thread that applies it,
+    so its BLAS/OpenMP pools are single-threaded; torch gets the run's thread count once the
+    child is confined."""
+    scratch = tempfile.TemporaryDirectory(prefix="medfed-sandbox-", ignore_cleanup_errors=True)
+    argv = [sys.executable, "-B", "-m", CHILD_MODULE]
+    env = _child_env(scratch.name, 1 if warm else run_threads(limits))
+    if warm:
+        argv += ["--warm", ",".join(preload)]
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        with theirs:
+            proc = subprocess.Popen(
+                argv,
+                stdin=theirs,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                cwd=scratch.name,
+                env=env,
+                preexec_fn=functools.partial(_apply_limits, limits.rlimits()),
+                start_new_session=True,
+                close_fds=True,
+            )
+    except BaseException:
+        ours.close()
+        scratch.cleanup()
+        raise
+    return Child(proc, ours, scratch, warm)

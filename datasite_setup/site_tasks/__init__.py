@@ -1,0 +1,57 @@
+"""The site tasks this installation provides, and the entry points that run them at a site.
+
+`run_for_parent` is what executes inside the isolated child process: it refuses cohorts smaller
+than the site's minimum before any task sees a case (the one place this rule lives), runs the named
+task, and hands the parent its result with the private record of which cases entered each part
+(`task.Release`), or the reason the task declined. The parent applies the site's disclosure rules
+and the task's output contract. `run_installed_task` is the same run for in-process callers
+(tests, simulation), result only.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from datasite_setup.site_tasks import (
+    cohort_summary, combat_statistics, evaluate, intensity_landmarks, local_train, radiomics_aggregates,
+)
+from datasite_setup.site_tasks.task import Release, SiteFacts, SiteTask, TaskRefusal
+
+TASKS: dict[str, SiteTask] = {
+    task.name: task
+    for task in (
+        cohort_summary.TASK,
+        local_train.TASK,
+        evaluate.TASK,
+        radiomics_aggregates.TASK,
+        intensity_landmarks.TASK,
+        combat_statistics.TASK,
+    )
+}
+
+__all__ = ["TASKS", "SiteFacts", "SiteTask", "TaskRefusal", "run_for_parent", "run_installed_task"]
+
+
+class CohortTooSmall(TaskRefusal):
+    """The site holds fewer cases than its minimum cohort; nothing is computed."""
+
+
+def _run(name: str, cases: list[dict[str, Any]], params: dict[str, Any], site: SiteFacts) -> Release:
+    if len(cases) < site.min_cohort:
+        raise CohortTooSmall(f"{len(cases)} cases is below the site's minimum cohort of {site.min_cohort}")
+    return TASKS[name].run_with_cohorts(cases, params, site)
+
+
+def run_installed_task(name: str, cases: list[dict[str, Any]], params: dict[str, Any], min_cohort: int,
+                       min_batch: int = 1) -> Any:
+    return _run(name, cases, params, SiteFacts(min_cohort=min_cohort, min_batch=min_batch)).result
+
+
+def run_for_parent(name: str, cases: list[dict[str, Any]], params: dict[str, Any], min_cohort: int,
+                   min_batch: int) -> dict[str, Any]:
+    """`{"result", "cohorts"}` for the site's parent process, or `{"refused": reason}`."""
+    try:
+        release = _run(name, cases, params, SiteFacts(min_cohort=min_cohort, min_batch=min_batch))
+    except TaskRefusal as refusal:
+        return {"refused": str(refusal)}
+    return release.for_parent(len(cases), name)

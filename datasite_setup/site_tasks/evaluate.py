@@ -1,0 +1,49 @@
+"""Site task `evaluate`: the global model's segmentation quality at this site, pooled over cases.
+
+Returns the domain's additive evaluation counts summed over all the site's cases (for
+segmentation: voxel confusion counts) and the metrics computed from them (Dice, sensitivity,
+specificity, F1). Counts are additive, so the orchestrator can pool sites exactly; nothing per
+case is returned.
+
+Every evaluation covers all of the site's cases (at least its minimum cohort). Two evaluations of
+different weights over the same cases are two questions about one cohort, which the site allows;
+an evaluation over a case set differing from an earlier one by a few cases (a data set re-uploaded
+with one case more) would give that case's counts, and the site's release ledger refuses it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from datasite_setup.site_tasks.task import Param, SiteFacts, SiteTask, known_domain
+
+
+def run(cases: list[dict[str, Any]], params: dict[str, Any], site: SiteFacts) -> dict[str, float]:
+    from datasite_setup.model_weights import load_weights
+    from domains import get_domain
+
+    domain = get_domain(params["domain"])
+    model = domain.build_model()
+    load_weights(model, params["weights"])
+    counts = domain.evaluation_counts(model, cases)
+    metrics = domain.metrics_from_counts(counts)
+    return {**{k: float(v) for k, v in counts.items()}, **{k: float(v) for k, v in metrics.items()}, "n_cases": float(len(cases))}
+
+
+def contract(params: dict[str, Any], site: SiteFacts) -> Any:
+    from datasite_setup.output_contracts import ScalarsContract
+    from domains import get_domain
+
+    return ScalarsContract(names=get_domain(params["domain"]).evaluation_scalars | {"n_cases"})
+
+
+TASK = SiteTask(
+    name="evaluate",
+    summary="the domain's metrics (e.g. Dice, sensitivity, specificity, F1) of the given weights on all local cases (pooled counts)",
+    params={
+        "domain": Param(str, "the learning task (e.g. brain_mr_segmentation)", check=known_domain),
+        "weights": Param(dict, "weights to evaluate: {state name: float array}"),
+    },
+    run=run,
+    contract=contract,
+)

@@ -1,0 +1,118 @@
+"""Site task `local_train`: a few local epochs from the global weights; returns only new weights.
+
+The optimiser starts fresh each round (its state never leaves the site). With `mu > 0` the loss
+gains FedProx's proximal term mu/2 * ||w - w_global||^2 over the trainable parameters, which
+keeps a site's update close to the global model when sites differ. Returned: the model's own
+weights (names and shapes checked by the site's contract), the number of training samples seen
+per epoch (for sample-weighted averaging) and the mean training loss.
+
+Every step averages over at least the site's `min_batch` samples (`[privacy] min_batch`): with one
+slice per step, one step of plain SGD from known weights turns the returned loss and weights into
+that slice's label. So a batch_size below it is refused before the run, a short last batch of an
+epoch joins the batch before it, and a site with fewer training samples than `min_batch` declines.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import numpy as np
+
+from datasite_setup.site_tasks.task import Param, SiteFacts, SiteTask, TaskRefusal, between, known_domain
+
+SCALARS = frozenset({"n_samples", "train_loss", "steps"})
+
+
+def steps_of_at_least(batches: Iterable[tuple[Any, Any]], min_batch: int) -> Iterator[tuple[Any, Any]]:
+    """The domain's batches, a batch of fewer than `min_batch` samples joined to its neighbour."""
+    import torch
+
+    held = None
+    for x, y in batches:
+        if held is None:
+            held = (x, y)
+        elif len(x) < min_batch or len(held[0]) < min_batch:
+            held = (torch.cat([held[0], x]), torch.cat([held[1], y]))
+        else:
+            yield held
+            held = (x, y)
+    if held is not None and len(held[0]) < min_batch:
+        raise TaskRefusal(f"{len(held[0])} training samples at this site, fewer than its minimum of {min_batch} per step")
+    if held is not None:
+        yield held
+
+
+def run(cases: list[dict[str, Any]], params: dict[str, Any], site: SiteFacts) -> dict[str, Any]:
+    import torch
+
+    from datasite_setup.model_weights import exchanged_weights, load_weights
+    from domains import get_domain
+
+    domain = get_domain(params["domain"])
+    torch.manual_seed(params["seed"])
+    rng = np.random.default_rng(params["seed"])
+    model = domain.build_model()
+    load_weights(model, params["weights"])
+    anchor = [p.detach().clone() for p in model.parameters()]
+    if params["optimizer"] == "sgd":
+        optimiser = torch.optim.SGD(model.parameters(), lr=params["lr"])
+    else:
+        optimiser = torch.optim.Adam(model.parameters(), lr=params["lr"])
+    mu = params.get("mu", 0.0)
+    max_steps = params.get("max_steps", 0)
+    model.train()
+    losses, samples, steps = [], 0, 0
+    for _ in range(params["epochs"]):
+        for x, y in steps_of_at_least(domain.batches(cases, params["batch_size"], rng), site.min_batch):
+            optimiser.zero_grad()
+            loss = domain.loss(model(x), y)
+            if mu > 0:
+                loss = loss + mu / 2 * sum(((p - a) ** 2).sum() for p, a in zip(model.parameters(), anchor))
+            loss.backward()
+            optimiser.step()
+            losses.append(float(loss.detach()))
+            samples += len(x)
+            steps += 1
+            if max_steps and steps >= max_steps:
+                break
+        if max_steps and steps >= max_steps:
+            break
+    return {
+        "weights": exchanged_weights(model),
+        "scalars": {"n_samples": float(samples / params["epochs"]), "train_loss": float(np.mean(losses)), "steps": float(steps)},
+    }
+
+
+def contract(params: dict[str, Any], site: SiteFacts) -> Any:
+    from datasite_setup.model_weights import declared_shapes
+    from datasite_setup.output_contracts import WeightsContract
+    from domains import get_domain
+
+    return WeightsContract(param_shapes=declared_shapes(get_domain(params["domain"]).build_model()), scalar_names=SCALARS)
+
+
+def batch_policy(params: dict[str, Any], site: SiteFacts) -> str | None:
+    if params["batch_size"] < site.min_batch:
+        return f"batch_size {params['batch_size']} is below this site's minimum of {site.min_batch} samples per step"
+    return None
+
+
+TASK = SiteTask(
+    name="local_train",
+    summary="train the domain's model for a few local epochs from the given weights; returns weights + loss",
+    params={
+        "domain": Param(str, "the learning task (e.g. brain_mr_segmentation)", check=known_domain),
+        "weights": Param(dict, "global weights: {state name: float array}, checked against the model"),
+        "epochs": Param(int, "local epochs (1-50)", check=between(1, 50)),
+        "batch_size": Param(int, "slices per batch (1-4096, and at least the site's min_batch)", check=between(1, 4096)),
+        "lr": Param(float, "learning rate (0-1]", check=lambda v: None if 0 < v <= 1 else "must be in (0, 1]"),
+        "optimizer": Param(str, "adam or sgd", check=lambda v: None if v in ("adam", "sgd") else "must be adam or sgd"),
+        "seed": Param(int, "random seed for shuffling and initialisation", check=between(0, 2**31 - 1)),
+        "mu": Param(float, "FedProx proximal weight (0 = FedAvg)", required=False, check=between(0.0, 100.0)),
+        "max_steps": Param(int, "stop after this many steps (0 = no cap)", required=False, check=between(0, 10**6)),
+    },
+    run=run,
+    contract=contract,
+    policy=batch_policy,
+)

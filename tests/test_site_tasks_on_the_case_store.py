@@ -1,0 +1,62 @@
+"""Every installed site task gives the same answer on cases read lazily from the case store as on
+the same cases held in memory: the store can replace the in-memory asset without a task changing."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from datasite_setup.case_store import CaseSource, CaseStore
+from datasite_setup.model_weights import exchanged_weights
+from datasite_setup.site_tasks import run_installed_task
+from domains import get_domain
+from tests.test_federation_strategies import phantom_cases
+from tests.test_radiomics_features import SETTINGS
+
+
+@pytest.fixture(scope="module")
+def cases_both_ways(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[dict[str, Any]], CaseSource]:
+    cases = phantom_cases("hospital-a", 5, seed=3, slices=6, matrix=32)
+    store = CaseStore(tmp_path_factory.mktemp("site-data"))
+    version = store.new_version()
+    for i, case in enumerate(cases):
+        store.put(case, patient=f"p{i}", split="train", version=version)
+    return cases, CaseSource(store.root, [e.to_dict() for e in store.manifest()])
+
+
+def _same(a: Any, b: Any) -> None:
+    if isinstance(a, dict):
+        assert set(a) == set(b)
+        for key in a:
+            _same(a[key], b[key])
+    elif isinstance(a, (np.ndarray, float, int)) and not isinstance(a, bool):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-9)
+    else:
+        assert a == b
+
+
+@pytest.mark.parametrize("task, params", [
+    ("cohort_summary", {"group_by": "Manufacturer"}),
+    ("intensity_landmarks", {}),
+    ("radiomics_aggregates", {"settings": SETTINGS}),
+])
+def test_aggregate_tasks_agree(cases_both_ways, task: str, params: dict[str, Any]) -> None:
+    in_memory, lazy = cases_both_ways
+    _same(run_installed_task(task, in_memory, params, min_cohort=2), run_installed_task(task, lazy, params, min_cohort=2))
+
+
+def test_training_and_evaluation_agree(cases_both_ways) -> None:
+    in_memory, lazy = cases_both_ways
+    domain = get_domain("brain_mr_segmentation")
+    torch.manual_seed(0)
+    weights = exchanged_weights(domain.build_model())
+    params = {"domain": domain.name, "weights": weights, "epochs": 1, "batch_size": 8, "lr": 1e-3,
+              "optimizer": "adam", "seed": 1, "max_steps": 2}
+    _same(run_installed_task("local_train", in_memory, params, min_cohort=2),
+          run_installed_task("local_train", lazy, params, min_cohort=2))
+    scores = {"domain": domain.name, "weights": weights}
+    _same(run_installed_task("evaluate", in_memory, scores, min_cohort=2),
+          run_installed_task("evaluate", lazy, scores, min_cohort=2))
