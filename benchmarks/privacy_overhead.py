@@ -1,6 +1,6 @@
 """Per-call cost of the privacy machinery: the server's door and the release ledger, against today's call.
 
-The issue's target: each adds at most 5% to a call (ratio <= 1.05). Both sides of every ratio are
+The target: each adds at most 5% to a call (ratio <= 1.05). Both sides of every ratio are
 measured in this run, in this process, interleaved call by call (every variant once per round, the
 order reversed every other round), because the 2-core machine's load changes faster than a batch.
 

@@ -1,6 +1,6 @@
 """The server's door: what a data scientist's session may call on this datasite. Deny by default.
 
-Why this exists (issue 13, found by a red team as a data scientist on a live datasite): syft
+Why this exists, as tried as a data scientist against a live datasite: syft
 0.9.5 opens 114 service methods to the DATA_SCIENTIST role (`UserServiceConfigRegistry`), and
 some of them reach private data without any request or approval. `action.execute` resolves its
 objects with `has_permission=True` (syft/service/action/action_service.py), so a numpy method of a

@@ -6,7 +6,7 @@ the set of cases behind it. Two releases over sets A and B give the sum over the
 7 x mean(A) - 6 x mean(B) is one case's value when B is A without that case. So a new cohort N is
 refused when, for an earlier cohort E of the same quantity (or another new one):
 
-1. 0 < |N symmetric-difference E| < min_cohort (the rule of the issue's differencing attacks), or
+1. 0 < |N symmetric-difference E| < min_cohort (the few cases between them are given away), or
 2. some set of fewer than `min_cohort` cases becomes determined by the releases together: the
    cases fall into classes by which releases they are in, and a class's sum is determined exactly
    when its indicator lies in the row space of the releases' membership matrix (this catches
