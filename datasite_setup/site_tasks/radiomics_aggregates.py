@@ -34,6 +34,8 @@ before aggregating, which is what makes the noise calibrated there sufficient.
 
 from __future__ import annotations
 
+import copy
+import functools
 import logging
 import math
 from typing import Any
@@ -57,15 +59,26 @@ VOXEL_INTENSITIES = "lesion_voxel_intensities"
 # ---- parameter checks (run in the site's server before anything is executed) --------------------------
 
 
+@functools.lru_cache(maxsize=1)
+def _parameter_schema() -> tuple[dict[str, Any], str]:
+    """pyradiomics' parameter schema, parsed once per process (it is checked on every call)."""
+    import yaml
+    from radiomics import getParameterValidationFiles
+
+    schema, functions = getParameterValidationFiles()
+    with open(schema) as handle:
+        return yaml.safe_load(handle), functions
+
+
 def settings_problems(settings: dict[str, Any]) -> str | None:
     """What pyradiomics' own parameter schema refuses in `settings`, or None."""
     import pykwalify.core
-    from radiomics import getParameterValidationFiles
 
     logging.getLogger("pykwalify").setLevel(logging.CRITICAL)
-    schema, functions = getParameterValidationFiles()
+    schema, functions = _parameter_schema()
     try:
-        pykwalify.core.Core(source_data=settings, schema_files=[schema], extensions=[functions]).validate(raise_exception=True)
+        pykwalify.core.Core(source_data=settings, schema_data=copy.deepcopy(schema), extensions=[functions]).validate(
+            raise_exception=True)
     except Exception as exc:  # pykwalify raises SchemaError, the schema's own functions ValueError/TypeError
         return f"not a valid pyradiomics parameter set: {getattr(exc, 'msg', exc)}".strip()
     return case_selection_problems(settings)
