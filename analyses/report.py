@@ -2,8 +2,8 @@
 
 It reads only what the data scientist's commands wrote (`federate radiomics --out`, twice: raw
 and Nyul-harmonized; `federate train --out`), copies their plots next to the page, draws two
-plots that compare runs (mean |SMD| per site before/after, pooled Dice per round per method) and
-links everything relatively, so the folder can be zipped or mailed as it is. No JavaScript.
+plots that compare runs (mean |SMD| per site before/after, pooled validation Dice per round per
+method) and links everything relatively, so the folder can be zipped or mailed as it is. No JavaScript.
 
     write_report(ReportInputs(...), Path("report"))  ->  report/index.html, report/summary.json, report/*.png
 
@@ -95,14 +95,16 @@ def plot_smd_before_after(raw: dict[str, Any], harmonized: dict[str, Any], path:
 
 
 def plot_pooled_curves(histories: dict[str, list[dict[str, Any]]], metric: str, path: Path) -> Path:
-    """Pooled `metric` over the sites after each round, one line per method."""
+    """Pooled validation `metric` over the sites after each round, one line per method (the
+    rounds are chosen on it; the results are the test tables)."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 3.6))
     for method, history in histories.items():
         points = [(r["round"], r["pooled"][metric]) for r in history if metric in r.get("pooled", {})]
         if points:
             ax.plot(*zip(*points), marker="o", label=method)
-    ax.set(xlabel="round", ylabel=f"pooled {metric}", title=f"Pooled {metric} per round (round 0: initial model)")
+    ax.set(xlabel="round", ylabel=f"pooled validation {metric}",
+           title=f"Pooled validation {metric} per round (round 0: initial model)")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -154,9 +156,11 @@ def _heterogeneity_section(inputs: ReportInputs, out_dir: Path, summary: dict[st
 def _training_section(inputs: ReportInputs, out_dir: Path, summary: dict[str, Any]) -> str:
     comparison = _read_json(inputs.training / "comparison.json")
     metric, final = comparison["metric"], comparison["final"]
+    best, best_round = comparison.get("best", {}), comparison.get("best_round", {})
     methods = list(final)
     columns = sorted({s for values in final.values() for s in values}, key=lambda s: (s == "pooled", s))
-    summary["training"] = {"metric": metric, "final": final}
+    summary["training"] = {"metric": metric, "split": comparison.get("split", "test"), "final": final,
+                           "best": best, "best_round": best_round, "left_out": comparison.get("left_out", {})}
     histories = {}
     for method in methods:
         metrics = inputs.training / method / "metrics.json"
@@ -167,23 +171,41 @@ def _training_section(inputs: ReportInputs, out_dir: Path, summary: dict[str, An
         histories["centralized (simulation)"] = _read_json(central)["history"]
     rounds = max((h[-1]["round"] for h in histories.values() if h), default=0)
     parts = [
-        f"<h2>Federated training: {html.escape(metric)} per site and method</h2>",
+        f"<h2>Federated training: test {html.escape(metric)} per site and method</h2>",
         f"<p>A 2-D U-Net segmenting the lesions, {rounds} rounds. FedAvg and FedProx train one model "
         "across the sites from the sites' weight updates; local-only trains one model per site on its "
         "own cases; centralized pools all cases in one place, which a real federation cannot do "
-        "(simulation on phantom data, for reference only). Each site scores on its own cases.</p>",
-        _table(["method", *columns], [[m, *[final[m].get(c) for c in columns]] for m in methods]),
+        "(simulation on phantom data, for reference only). Every site trains on its train split; each "
+        "round is scored on the sites' validation split, and the round with the best pooled validation "
+        f"{html.escape(metric)} is selected. The tables are on the sites' held-out test split, which "
+        "neither training nor selection saw.</p>",
     ]
+    if best:
+        parts += ["<h3>Weights of the round selected on validation</h3>",
+                  _table(["method", "round", *columns],
+                         [[m, best_round.get(m), *[best[m].get(c) for c in columns]] for m in best])]
+    parts += ["<h3>Weights of the final round</h3>",
+              _table(["method", *columns], [[m, *[final[m].get(c) for c in columns]] for m in methods])]
+    for method, kinds in comparison.get("cross_site", {}).items():
+        cross = kinds.get("best", {})
+        others = sorted({s for values in cross.values() for s in values}, key=lambda s: (s.startswith("pooled"), s))
+        parts += [f"<h3>{html.escape(method)}: each site's model on the other sites' test splits (selected round)</h3>",
+                  _table(["model of", *others], [[model, *[values.get(c) for c in others]] for model, values in cross.items()])]
+    left_out = [[method, site, ", ".join(str(r) for r in sorted({e["round"] for e in entries})),
+                 "; ".join(sorted({e["reason"] for e in entries}))]
+                for method, sites in comparison.get("left_out", {}).items() for site, entries in sites.items()]
+    if left_out:
+        parts += ["<h3>Sites left out</h3>", _table(["method", "site", "rounds", "why"], left_out)]
     figures = []
     copied = _copy_png(inputs.training / "comparison.png", out_dir, "dice_per_site.png")
     if copied:
-        figures.append(_figure(copied, f"final {metric} per site and method"))
+        figures.append(_figure(copied, f"test {metric} per site and method (round selected on validation)"))
     figures.append(_figure(plot_pooled_curves(histories, metric, out_dir / "pooled_curves.png").name,
-                           f"pooled {metric} per round and method"))
+                           f"pooled validation {metric} per round and method"))
     for method in methods:
         copied = _copy_png(inputs.training / method / "training_curves.png", out_dir, f"curves_{method}.png")
         if copied:
-            figures.append(_figure(copied, f"training curves, {method} (loss and {metric} per site)"))
+            figures.append(_figure(copied, f"training curves, {method} (loss and validation {metric} per site)"))
     return "\n".join(parts + ['<div class="figures">', *figures, "</div>"])
 
 

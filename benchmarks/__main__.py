@@ -28,6 +28,7 @@ REGISTRY: dict[str, str] = {
     "federated_quality": "benchmarks.federated_quality",
     "radiomics_throughput": "benchmarks.radiomics_throughput",
     "privacy_overhead": "benchmarks.privacy_overhead",
+    "data_growth": "benchmarks.data_growth",
 }
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"

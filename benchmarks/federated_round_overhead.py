@@ -1,8 +1,11 @@
 """Orchestration overhead: a federated training round through a live datasite vs the same training
 run directly in one process.
 
-Setup: one datasite (the real CLI) holding a phantom export of hospital-a; the data scientist's
-`local_train`/`evaluate` requests are sent and approved as in production. The number of local
+Setup: one datasite (the real CLI) holding a phantom export of hospital-a, ingested with a split
+file (`--splits`) that puts the first `n_cases` in `train` and two cases (the site's `min_cohort`)
+each in `validation` and `test`, so the site trains on exactly the cases the in-process run uses and the round's validation
+and the closing test evaluation have cases; the data scientist's `local_train`/`evaluate` requests
+are sent and approved as in production. The number of local
 epochs is calibrated so the in-process run takes at least `MIN_COMPUTE_S` seconds (the target's
 "round of >= 5 s compute per site"). Then, interleaved: `repeats` times the same `local_train`
 call in this process (`datasite_setup.site_tasks.local_train.run`, same cases as ingested at the site,
@@ -63,8 +66,12 @@ def run(quick: bool) -> dict[str, Any]:
     config_path = write_site_config(work / "sites", "hospital-a", free_port())
     try:
         export = work / "export"
-        write_phantom_site(PROFILES["hospital-a"], export, n_cases=n_cases, seed=0)
-        cases = read_cases(export, None, os.urandom(32), progress=False).cases
+        held_out = ("validation", "validation", "test", "test")
+        folders = write_phantom_site(PROFILES["hospital-a"], export, n_cases=n_cases + len(held_out), seed=0)
+        splits = work / "splits.csv"
+        splits.write_text("PatientID,split\n" + "".join(
+            f"{folder.name},{'train' if i < n_cases else held_out[i - n_cases]}\n" for i, folder in enumerate(sorted(folders))))
+        cases = read_cases(export, None, os.urandom(32), progress=False).cases[:n_cases]  # case-folder order: the train cases
         domain = get_domain("brain_mr_segmentation")
         torch.manual_seed(0)
         weights = exchanged_weights(domain.build_model())
@@ -75,7 +82,7 @@ def run(quick: bool) -> dict[str, Any]:
         epochs = max(1, int(round(min_compute / one_epoch + 0.5)))
 
         run_setup("up", config_path)
-        run_setup("ingest", config_path, str(export))
+        run_setup("ingest", config_path, str(export), "--splits", str(splits))
         config = load_site_config(config_path)
         password_file = work / "ds_password"
         password_file.write_text(data_scientist_password(config, DS_EMAIL))

@@ -99,12 +99,13 @@ print(json.dumps(laps))
 
 
 def _cases(params: dict[str, Any]) -> list[dict[str, Any]]:
-    """Phantom case records as a site holds them (seeded, so every run trains on the same slices)."""
+    """Phantom case records as a site holds them, all in its training split (seeded, so every run
+    trains on the same slices)."""
     from domains.brain_mr_segmentation import PROFILES, generate_case
 
     profile = PROFILES["hospital-a"].with_size(matrix=params["matrix"], n_slices=params["n_slices"])
     rng = np.random.default_rng(2024)
-    return [generate_case(profile, rng).as_record(f"bench-{i:02d}") for i in range(params["n_cases"])]
+    return [{**generate_case(profile, rng).as_record(f"bench-{i:02d}"), "split": "train"} for i in range(params["n_cases"])]
 
 
 def _global_weights(base_channels: int) -> dict[str, np.ndarray]:

@@ -59,6 +59,7 @@ from typing import Any
 
 import numpy as np
 
+from benchmarks.quiet_machine import wait_until_idle
 from benchmarks.radiomics_throughput import PARAMS, _phantom
 
 TARGET_RATIO = 1.05
@@ -83,30 +84,11 @@ def _median_ms(values: list[float]) -> float:
     return _ms(statistics.median(values))
 
 
-def _wait_until_children_idle(timeout_s: float, window_s: float = 0.5) -> float:
-    """Wait until this process's children (the site's spares importing torch and pyradiomics) use
-    less than 5% of a core; return the seconds waited. Their imports would otherwise run beside
-    what is timed, on a 2-core machine."""
+def _my_children() -> list[Any]:
+    """This process's children: the site's spares, importing torch and pyradiomics after a run."""
     import psutil
 
-    me = psutil.Process()
-
-    def cpu_by_child() -> dict[int, float]:
-        seconds = {}
-        for child in me.children(recursive=True):
-            with contextlib.suppress(psutil.Error):
-                times = child.cpu_times()
-                seconds[child.pid] = times.user + times.system
-        return seconds
-
-    started = time.perf_counter()
-    while time.perf_counter() - started < timeout_s:
-        before = cpu_by_child()
-        time.sleep(window_s)
-        after = cpu_by_child()
-        if sum(value - before.get(pid, 0.0) for pid, value in after.items()) < 0.05 * window_s:
-            break
-    return round(time.perf_counter() - started, 2)
+    return psutil.Process().children(recursive=True)
 
 
 def _interleaved(variants: dict[str, Callable[[], float]], per_repetition: int, repetitions: int) -> tuple[dict[str, list[float]], list[dict[str, Any]]]:
@@ -305,7 +287,7 @@ def _whole_calls(config: Any, admin: Any, ds: Any, params_by_size: dict[int, dic
     seconds: dict[int, list[float]] = {n: [] for n in params_by_size}
     for rep in range(plan["call_repetitions"]):
         for n in (params_by_size if rep % 2 == 0 else reversed(list(params_by_size))):
-            _wait_until_children_idle(plan["idle_timeout_s"])
+            wait_until_idle(_my_children, plan["idle_timeout_s"])
             with quiet_syft():
                 started = time.perf_counter()
                 result = call_site_task(ds, assets[n], TASK, f"bench{n}", params_by_size[n])
@@ -344,7 +326,7 @@ def run(quick: bool) -> dict[str, Any]:
             "action.get (own object)": lambda: ds.api.services.action.get(own.id),
             "action.set (small object)": lambda: ActionObject.from_obj({"a": 1}).send(ds),
         }
-        waited = {"before_door_s": _wait_until_children_idle(plan["idle_timeout_s"])}
+        waited = {"before_door_s": wait_until_idle(_my_children, plan["idle_timeout_s"])}
         door = _door_timings(datasite, calls, plan["door_calls_per_repetition"], plan["door_repetitions"])
 
         first_run = run_for_parent(TASK, cases[max(cases)], {"settings": settings}, config.privacy.min_cohort,

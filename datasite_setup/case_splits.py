@@ -4,13 +4,19 @@ Every case gets its split from a keyed hash (HMAC-SHA256 with the site's own key
 pseudonymous patient id: the same patient always lands in the same split, so no patient is in two
 splits (a study with T1 and T2, or MR and CT, stays together), and adding cases later never moves an
 old one. The key is secret to the site, so a data scientist cannot choose which cases are test cases.
+
+A collection that comes with an official split (a challenge's train/test lists) keeps it: the site
+passes a split file at ingestion (`read_split_file`), and its patients take the listed split while
+any other patient is hashed as above. A patient already stored keeps the split it has.
 """
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import hmac
 from collections.abc import Mapping
+from pathlib import Path
 
 SPLITS = ("train", "validation", "test")
 DEFAULT_FRACTIONS = {"train": 0.7, "validation": 0.1, "test": 0.2}
@@ -38,3 +44,25 @@ def assign_split(patient: str, key: bytes, fractions: Mapping[str, float] = DEFA
         if position < cumulative:
             return name
     return SPLITS[-1]
+
+
+def read_split_file(path: Path) -> dict[str, str]:
+    """PatientID -> split from a CSV file with the header `PatientID,split` (the file stays at the site)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{path}: no such split file; give a CSV with the columns PatientID,split")
+    splits: dict[str, str] = {}
+    with path.open(newline="") as handle:
+        reader = csv.DictReader(handle)
+        if reader.fieldnames is None or not {"PatientID", "split"} <= set(reader.fieldnames):
+            raise ValueError(f"{path}: the first line must name the columns PatientID,split, got {reader.fieldnames}")
+        for line, row in enumerate(reader, start=2):
+            patient, split = (row["PatientID"] or "").strip(), (row["split"] or "").strip()
+            if not patient:
+                raise ValueError(f"{path}, line {line}: empty PatientID")
+            if split not in (*SPLITS, UNLABELLED):
+                raise ValueError(f"{path}, line {line}: split {split!r} for {patient}; use one of {', '.join((*SPLITS, UNLABELLED))}")
+            if splits.get(patient, split) != split:
+                raise ValueError(f"{path}, line {line}: {patient} is listed in two splits ({splits[patient]} and {split})")
+            splits[patient] = split
+    return splits

@@ -16,6 +16,11 @@ Guarantees:
 - each ingestion that adds cases starts a new manifest version; a run can name the version it used,
   and older versions stay reproducible (cases are only ever added).
 
+A site may keep several collections (one per syft dataset: the MR study, a phantom set); a case
+belongs to a collection's manifest, and its files, named by its case id, are written once however
+many collections list it. Version numbers count across the store; a collection's manifest at
+version v holds its cases added in versions up to v.
+
 Orientation: records are ITK-style (array [Z, Y, X], LPS patient coordinates); the NIfTI files carry
 the equivalent RAS affine so external tools show them correctly, while the manifest's own
 spacing/origin/direction are what the site tasks use.
@@ -45,17 +50,23 @@ _CASES = "cases"
 _TEMPORARY_PREFIX = ".incomplete-"
 _LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])
 
+DEFAULT_COLLECTION = "cases"
+
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS versions (
     version INTEGER PRIMARY KEY,
+    collection TEXT NOT NULL,
     created TEXT NOT NULL DEFAULT (datetime('now')),
-    note TEXT NOT NULL DEFAULT ''
+    note TEXT NOT NULL DEFAULT '',
+    published TEXT
 );
 CREATE TABLE IF NOT EXISTS cases (
-    case_id TEXT PRIMARY KEY,
+    collection TEXT NOT NULL,
+    case_id TEXT NOT NULL,
     entry TEXT NOT NULL,
     content_hash TEXT NOT NULL,
-    added_in INTEGER NOT NULL REFERENCES versions(version)
+    added_in INTEGER NOT NULL REFERENCES versions(version),
+    PRIMARY KEY (collection, case_id)
 );
 """
 
@@ -140,14 +151,38 @@ def _write_nifti(path: Path, volume: np.ndarray, affine: np.ndarray) -> None:
     nib.save(image, str(path))
 
 
-def read_volume(path: Path) -> np.ndarray:
-    """A stored volume as [Z, Y, X], memory-mapped: only the slices a task touches are read."""
-    import nibabel as nib
+# The NIfTI-1 header fields `read_volume` needs (byte offset, numpy type), little-endian as written here.
+_NIFTI_FIELDS = {"sizeof_hdr": (0, "<i4"), "dim": (40, "<8i2"), "datatype": (70, "<i2"), "vox_offset": (108, "<f4"),
+                 "scl_slope": (112, "<f4"), "scl_inter": (116, "<f4"), "magic": (344, "S4")}
+_NIFTI_TYPES = {2: np.uint8, 4: np.int16, 8: np.int32, 16: np.float32, 64: np.float64}
 
-    proxy = nib.load(str(path), mmap=True).dataobj
-    if proxy.slope != 1 or proxy.inter != 0:
-        raise CaseStoreError(f"{path}: scaled NIfTI data; the case store writes unscaled volumes only")
-    return proxy.get_unscaled().transpose(2, 1, 0)
+
+def read_volume(path: Path) -> np.ndarray:
+    """A stored volume as [Z, Y, X], memory-mapped: only the slices a task touches are read.
+
+    The store wrote the file (single-file NIfTI-1, unscaled), so its header is read directly rather
+    than through nibabel's general loader, which costs ~0.7 ms per file in checks a site with a
+    thousand cases would pay on every call. Anything other than what the store writes is refused.
+    """
+    with open(path, "rb") as handle:  # one open per volume: a sandboxed run's audit hook checks each
+        header = handle.read(352)
+        if len(header) < 352:
+            raise CaseStoreError(f"{path}: truncated NIfTI file; the case store writes complete files only")
+        fields = {name: np.frombuffer(header, dtype=kind, count=1, offset=offset)[0]
+                  for name, (offset, kind) in _NIFTI_FIELDS.items()}
+        ndim, *dims = (int(v) for v in fields["dim"])
+        datatype = int(fields["datatype"])
+        if int(fields["sizeof_hdr"]) != 348 or fields["magic"] != b"n+1" or ndim != 3 or datatype not in _NIFTI_TYPES:
+            raise CaseStoreError(f"{path}: not a single-file little-endian 3-D NIfTI-1 volume as the case store writes")
+        slope, inter = float(fields["scl_slope"]), float(fields["scl_inter"])
+        if (np.isfinite(slope) and slope not in (0.0, 1.0)) or (np.isfinite(inter) and inter != 0.0):
+            raise CaseStoreError(f"{path}: scaled NIfTI data; the case store writes unscaled volumes only")
+        x, y, z = dims[:3]
+        offset, dtype = int(fields["vox_offset"]), np.dtype(_NIFTI_TYPES[datatype])
+        if offset < 352 or os.fstat(handle.fileno()).st_size != offset + x * y * z * dtype.itemsize:
+            raise CaseStoreError(f"{path}: its size does not match its header (a damaged or truncated file)")
+        volume = np.memmap(handle, dtype=dtype, mode="r", offset=offset, shape=(x, y, z), order="F")
+    return volume.transpose(2, 1, 0)
 
 
 class CaseStore:
@@ -179,52 +214,83 @@ class CaseStore:
         return self.root / _CASES / case_id
 
     def case_ids(self) -> list[str]:
+        """Every stored case, whichever collections list it."""
         with self._db() as db:
-            return [row[0] for row in db.execute("SELECT case_id FROM cases ORDER BY case_id")]
+            return [row[0] for row in db.execute("SELECT DISTINCT case_id FROM cases ORDER BY case_id")]
 
     @property
     def version(self) -> int:
-        """The newest manifest version (0 before the first case)."""
+        """The newest manifest version of the store (0 before the first)."""
         with self._db() as db:
             return int(db.execute("SELECT COALESCE(MAX(version), 0) FROM versions").fetchone()[0])
 
-    def manifest(self, version: int | None = None) -> list[ManifestEntry]:
-        """The cases of manifest `version` (default: the newest), in case-id order."""
+    def collection_version(self, collection: str = DEFAULT_COLLECTION) -> int:
+        """The newest version that added cases to `collection` (0 if it has none)."""
+        with self._db() as db:
+            row = db.execute("SELECT COALESCE(MAX(added_in), 0) FROM cases WHERE collection = ?", (collection,)).fetchone()
+        return int(row[0])
+
+    def manifest(self, version: int | None = None, collection: str = DEFAULT_COLLECTION) -> list[ManifestEntry]:
+        """The cases of `collection` at manifest `version` (default: the newest), in case-id order."""
         newest = self.version
         version = newest if version is None else version
         if not 0 <= version <= newest:
             raise CaseStoreError(f"manifest version {version} does not exist; this store has versions 0 to {newest}")
         with self._db() as db:
-            rows = db.execute("SELECT entry FROM cases WHERE added_in <= ? ORDER BY case_id", (version,)).fetchall()
+            rows = db.execute("SELECT entry FROM cases WHERE collection = ? AND added_in <= ? ORDER BY case_id",
+                              (collection, version)).fetchall()
         return [ManifestEntry.from_dict(json.loads(row[0])) for row in rows]
 
-    def stored_hash(self, case_id: str) -> str | None:
+    def patient_splits(self) -> dict[str, tuple[str, bool]]:
+        """Pseudonymous patient -> (split, labelled) of the cases already stored, in any collection."""
         with self._db() as db:
-            row = db.execute("SELECT content_hash FROM cases WHERE case_id = ?", (case_id,)).fetchone()
+            rows = db.execute("SELECT entry FROM cases ORDER BY added_in").fetchall()
+        out: dict[str, tuple[str, bool]] = {}
+        for (text,) in rows:
+            entry = json.loads(text)
+            out.setdefault(str(entry["patient"]), (str(entry["split"]), bool(entry["labelled"])))
+        return out
+
+    def stored_hash(self, case_id: str) -> str | None:
+        """The content hash of the case's files, if they are stored (in any collection)."""
+        with self._db() as db:
+            row = db.execute("SELECT content_hash FROM cases WHERE case_id = ? LIMIT 1", (case_id,)).fetchone()
         return None if row is None else str(row[0])
+
+    def _listed_in(self, collection: str, case_id: str) -> bool:
+        with self._db() as db:
+            return db.execute("SELECT 1 FROM cases WHERE collection = ? AND case_id = ?", (collection, case_id)).fetchone() is not None
+
+    def _version_collection(self, version: int) -> str:
+        with self._db() as db:
+            row = db.execute("SELECT collection FROM versions WHERE version = ?", (version,)).fetchone()
+        if row is None:
+            raise CaseStoreError(f"manifest version {version} does not exist; start one with CaseStore.new_version")
+        return str(row[0])
 
     def put(self, record: Mapping[str, Any], patient: str, split: str, labelled: bool = True,
             version: int | None = None) -> ManifestEntry | None:
-        """Write one case and list it in manifest `version` (see `new_version`).
+        """Write one case and list it in manifest `version` (see `new_version`) of that version's collection.
 
-        Returns the entry, or None when the same case with the same content is already stored.
+        Returns the entry, or None when the collection already lists the case with the same content.
         """
         check_case_record(record)
         case_id = str(record["case_id"])
         if not case_id or "/" in case_id or case_id.startswith("."):
             raise CaseStoreError(f"case id {case_id!r} cannot name a folder; case ids come from de-identification")
+        version = self.version if version is None else version
+        if version < 1:
+            raise CaseStoreError("start a manifest version (CaseStore.new_version) before adding cases")
+        collection = self._version_collection(version)
         digest = content_hash(record)
         existing = self.stored_hash(case_id)
-        if existing == digest:
-            return None
-        if existing is not None:
+        if existing is not None and existing != digest:
             raise CaseStoreError(
                 f"case {case_id}: already stored with other content (a re-export of the same series with changed "
                 "pixels, mask or labels); stored cases are never replaced - remove the site's case from the store "
                 "deliberately, or ingest the new export under a new series")
-        version = self.version if version is None else version
-        if version < 1:
-            raise CaseStoreError("start a manifest version (CaseStore.new_version) before adding cases")
+        if existing is not None and self._listed_in(collection, case_id):
+            return None
         image = np.asarray(record["image"])
         entry = ManifestEntry(
             case_id=case_id, patient=patient, split=split, labelled=labelled, shape=tuple(int(n) for n in image.shape),
@@ -234,6 +300,17 @@ class CaseStore:
             images=tuple(sorted(record.get("images") or {})), has_mask=record.get("mask") is not None,
             content_hash=digest, added_in=version,
         )
+        if existing is None:
+            self._write_files(record, entry)
+        with self._db() as db:
+            db.execute("INSERT INTO cases (collection, case_id, entry, content_hash, added_in) VALUES (?, ?, ?, ?, ?)",
+                       (collection, case_id, json.dumps(entry.to_dict(), sort_keys=True), digest, version))
+        return entry
+
+    def _write_files(self, record: Mapping[str, Any], entry: ManifestEntry) -> None:
+        """The case's NIfTI files, complete under their final name or not at all."""
+        case_id = entry.case_id
+        image = np.asarray(record["image"])
         affine = _affine(entry.spacing, entry.origin, entry.direction)
         staging = self.root / _CASES / f"{_TEMPORARY_PREFIX}{case_id}-{uuid.uuid4().hex[:8]}"
         staging.mkdir(mode=0o700)
@@ -250,16 +327,35 @@ class CaseStore:
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
-        with self._db() as db:
-            db.execute("INSERT INTO cases (case_id, entry, content_hash, added_in) VALUES (?, ?, ?, ?)",
-                       (case_id, json.dumps(entry.to_dict(), sort_keys=True), digest, version))
-        return entry
 
-    def new_version(self, note: str = "") -> int:
-        """Start the manifest version that the next cases are added to."""
+    def new_version(self, note: str = "", collection: str = DEFAULT_COLLECTION) -> int:
+        """Start the manifest version of `collection` that the next cases are added to."""
         with self._db() as db:
-            cursor = db.execute("INSERT INTO versions (note) VALUES (?)", (note,))
+            cursor = db.execute("INSERT INTO versions (collection, note) VALUES (?, ?)", (collection, note))
             return int(cursor.lastrowid)
+
+    def unpublished_version(self, collection: str = DEFAULT_COLLECTION) -> int | None:
+        """The newest version of `collection` not yet published as a dataset: an ingestion that
+        stopped before it finished, which the next ingestion continues rather than starting anew."""
+        with self._db() as db:
+            row = db.execute("SELECT MAX(version) FROM versions WHERE collection = ?", (collection,)).fetchone()
+            newest = row[0]
+            if newest is None:
+                return None
+            published = db.execute("SELECT published FROM versions WHERE version = ?", (newest,)).fetchone()[0]
+        return None if published else int(newest)
+
+    def mark_published(self, version: int, dataset: str) -> None:
+        """Record that `version` is what dataset `dataset` serves."""
+        with self._db() as db:
+            db.execute("UPDATE versions SET published = ? WHERE version = ?", (dataset, version))
+
+    def published(self, collection: str = DEFAULT_COLLECTION) -> list[tuple[int, str]]:
+        """(version, dataset name) of every published version of `collection`, oldest first."""
+        with self._db() as db:
+            rows = db.execute("SELECT version, published FROM versions WHERE collection = ? AND published IS NOT NULL "
+                              "ORDER BY version", (collection,)).fetchall()
+        return [(int(v), str(name)) for v, name in rows]
 
     def drop_empty_version(self, version: int) -> None:
         """Forget a version to which no case was added (an ingestion that found nothing new)."""

@@ -78,6 +78,8 @@ def _cmd_ingest(config: SiteConfig, args: argparse.Namespace) -> int:
         roi=args.roi,
         dataset_name=args.dataset,
         domain=args.domain,
+        primary_modality=args.primary_modality,
+        split_file=Path(args.splits) if args.splits else None,
     )
     if args.report:
         Path(args.report).write_text(json.dumps(report, indent=2, sort_keys=True))
@@ -90,8 +92,10 @@ def _cmd_ingest(config: SiteConfig, args: argparse.Namespace) -> int:
         for item in report["rejected"]:
             files = f" ({len(item['files'])} files)" if len(item["files"]) > 1 else ""
             print(f"  rejected {item['path']}{files}: {item['reason']}")
+        print(f"  {report['added']} new case(s) written to the case store ({config.data_dir / 'case_store'})")
         if report.get("dataset"):
-            print(f"  dataset '{report['dataset']}' uploaded with a private and a mock asset")
+            print(f"  dataset '{report['dataset']}' serves manifest version {report['manifest_version']} "
+                  "(private manifest + mock manifest)")
     return EXIT_REJECTED if report["rejected"] else EXIT_OK
 
 
@@ -119,6 +123,12 @@ def build_parser() -> argparse.ArgumentParser:
     cmd.add_argument("--roi", help="RTSTRUCT ROI name to use when a structure set has several")
     cmd.add_argument("--dataset", default=None, help="dataset name (default: <site>-cases)")
     cmd.add_argument("--report", help="write the accepted/rejected report as JSON to this file")
+    cmd.add_argument("--splits", default=None, metavar="CSV",
+                     help="the collection's own split: a CSV with the columns PatientID,split (train, validation, test "
+                          "or unlabelled); patients not listed get the site's keyed-hash split")
+    cmd.add_argument("--primary-modality", default=None, metavar="MODALITY",
+                     help="make multi-image cases: series of other modalities (e.g. CT) in the frame of reference of "
+                          "a series of this modality (e.g. MR) join its case, resampled onto its grid")
     cmd.add_argument("--domain", default=DEFAULT_DOMAIN,
                      help=f"the learning task the cases serve; it makes the mock cases (default {DEFAULT_DOMAIN})")
     return parser

@@ -78,7 +78,12 @@ def case_id(ds: Dataset, secret: bytes) -> str:
 def patient_pseudonym(ds: Dataset, secret: bytes) -> str:
     """A stable pseudonym of the patient: keeps one patient's series together (same split, one
     multi-image case) without the PatientID itself."""
-    return "patient-" + _digest(secret, "patient", str(ds.get("PatientID") or "").strip()).hex()[:12]
+    return pseudonym_of_patient_id(str(ds.get("PatientID") or ""), secret)
+
+
+def pseudonym_of_patient_id(patient_id: str, secret: bytes) -> str:
+    """`patient_pseudonym` from the PatientID alone (a site's own list of patients, e.g. its split file)."""
+    return "patient-" + _digest(secret, "patient", patient_id.strip()).hex()[:12]
 
 
 def pseudonymous_uids(ds: Dataset, secret: bytes) -> dict[str, str]:

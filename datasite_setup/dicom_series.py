@@ -155,7 +155,11 @@ class DicomSeries:
 
 @dataclass
 class ScanResult:
-    """Where every input file went: each of `files` is in exactly one series, list or entry's `files`."""
+    """Where every input file went: each of `files` is in exactly one series, list or entry's `files`.
+
+    A scan made with `load=False` holds no pixels: its image series are read one at a time by
+    `each_series`, so a site's whole export never sits in memory at once.
+    """
 
     files: list[Path] = field(default_factory=list)
     series: list[DicomSeries] = field(default_factory=list)
@@ -163,6 +167,43 @@ class ScanResult:
     segs: list[Path] = field(default_factory=list)
     rejected: list[Rejection] = field(default_factory=list)
     ignored: list[Rejection] = field(default_factory=list)
+    pending: dict[str, list[Path]] = field(default_factory=dict)  # series UID -> its readable files
+    damaged: dict[str, list[tuple[Path, str]]] = field(default_factory=dict)  # series UID -> (file, why)
+    unassigned: dict[Path, list[Path]] = field(default_factory=dict)  # folder -> files no series claims
+
+    @property
+    def series_uids(self) -> list[str]:
+        """Every series the scan found image files of, readable or not."""
+        return list(dict.fromkeys([*self.pending, *self.damaged]))
+
+    def first_header(self, uid: str) -> Dataset | None:
+        """The header of one readable file of series `uid` (None if it has none)."""
+        for path in self.pending.get(uid, []):
+            read = _read_header(path)
+            if isinstance(read, _Header):
+                return read.dataset
+        return None
+
+    def each_series(self, progress: bool = True, uids: Iterable[str] | None = None) -> Iterator[DicomSeries]:
+        """Read the pending series (or those of `uids`) one by one, pixels and all, yielding those
+        accepted; a rejected series goes to `rejected` with every one of its files."""
+        uids = self.series_uids if uids is None else list(uids)
+        files_to_read = sum(len(self.pending.get(uid, [])) for uid in uids)
+        bar = _progress_bar(files_to_read, "reading DICOM pixel data", progress)
+        try:
+            for uid in uids:
+                paths, broken = self.pending.get(uid, []), self.damaged.get(uid, [])
+                files = [*paths, *(p for p, _ in broken)]
+                try:
+                    if broken:
+                        raise _broken_member_error(uid, broken, files, has_readable=bool(paths))
+                    series = _load_series(uid, _reread_headers(paths, files), bar, self.unassigned)
+                except _SeriesError as exc:
+                    self.rejected.append(Rejection(str(exc.path), exc.reason, tuple(str(p) for p in files)))
+                    continue
+                yield series
+        finally:
+            bar.close()
 
 
 class _SeriesError(Exception):
@@ -200,16 +241,17 @@ class _Slice:
     cols: int
 
 
-def scan_folder(root: Path, progress: bool = True) -> ScanResult:
-    """Read every file under `root` (hidden files skipped) and sort it into series or rejections."""
+def scan_folder(root: Path, progress: bool = True, load: bool = True) -> ScanResult:
+    """Read every file under `root` (hidden files skipped) and sort it into series or rejections.
+
+    With `load=False` only headers are read; the series wait in `pending` for `each_series`.
+    """
     root = Path(root)
     if not root.is_dir():
         raise NotADirectoryError(f"{root}: not a folder; pass the folder that holds the DICOM files")
     paths = _files_under(root)
     result = ScanResult(files=paths)
-    by_series: dict[str, list[tuple[Path, Dataset]]] = {}
-    damaged: dict[str, list[tuple[Path, str]]] = {}
-    unassigned: dict[Path, list[Path]] = {}
+    by_series, damaged, unassigned = result.pending, result.damaged, result.unassigned
     for path in _progress(paths, len(paths), "reading DICOM headers", progress):
         read = _read_header(path)
         if isinstance(read, _Unreadable):
@@ -233,23 +275,22 @@ def scan_folder(root: Path, progress: bool = True) -> ScanResult:
                 (str(path),)))
             unassigned.setdefault(path.parent, []).append(path)
         else:
-            by_series.setdefault(read.series_uid, []).append((path, read.dataset))
-
-    n_image_files = sum(len(members) for members in by_series.values())
-    bar = _progress_bar(n_image_files, "reading DICOM pixel data", progress)
-    try:
-        for uid in dict.fromkeys([*by_series, *damaged]):
-            members, broken = by_series.get(uid, []), damaged.get(uid, [])
-            files = [p for p, _ in members] + [p for p, _ in broken]
-            try:
-                if broken:
-                    raise _broken_member_error(uid, broken, files, has_readable=bool(members))
-                result.series.append(_load_series(uid, members, bar, unassigned))
-            except _SeriesError as exc:
-                result.rejected.append(Rejection(str(exc.path), exc.reason, tuple(str(p) for p in files)))
-    finally:
-        bar.close()
+            by_series.setdefault(read.series_uid, []).append(path)
+    if load:
+        result.series = list(result.each_series(progress))
     return result
+
+
+def _reread_headers(paths: list[Path], files: list[Path]) -> list[tuple[Path, Dataset]]:
+    """The headers of one series again (the scan keeps only paths, to hold no more than one series)."""
+    members = []
+    for path in paths:
+        read = _read_header(path)
+        if not isinstance(read, _Header) or read.kind != "image":
+            raise _series_error(path, f"{path.name}: changed or became unreadable while the ingestion ran; "
+                                "ingest again once the export is complete", files)
+        members.append((path, read.dataset))
+    return members
 
 
 def _files_under(root: Path) -> list[Path]:

@@ -1,12 +1,18 @@
 """Turn a hospital's DICOM folder (and an optional mask folder) into de-identified case records.
 
-A pure read: nothing is written or uploaded here, so the same call serves a dry run, the report
-an operator reviews, and the upload. Every accepted image series that has a mask becomes one case
+A pure read: nothing is written or uploaded here, so the same pass serves a dry run, the report
+an operator reviews, and the case store (`upload`), which takes the cases one by one as
+`Ingestion.cases()` yields them. Every accepted image series that has a mask becomes one case
 record; everything else is in `rejected` (a problem to fix) or `ignored` (objects that are not
 used, such as an SR or a structure set whose series is not in the tree), each with its reason.
 Every file under the DICOM folder is listed in exactly one entry's `files`, so an operator can
 find any file's fate (a structure set or SEG serving several accepted series is listed with each
 of their cases), and the summary counts add up to the files read.
+
+Multi-image cases: with a primary modality (`--primary-modality MR`), every series of another
+modality that shares a primary series' frame of reference (CT beside MR of the same patient)
+joins that series' case as a further image, resampled onto its grid (`series_alignment`); the
+case's mask is the primary series' mask.
 
 Where a series' mask comes from, first match wins: a file in `--masks` named after the series
 (see `mask_files`), as the operator pointed at it explicitly; else an RTSTRUCT in the tree that
@@ -20,7 +26,7 @@ site's operator and stay at the site.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,10 +34,11 @@ from typing import Any
 import numpy as np
 from pydicom.dataset import Dataset
 
-from datasite_setup.deidentify import acquisition_metadata, case_id, check_secret, pseudonymous_uids
+from datasite_setup.deidentify import acquisition_metadata, case_id, check_secret, patient_pseudonym, pseudonymous_uids
 from datasite_setup.dicom_series import DicomSeries, read_dicom, scan_folder
 from datasite_setup.mask_files import MaskError, find_mask, mask_keys, read_mask, read_seg, seg_referenced_series_uids
 from datasite_setup.rtstruct import RTStructError, rasterize_roi, read_rtstruct, referenced_series_uids, select_roi
+from datasite_setup.series_alignment import frame_of_reference, resample_onto
 from domains.case_record import make_case_record
 
 
@@ -44,12 +51,13 @@ class IngestResult:
     accepted: list[dict[str, Any]] = field(default_factory=list)
     rejected: list[dict[str, Any]] = field(default_factory=list)
     ignored: list[dict[str, Any]] = field(default_factory=list)
+    n_cases: int = 0  # accepted cases, whether `cases` holds them or they were streamed to the case store
 
     def summary(self) -> dict[str, int]:
         """How many input files ended accepted, rejected or ignored, and how many cases they made."""
         outcomes = {"accepted": self.accepted, "rejected": self.rejected, "ignored": self.ignored}
         counts = {name: len({f for entry in entries for f in entry["files"]}) for name, entries in outcomes.items()}
-        return {"files": len(self.files), **counts, "cases": len(self.cases)}
+        return {"files": len(self.files), **counts, "cases": self.n_cases}
 
     def to_report(self) -> dict[str, Any]:
         """What happened to every input file, as JSON-ready data (no pixels)."""
@@ -61,62 +69,136 @@ class IngestResult:
         }
 
 
+@dataclass(frozen=True)
+class IngestedCase:
+    """One accepted case: its de-identified record and its patient's pseudonym (which fixes its split)."""
+
+    record: dict[str, Any]
+    patient: str
+
+
+class Ingestion:
+    """One pass over a DICOM folder: headers and mask objects first, then one series at a time.
+
+    `cases()` yields each accepted case as soon as its series is read and paired with its mask, so
+    memory holds one series however large the export; `result` fills in as it goes and accounts for
+    every file once `cases()` is exhausted.
+    """
+
+    def __init__(self, dicom_dir: Path, masks_dir: Path | None, secret: bytes, roi: str | None = None,
+                 progress: bool = True, primary_modality: str | None = None) -> None:
+        check_secret(secret)
+        if masks_dir is not None and not Path(masks_dir).is_dir():
+            raise NotADirectoryError(f"{masks_dir}: the --masks folder does not exist or is not a folder")
+        self.masks_dir, self.secret, self.roi, self.progress = masks_dir, secret, roi, progress
+        self.primary_modality = primary_modality
+        self.scan = scan_folder(Path(dicom_dir), progress=progress, load=False)
+        self.result = IngestResult(files=[str(p) for p in self.scan.files],
+                                   rejected=[_entry(r.path, r.reason, r.files) for r in self.scan.rejected],
+                                   ignored=[_entry(r.path, r.reason, r.files) for r in self.scan.ignored])
+        self._scan_rejections_seen = len(self.scan.rejected)
+        self.structure_sets = _by_series(self.scan.rtstructs, read_rtstruct, referenced_series_uids, "RTSTRUCT", self.result)
+        self.segs = _by_series(self.scan.segs, _read_dataset, seg_referenced_series_uids, "SEG", self.result)
+        self.joining = self._joining_series()
+
+    def _joining_series(self) -> dict[str, list[str]]:
+        """With a primary modality: each primary series' UID -> the other series in its frame of
+        reference, which join its case as further images (see `series_alignment`)."""
+        if self.primary_modality is None:
+            return {}
+        primaries: dict[str, list[str]] = {}
+        others: dict[str, list[str]] = {}
+        for uid in self.scan.series_uids:
+            header = self.scan.first_header(uid)
+            frame = None if header is None else frame_of_reference(header)
+            if frame is None:
+                continue
+            modality = str(header.get("Modality", "")).upper()
+            (primaries if modality == self.primary_modality.upper() else others).setdefault(frame, []).append(uid)
+        return {uid: others[frame] for frame, uids in primaries.items() if frame in others for uid in uids}
+
+    def _further_images(self, series: DicomSeries, joined: dict[str, str]) -> dict[str, tuple[np.ndarray, DicomSeries]]:
+        """The series joining `series`' case, each resampled onto its grid, keyed by modality."""
+        images: dict[str, tuple[np.ndarray, DicomSeries]] = {}
+        for other in self.scan.each_series(False, self.joining.get(series.series_uid, [])):
+            base = str(other.header.get("Modality", "image")).upper() or "IMAGE"
+            key = base if base not in images else f"{base}-{sum(k.startswith(base) for k in images) + 1}"
+            images[key] = (resample_onto(other.volume, other.geometry, series.geometry), other)
+            joined[other.series_uid] = series.series_uid
+        return images
+
+    def cases(self) -> Iterator[IngestedCase]:
+        """Each accepted case in turn; when exhausted, `result` lists every file's fate."""
+        in_tree = {path for index in (self.structure_sets, self.segs) for paths in index.values() for path in paths}
+        mask_of: dict[str, Path] = {}  # accepted series UID -> the file its mask came from
+        joined: dict[str, str] = {}  # series UID -> the primary series whose case it joined
+        failed: list[tuple[DicomSeries, str, list[Path]]] = []
+        secondary = {uid for uids in self.joining.values() for uid in uids}
+        for series in self.scan.each_series(self.progress, [u for u in self.scan.series_uids if u not in secondary]):
+            candidates = [path for index in (self.structure_sets, self.segs) for path in index.get(series.series_uid, [])]
+            try:
+                found = _find_mask(series, self.masks_dir, self.structure_sets, self.segs, self.roi)
+            except (RTStructError, MaskError) as exc:
+                failed.append((series, f"{exc}; the series was rejected", candidates))
+                continue
+            if found is None:
+                failed.append((series, _no_mask_reason(series, self.masks_dir), candidates))
+                continue
+            mask, source = found
+            mask_of[series.series_uid] = source
+            images = self._further_images(series, joined)
+            yield _add_case(self.result, series, mask, source, self.secret, source_in_tree=source in in_tree,
+                            images=images)
+        self._account(failed, mask_of, in_tree, joined, secondary)
+
+    def _account(self, failed: list[tuple[DicomSeries, str, list[Path]]], mask_of: dict[str, Path],
+                 in_tree: set[Path], joined: dict[str, str], secondary: set[str]) -> None:
+        result = self.result
+        for uid in sorted(secondary - set(joined)):
+            files = [*self.scan.pending.get(uid, []), *(p for p, _ in self.scan.damaged.get(uid, []))]
+            if files and not any(str(files[0]) in r.files for r in self.scan.rejected):
+                result.ignored.append(_entry(files[0].parent, (
+                    f"series {uid} was to join the case of a {self.primary_modality} series in its frame of reference, "
+                    "and that series was rejected (see its entry); fix it, or ingest without --primary-modality"), files))
+        result.rejected.extend(_entry(r.path, r.reason, r.files) for r in self.scan.rejected[self._scan_rejections_seen:])
+        claimed = set(mask_of.values()) & in_tree
+        for series, reason, candidates in failed:
+            involved = [path for path in dict.fromkeys(candidates) if path not in claimed]
+            claimed.update(involved)
+            result.rejected.append(_entry(series.folder, reason, [*series.files, *involved]))
+        for kind, index in (("RTSTRUCT", self.structure_sets), ("SEG", self.segs)):
+            for path, uids in _uids_by_path(index).items():
+                if path not in claimed:
+                    claimed.add(path)
+                    result.ignored.append(_entry(path, _unused_mask_reason(kind, uids, mask_of, joined), [path]))
+
+
 def read_cases(dicom_dir: Path, masks_dir: Path | None, secret: bytes, roi: str | None = None,
-               progress: bool = True) -> IngestResult:
-    """Read, pair with masks, validate and de-identify every case under `dicom_dir`."""
-    check_secret(secret)
-    if masks_dir is not None and not Path(masks_dir).is_dir():
-        raise NotADirectoryError(f"{masks_dir}: the --masks folder does not exist or is not a folder")
-    scan = scan_folder(Path(dicom_dir), progress=progress)
-    result = IngestResult(files=[str(p) for p in scan.files],
-                          rejected=[_entry(r.path, r.reason, r.files) for r in scan.rejected],
-                          ignored=[_entry(r.path, r.reason, r.files) for r in scan.ignored])
-    structure_sets = _by_series(scan.rtstructs, read_rtstruct, referenced_series_uids, "RTSTRUCT", result)
-    segs = _by_series(scan.segs, _read_dataset, seg_referenced_series_uids, "SEG", result)
-    in_tree = {path for index in (structure_sets, segs) for items in index.values() for path, _ in items}
-
-    mask_of: dict[str, Path] = {}  # accepted series UID -> the file its mask came from
-    failed: list[tuple[DicomSeries, str, list[Path]]] = []
-    for series in scan.series:
-        candidates = [path for index in (structure_sets, segs) for path, _ in index.get(series.series_uid, [])]
-        try:
-            found = _find_mask(series, masks_dir, structure_sets, segs, roi)
-        except (RTStructError, MaskError) as exc:
-            failed.append((series, f"{exc}; the series was rejected", candidates))
-            continue
-        if found is None:
-            failed.append((series, _no_mask_reason(series, masks_dir), candidates))
-            continue
-        mask, source = found
-        mask_of[series.series_uid] = source
-        _add_case(result, series, mask, source, secret, source_in_tree=source in in_tree)
-
-    claimed = set(mask_of.values()) & in_tree
-    for series, reason, candidates in failed:
-        involved = [path for path in dict.fromkeys(candidates) if path not in claimed]
-        claimed.update(involved)
-        result.rejected.append(_entry(series.folder, reason, [*series.files, *involved]))
-    for kind, index in (("RTSTRUCT", structure_sets), ("SEG", segs)):
-        for path, uids in _uids_by_path(index).items():
-            if path not in claimed:
-                claimed.add(path)
-                result.ignored.append(_entry(path, _unused_mask_reason(kind, uids, mask_of), [path]))
-    return result
+               progress: bool = True, primary_modality: str | None = None) -> IngestResult:
+    """Read, pair with masks, validate and de-identify every case under `dicom_dir`, all in memory
+    (a dry run or a small export; `Ingestion` streams them)."""
+    ingestion = Ingestion(dicom_dir, masks_dir, secret, roi=roi, progress=progress, primary_modality=primary_modality)
+    ingestion.result.cases = [case.record for case in ingestion.cases()]
+    return ingestion.result
 
 
 def _entry(path: str | Path, reason: str, files: Iterable[str | Path]) -> dict[str, Any]:
     return {"path": str(path), "reason": reason, "files": [str(f) for f in files]}
 
 
-def _uids_by_path(index: dict[str, list[tuple[Path, Dataset]]]) -> dict[Path, list[str]]:
+def _uids_by_path(index: dict[str, list[Path]]) -> dict[Path, list[str]]:
     by_path: dict[Path, list[str]] = {}
-    for uid, items in index.items():
-        for path, _ in items:
+    for uid, paths in index.items():
+        for path in paths:
             by_path.setdefault(path, []).append(uid)
     return by_path
 
 
-def _unused_mask_reason(kind: str, uids: list[str], mask_of: dict[str, Path]) -> str:
+def _unused_mask_reason(kind: str, uids: list[str], mask_of: dict[str, Path], joined: dict[str, str]) -> str:
+    further = [uid for uid in uids if uid in joined]
+    if further:
+        return (f"{kind} not used: its series {further[0]} joined the case of series {joined[further[0]]} as a further "
+                "image, and a case's mask comes from its primary image")
     taken = [uid for uid in uids if uid in mask_of]
     if taken:
         return (f"{kind} not used: series {taken[0]} took its mask from {mask_of[taken[0]]} (a file in --masks "
@@ -133,9 +215,12 @@ def _read_dataset(path: Path) -> Dataset:
 
 
 def _by_series(paths: list[Path], read: Callable[[Path], Dataset], referenced: Callable[[Dataset], list[str]],
-               kind: str, result: IngestResult) -> dict[str, list[tuple[Path, Dataset]]]:
-    """Index mask objects by the series UID they reference; unreadable or unpaired ones are reported."""
-    index: dict[str, list[tuple[Path, Dataset]]] = {}
+               kind: str, result: IngestResult) -> dict[str, list[Path]]:
+    """Index mask objects by the series UID they reference; unreadable or unpaired ones are reported.
+
+    Only paths are kept (a structure set can be megabytes; a site has one per case): a mask object
+    is read again when its series is."""
+    index: dict[str, list[Path]] = {}
     for path in paths:
         try:
             ds = read(path)
@@ -148,17 +233,17 @@ def _by_series(paths: list[Path], read: Callable[[Path], Dataset], referenced: C
                 f"{path.name}: the {kind} references no image series (no SeriesInstanceUID in its references), "
                 "so it cannot be paired; export it again from the contouring system"), [path]))
         for uid in dict.fromkeys(uids):
-            index.setdefault(uid, []).append((path, ds))
+            index.setdefault(uid, []).append(path)
     return index
 
 
-def _find_mask(series: DicomSeries, masks_dir: Path | None, structure_sets: dict[str, list[tuple[Path, Dataset]]],
-               segs: dict[str, list[tuple[Path, Dataset]]], roi: str | None) -> tuple[np.ndarray, Path] | None:
+def _find_mask(series: DicomSeries, masks_dir: Path | None, structure_sets: dict[str, list[Path]],
+               segs: dict[str, list[Path]], roi: str | None) -> tuple[np.ndarray, Path] | None:
     if masks_dir is not None:
         path = find_mask(Path(masks_dir), series)
         if path is not None:
             return read_mask(path, series), path
-    candidates = structure_sets.get(series.series_uid, [])
+    candidates = [(path, read_rtstruct(path)) for path in structure_sets.get(series.series_uid, [])]
     if len(candidates) > 1 and roi is not None:
         candidates = [(path, ds) for path, ds in candidates if _has_roi(ds, roi)] or candidates[:1]
     if len(candidates) > 1:
@@ -169,11 +254,10 @@ def _find_mask(series: DicomSeries, masks_dir: Path | None, structure_sets: dict
         return rasterize_roi(ds, series, roi, source=str(path)), path
     seg_candidates = segs.get(series.series_uid, [])
     if len(seg_candidates) > 1:
-        raise MaskError(f"several DICOM SEGs reference this series ({', '.join(str(p) for p, _ in seg_candidates)}); "
+        raise MaskError(f"several DICOM SEGs reference this series ({', '.join(str(p) for p in seg_candidates)}); "
                         "keep one in the tree")
     if seg_candidates:
-        path, _ = seg_candidates[0]
-        return read_seg(path, series), path
+        return read_seg(seg_candidates[0], series), seg_candidates[0]
     return None
 
 
@@ -193,13 +277,15 @@ def _no_mask_reason(series: DicomSeries, masks_dir: Path | None) -> str:
 
 
 def _add_case(result: IngestResult, series: DicomSeries, mask: np.ndarray, source: Path, secret: bytes,
-              source_in_tree: bool) -> None:
+              source_in_tree: bool, images: dict[str, tuple[np.ndarray, DicomSeries]]) -> IngestedCase:
     header = series.header
     record = make_case_record(
         case_id(header, secret), series.volume, mask, series.spacing, series.origin, series.direction,
         {**acquisition_metadata(header), **pseudonymous_uids(header, secret)},
+        images={key: volume for key, (volume, _) in images.items()},
     )
-    result.cases.append(record)
+    further = [path for _, other in images.values() for path in other.files]
+    result.n_cases += 1
     result.accepted.append({
         "case_id": record["case_id"],
         "folder": str(series.folder),
@@ -207,5 +293,8 @@ def _add_case(result: IngestResult, series: DicomSeries, mask: np.ndarray, sourc
         "shape": [int(n) for n in series.volume.shape],
         "mask": str(source),
         "mask_voxels": int(mask.sum()),
-        "files": [str(p) for p in [*series.files, *([source] if source_in_tree else [])]],
+        "files": [str(p) for p in [*series.files, *([source] if source_in_tree else []), *further]],
+        "images": {key: {"folder": str(other.folder), "resampled_from": other.geometry.describe()}
+                   for key, (_, other) in images.items()},
     })
+    return IngestedCase(record, patient_pseudonym(header, secret))

@@ -30,6 +30,10 @@ Example::
                                         # requests, charged before each run
     # filters = ["min_count", "noise", "histogram_bins", "release_ledger"]   # default: all, in this order
 
+    [cases]                             # the case store (data_dir/case_store)
+    split_fractions = { train = 0.7, validation = 0.1, test = 0.2 }   # per patient, fixed by a keyed hash;
+                                        # change it before the first ingestion, never after
+
     [execution]                         # limits for each approved run (isolated child process)
     cpu_seconds = 1800
     wall_seconds = 1800
@@ -50,6 +54,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from datasite_setup.case_splits import DEFAULT_FRACTIONS, check_fractions
 from datasite_setup.disclosure import FILTERS
 
 _EMAIL = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
@@ -106,6 +111,7 @@ class SiteConfig:
     limits: ExecutionLimits = field(default_factory=ExecutionLimits)
     enabled_tasks: tuple[str, ...] | None = None  # None: every site task this install provides
     warm_spares: int = 2
+    split_fractions: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_FRACTIONS))
 
     @property
     def url(self) -> str:
@@ -230,6 +236,12 @@ def load_site_config(path: str | Path) -> SiteConfig:
     warm_spares = _typed(execution.get("warm_spares", 2), int, "execution.warm_spares", path)
     if not 0 <= warm_spares <= 4:
         raise SiteConfigError(f"{path}: 'execution.warm_spares' must be 0 (off) to 4, got {warm_spares}")
+    cases = _typed(raw.get("cases", {}), dict, "cases", path)
+    fractions = _typed(cases.get("split_fractions", DEFAULT_FRACTIONS), dict, "cases.split_fractions", path)
+    try:
+        fractions = check_fractions(fractions)
+    except (TypeError, ValueError) as exc:
+        raise SiteConfigError(f"{path}: 'cases.split_fractions': {exc}") from None
     tasks = site.get("enabled_tasks")
     if tasks is not None and not (isinstance(tasks, list) and all(isinstance(t, str) for t in tasks)):
         raise SiteConfigError(f"{path}: 'site.enabled_tasks' must be a list of task names, got {tasks!r}")
@@ -250,5 +262,6 @@ def load_site_config(path: str | Path) -> SiteConfig:
         privacy=privacy,
         limits=limits,
         warm_spares=warm_spares,
+        split_fractions=fractions,
         enabled_tasks=None if tasks is None else tuple(tasks),
     )

@@ -6,7 +6,11 @@ The server entry point installs `install(config)`, which replaces syft 0.9.5's i
 1. A thin request (`thin_requests`) names an enabled site task; its parameters are checked
    against the task's schema; the task's installed code runs, never the request's own text.
    Anything else is custom code: refused unless `allow_custom_code = true`, then run as written.
-2. The code runs in a child process (`isolation`) that receives only its declared inputs.
+2. The code runs in a child process (`isolation`) that receives only its declared inputs. An
+   input that is a case-store manifest (the asset ingestion publishes) arrives as a `CaseSource`:
+   the child reads each case from `data_dir/case_store` when the code asks for it, and may read
+   nothing else of `data_dir`; no dataset is copied across the process boundary. The audit line
+   of the run names the manifest version it used.
 3. The result is decoded safely and must satisfy the task's output contract (custom code: at
    most `custom_code_max_values` finite floats, under the literal names its return statements
    declare, as shown at review). A site task's run also says, privately, which cases entered
@@ -30,9 +34,11 @@ from __future__ import annotations
 
 import secrets
 from dataclasses import asdict, replace
+from pathlib import Path
 from typing import Any
 
 from datasite_setup import audit_log
+from datasite_setup.case_store import STORE_DIR, CaseSource
 from datasite_setup.disclosure import (
     BudgetExhausted, Policy, PrivacyBudget, Released, ReleaseRefused, dp_epsilon, read_task_release,
 )
@@ -42,6 +48,7 @@ from datasite_setup.return_flow import read_returns
 from datasite_setup.run_failures import failure_reason, failure_report, reporting
 from datasite_setup.site_config import SiteConfig
 from datasite_setup.thin_requests import parse_thin_request
+from domains.case_manifest import is_manifest, read_manifest
 from domains.case_record import is_mock_case
 
 MOCK_PLACEHOLDER = {"mock_run": True}
@@ -74,8 +81,35 @@ class SiteRefusal(Exception):
         return cls(WITHHELD.format(label=label, reference=reference))
 
 
+def _with_case_sources(config: SiteConfig, kwargs: dict[str, Any]) -> tuple[dict[str, Any], list[Path], int | None]:
+    """The run's inputs with each case manifest (the asset `upload` publishes) turned into a lazy
+    `CaseSource` over the site's case store, the paths the sandbox must be granted for that, and
+    the manifest version the run uses."""
+    root = config.data_dir / STORE_DIR
+    converted, versions = {}, []
+    for key, value in kwargs.items():
+        if is_manifest(value):
+            document = read_manifest(value)
+            converted[key] = CaseSource(root, document["cases"])
+            versions.append(int(document["version"]))
+        else:
+            converted[key] = value
+    return converted, ([root] if versions else []), (max(versions) if versions else None)
+
+
+def _case_list(value: Any) -> list[dict[str, Any]] | None:
+    """The cases an input names, as dicts with their case ids (a manifest's entries or case records)."""
+    if isinstance(value, CaseSource):
+        return [entry.to_dict() for entry in value.entries]
+    if is_manifest(value):
+        return read_manifest(value)["cases"]
+    if isinstance(value, list) and value and all(isinstance(c, dict) and "case_id" in c for c in value):
+        return value
+    return None
+
+
 def _is_mock_run(kwargs: dict[str, Any]) -> bool:
-    case_lists = [v for v in kwargs.values() if isinstance(v, list) and v and all(isinstance(c, dict) and "case_id" in c for c in v)]
+    case_lists = [cases for cases in map(_case_list, kwargs.values()) if cases]
     return bool(case_lists) and all(is_mock_case(c) for cases in case_lists for c in cases)
 
 
@@ -137,11 +171,14 @@ def run_request(config: SiteConfig, code: Any, kwargs: dict[str, Any], who: str)
     plan_source, plan_function, plan_kwargs, contract, label, params = _plan(config, code, kwargs)
     _charge_privacy_budget(config, params, who, label)
     run_source, run_function = reporting(plan_source, plan_function)
+    run_kwargs, granted, manifest_version = _with_case_sources(config, plan_kwargs)
     outcome = run_isolated(
-        run_source, run_function, plan_kwargs, Limits(**asdict(config.limits)), forbidden_paths=[config.data_dir],
-        warm=config.warm_spares > 0, spares=config.warm_spares,
+        run_source, run_function, run_kwargs, Limits(**asdict(config.limits)), forbidden_paths=[config.data_dir],
+        granted_paths=granted, warm=config.warm_spares > 0, spares=config.warm_spares,
     )
     about = {"what": label, "code": _code_id(code), "requested_by": who}
+    if manifest_version is not None:
+        about["manifest_version"] = manifest_version
     if not outcome.ok:
         raise SiteRefusal.withheld(config, label, {
             "action": "refused-run", **about, "why": failure_reason(outcome, config.limits),
@@ -151,7 +188,7 @@ def run_request(config: SiteConfig, code: Any, kwargs: dict[str, Any], who: str)
     result, cohorts, released = outcome.result, [], Released()
     try:
         if plan_function == _TASK_FUNCTION:
-            result, cohorts = read_task_release(result, kwargs["cases"])
+            result, cohorts = read_task_release(result, _case_list(run_kwargs["cases"]) or [])
         if isinstance(contract, AggregatesContract):
             replace(contract, min_cohort=0).check(result)  # the shape the filters rely on
             result, released = policy.protect(result, params, cohorts)

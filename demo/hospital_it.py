@@ -40,17 +40,43 @@ def generate_exports(layout: Layout, size: DemoSize) -> dict[str, Path]:
         folder = layout.exports / site
         stamp = folder / ".complete"
         exports[site] = folder
-        if stamp.is_file():
+        profile = replace(PROFILES[site].with_size(size.matrix, size.n_slices), tumour_prevalence=1.0)
+        made = {"cases": size.n_cases, "matrix": profile.matrix, "slices": profile.n_slices}
+        if stamp.is_file() and json.loads(stamp.read_text()) == made:
             continue
         shutil.rmtree(folder, ignore_errors=True)
-        profile = replace(PROFILES[site].with_size(size.matrix, size.n_slices), tumour_prevalence=1.0)
-        write_phantom_site(profile, folder, n_cases=size.n_cases, seed=seed)
-        stamp.write_text(json.dumps({"cases": size.n_cases, "matrix": profile.matrix, "slices": profile.n_slices}))
+        case_dirs = write_phantom_site(profile, folder, n_cases=size.n_cases, seed=seed)
+        write_split_list(split_list(layout, site), [d.name for d in case_dirs], size.min_cohort)
+        stamp.write_text(json.dumps(made))
     for site in SITES:
         p = PROFILES[site]
         print(f"  {site}: {p.manufacturer} {p.model_name} {p.field_strength_t:g} T, intensity scale x{p.intensity_scale:g}, "
               f"noise {p.noise_sigma:g}, slices {p.slice_thickness_mm:g} mm -> {shown(str(exports[site]))}")
     return exports
+
+
+def split_list(layout: Layout, site: str) -> Path:
+    """Where a site's split list is kept: beside its export, not in it (ingestion reads every file there)."""
+    return layout.exports / f"{site}.splits.csv"
+
+
+def write_split_list(path: Path, patient_ids: list[str], min_cohort: int) -> None:
+    """The hospital's own train / validation / test list (`datasite-setup ingest --splits`).
+
+    A real site hashes its patients into splits (70/10/20); a demo site of a dozen cases would then
+    often hold fewer than its minimum cohort in the validation or test split, and the site would
+    rightly refuse to evaluate there. So the demo lists its split, as a collection with an official
+    split does: about a fifth of the patients each for validation and test, never fewer than
+    `min_cohort`, the rest for training.
+    """
+    held_out = max(min_cohort, round(0.2 * len(patient_ids)))
+    n_train = len(patient_ids) - 2 * held_out
+    if n_train < min_cohort:
+        raise ValueError(f"{len(patient_ids)} cases cannot give each split {min_cohort}; use at least {3 * min_cohort}")
+    ids = sorted(patient_ids)
+    rows = [(pid, "train") for pid in ids[:n_train]] + [(pid, "validation") for pid in ids[n_train:n_train + held_out]]
+    rows += [(pid, "test") for pid in ids[n_train + held_out:]]
+    path.write_text("PatientID,split\n" + "".join(f"{pid},{split}\n" for pid, split in rows))
 
 
 def _port_in_use(host: str, port: int) -> bool:
@@ -88,7 +114,7 @@ def start_sites(layout: Layout, size: DemoSize) -> dict[str, Path]:
     return configs
 
 
-def ingest(configs: dict[str, Path], exports: dict[str, Path]) -> None:
+def ingest(layout: Layout, configs: dict[str, Path], exports: dict[str, Path]) -> None:
     """`datasite-setup ingest` at every site that does not hold its dataset yet."""
     from datasite_setup.connection import admin_client
     from datasite_setup.site_config import load_site_config
@@ -101,10 +127,11 @@ def ingest(configs: dict[str, Path], exports: dict[str, Path]) -> None:
             print(f"  {site}: dataset '{default_dataset_name(config)}' already ingested (reused)")
         else:
             todo[site] = path
-    done = in_parallel({site: (lambda p=path, s=site: run_cli("datasite_setup", "ingest", str(p), str(exports[s]), show=False))
+    args = {site: (str(exports[site]), "--splits", str(split_list(layout, site))) for site in todo}
+    done = in_parallel({site: (lambda p=path, s=site: run_cli("datasite_setup", "ingest", str(p), *args[s], show=False))
                         for site, path in todo.items()})
     for site, proc in done.items():
-        print(command_line("datasite_setup", "ingest", str(configs[site]), str(exports[site])))
+        print(command_line("datasite_setup", "ingest", str(configs[site]), *args[site]))
         print(proc.stdout.rstrip())
 
 

@@ -27,8 +27,9 @@ class DemoSize:
 
 SIZES = {
     # 128 x 128 in-plane: training 2-D U-Nets on 256 x 256 slices on 2 CPU cores took 17+ minutes
-    "full": DemoSize("full", matrix=128, n_slices=None, n_cases=8, min_cohort=3, rounds=3, epochs=2, max_steps=20),
-    "small": DemoSize("small", matrix=32, n_slices=8, n_cases=4, min_cohort=2, rounds=2, epochs=8, max_steps=40),
+    # Each site's cases split train / validation / test with at least min_cohort cases in each split.
+    "full": DemoSize("full", matrix=128, n_slices=None, n_cases=12, min_cohort=3, rounds=3, epochs=2, max_steps=20),
+    "small": DemoSize("small", matrix=32, n_slices=8, n_cases=6, min_cohort=2, rounds=2, epochs=8, max_steps=40),
 }
 
 

@@ -51,7 +51,7 @@ def run_demo(size: DemoSize, work: Path, report_dir: Path, keep_sites: bool = Fa
         exports = generate_exports(layout, size)
         step("hospital IT: three datasites up, cases ingested")
         configs = start_sites(layout, size)
-        ingest(configs, exports)
+        ingest(layout, configs, exports)
         federation = write_federation(layout, configs)
         print(f"  data scientist's federation file: {shown(str(federation))}")
 

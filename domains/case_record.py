@@ -98,6 +98,14 @@ def is_mock_case(record: Mapping[str, Any]) -> bool:
     return str(record.get("case_id", "")).startswith(MOCK_CASE_PREFIX)
 
 
+def template_shape(template: Mapping[str, Any]) -> tuple[int, int, int]:
+    """The [Z, Y, X] shape a mock case copies: a case record's image shape, or a manifest entry's `shape`
+    (a site's case store lists its cases without their pixels)."""
+    if "image" in template:
+        return tuple(int(n) for n in template["image"].shape)
+    return tuple(int(n) for n in template["shape"])
+
+
 def mock_metadata(metadata: Mapping[str, Any]) -> dict[str, Any]:
     """The metadata schema of a real case with its patient-level values blanked."""
     return {k: ("" if k in PATIENT_LEVEL_METADATA else v) for k, v in metadata.items()}

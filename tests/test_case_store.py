@@ -123,3 +123,17 @@ def test_case_source_is_lazy_and_filters_splits(tmp_path) -> None:
     assert isinstance(source[0]["image"], np.memmap) or isinstance(source[0]["image"].base, np.memmap)
     assert [c["case_id"] for c in source.in_split("train")] == ["case-0", "case-1"]
     assert [c["case_id"] for c in source.in_split("test")] == ["case-2"]
+
+
+def test_a_damaged_case_file_is_refused_when_read_not_misread(tmp_path) -> None:
+    store = CaseStore(tmp_path)
+    version = store.new_version()
+    store.put(record("case-a", 0), "p1", "train", version=version)
+    source = CaseSource(store.root, [e.to_dict() for e in store.manifest()])
+    image = store.case_dir("case-a") / "image.nii"
+    image.write_bytes(image.read_bytes()[:-4])
+    with pytest.raises(CaseStoreError, match="image.nii: its size does not match its header"):
+        source[0]
+    image.write_bytes(b"\x00" * 400)
+    with pytest.raises(CaseStoreError, match="not a single-file little-endian 3-D NIfTI-1 volume"):
+        source[0]

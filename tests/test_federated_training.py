@@ -30,6 +30,7 @@ from datasite_setup.site_tasks import local_train
 from datasite_setup.site_tasks.task import SiteFacts
 from datasite_setup import review
 from domains import get_domain
+from demo.hospital_it import write_split_list
 from domains.brain_mr_segmentation import PROFILES, write_phantom_site
 from tests.conftest import DS_EMAIL, DS_PASSWORD_ENV, REPO, LiveSite, audit_entry, start_site
 
@@ -55,9 +56,9 @@ def approve_pending(sites: dict[str, LiveSite]) -> int:
 
 @pytest.fixture(scope="module")
 def fleet(tmp_path_factory: pytest.TempPathFactory):
-    """Three datasites, each with 4 small phantom cases of its own scanner (every case with a
-    lesion: at the scanners' own prevalence a 4-case site can hold 4 lesion slices of 48, too few
-    to learn from in a few rounds), and a federation file."""
+    """Three datasites, each with 6 small phantom cases of its own scanner (every case with a
+    lesion: at the scanners' own prevalence a small site can hold 4 lesion slices of 48, too few
+    to learn from in a few rounds), split 2 / 2 / 2 by the site's split list, and a federation file."""
     root = tmp_path_factory.mktemp("fleet")
     sites: dict[str, LiveSite] = {}
     exports: dict[str, Path] = {}
@@ -65,9 +66,10 @@ def fleet(tmp_path_factory: pytest.TempPathFactory):
         for seed, name in enumerate(SITES):
             exports[name] = root / "exports" / name
             profile = replace(PROFILES[name].with_size(matrix=48, n_slices=12), tumour_prevalence=1.0)
-            write_phantom_site(profile, exports[name], n_cases=4, seed=seed)
+            case_dirs = write_phantom_site(profile, exports[name], n_cases=6, seed=seed)
+            write_split_list(root / f"{name}.splits.csv", [d.name for d in case_dirs], min_cohort=2)
             sites[name] = start_site(root / "sites", name, min_cohort=2)
-            sites[name].setup("ingest", str(exports[name]))
+            sites[name].setup("ingest", str(exports[name]), "--splits", str(root / f"{name}.splits.csv"))
         federation = root / "federation.toml"
         federation.write_text("".join(
             f'[[datasites]]\nname = "{n}"\nurl = "{s.config.url}"\nemail = "{DS_EMAIL}"\npassword_env = "{DS_PASSWORD_ENV}"\n\n'
@@ -101,8 +103,11 @@ def test_fedavg_and_fedprox_improve_dice_over_the_initial_model_with_baselines(f
     summary = json.loads(done.stdout)
     for strategy in ("fedavg", "fedprox"):
         metrics = json.loads((out / strategy / "metrics.json").read_text())
-        initial, final = metrics["history"][0]["pooled"]["dice"], metrics["final"]["pooled"]["dice"]
-        assert 0 < final <= 1 and final > initial + 0.05, (strategy, initial, final)
+        initial = metrics["history"][0]["pooled"]["dice"]  # the initial model on the validation split
+        chosen = metrics["selection"]["validation_value"]
+        assert metrics["selection"]["split"] == "validation" and chosen > initial + 0.05, (strategy, initial, chosen)
+        assert metrics["final"]["split"] == metrics["best"]["split"] == "test"
+        assert 0 < metrics["best"]["pooled"]["dice"] <= 1 and 0 < metrics["final"]["pooled"]["dice"] <= 1
         assert metrics["rounds_completed"] == 3 and metrics["missed"] == {}
         assert (out / strategy / "training_curves.png").stat().st_size > 10_000
         assert (out / strategy / "metrics.csv").read_text().startswith("strategy,round,site,status,train_loss")
@@ -236,13 +241,27 @@ def test_fedavg_full_batch_step_through_the_sites_equals_centralized_gradient_de
 
     torch.manual_seed(0)
     initial = exchanged_weights(domain.build_model())
-    pooled = [c for cases in read_site_exports(fleet["exports"]).values() for c in cases]
+    pooled = [c for cases in read_site_exports(_train_exports(fleet)).values() for c in cases]
     params = {"domain": domain.name, "weights": initial, "epochs": 1, "batch_size": 4096, "lr": 0.05,
               "optimizer": "sgd", "seed": 0, "max_steps": 1}
     central = local_train.run(pooled, params, SiteFacts(min_cohort=1))["weights"]
     assert max(float(np.abs(central[k] - initial[k]).max()) for k in initial) > 1e-3
     for key in initial:
         np.testing.assert_allclose(federated[key], central[key], rtol=1e-4, atol=1e-5)
+
+
+def _train_exports(fleet) -> dict[str, Path]:
+    """Each site's export reduced to its training split (what `local_train` reads at the site)."""
+    exports = {}
+    for name, export in fleet["exports"].items():
+        listed = (fleet["root"] / f"{name}.splits.csv").read_text().splitlines()[1:]
+        train = [row.split(",")[0] for row in listed if row.endswith(",train")]
+        exports[name] = fleet["root"] / "train-exports" / name
+        exports[name].mkdir(parents=True, exist_ok=True)
+        for case in train:
+            if not (exports[name] / case).exists():
+                (exports[name] / case).symlink_to(export / case)
+    return exports
 
 
 def leaky_local_train(cases, params):

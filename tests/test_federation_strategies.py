@@ -1,12 +1,15 @@
 """Strategies, update checks, checkpoints and the orchestrator's round logic, in one process.
 
-The sites here are simulated (`SimulatedSite`: the real site-task code on phantom cases in this
-process); the live-datasite tests (test_federated_training.py) run the same orchestrator
-against real servers. These tests pin down the arithmetic and the fault handling exactly.
+The sites here are simulated (`SimulatedSite`: the real site-task code and split selection on
+phantom cases in this process) or scripted (`ScriptedSite`: weights and metrics chosen so a
+round's selection can be checked exactly); the live-datasite tests (test_federated_training.py)
+run the same orchestrator against real servers. These tests pin down the arithmetic, the
+validation-selected round, the held-out test scores and the fault handling exactly.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,11 +20,11 @@ import torch
 from analyses.federation import FedAvg, FedBN, FedProx, LocalOnly, SiteUpdate, make_strategy
 from analyses.federation.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from analyses.federation.fedbn import is_normalisation
-from analyses.federation.simulated_site import SimulatedSite
 from analyses.federation.orchestrator import Orchestrator, PlanMismatch, RoundFailed, TrainingPlan
+from analyses.federation.simulated_site import SimulatedSite, with_splits
 from analyses.federation.update_checks import RejectedUpdate, check_update
 from datasite_setup.model_weights import declared_shapes, exchanged_weights
-from datasite_setup.site_tasks import evaluate, local_train
+from datasite_setup.site_tasks import local_train
 from datasite_setup.site_tasks.task import SiteFacts
 from domains import get_domain
 from domains.brain_mr_segmentation import PROFILES, generate_case
@@ -40,6 +43,11 @@ class FaultySite(SimulatedSite):
     corrupt: str = ""  # "nan" or "shape"
     fail_calls: set[int] = field(default_factory=set)
     calls: int = 0
+    evaluations: int = 0
+
+    def evaluate(self, params: dict[str, Any]) -> dict[str, float]:
+        self.evaluations += 1
+        return super().evaluate(params)
 
     def train(self, params: dict[str, Any]) -> Any:
         self.calls += 1
@@ -135,7 +143,8 @@ def test_checkpoint_round_trip_is_exact(tmp_path) -> None:
 
 @pytest.fixture(scope="module")
 def three_sites() -> dict[str, list[dict[str, Any]]]:
-    return {name: phantom_cases(name, 2, seed) for seed, name in enumerate(("hospital-a", "hospital-b", "hospital-c"))}
+    """Four tiny phantom cases per site: two train, one validation, one test (`with_splits`)."""
+    return {name: with_splits(phantom_cases(name, 4, seed)) for seed, name in enumerate(("hospital-a", "hospital-b", "hospital-c"))}
 
 
 def test_fedavg_one_full_batch_step_equals_centralized_gradient_descent(three_sites) -> None:
@@ -180,8 +189,11 @@ def test_orchestrator_rejects_bad_updates_skips_down_sites_and_resumes(three_sit
     longer = TrainingPlan(domain="brain_mr_tumour_burden", strategy="fedavg", rounds=3, batch_size=8, lr=1e-3, min_sites=1)
     with pytest.raises(PlanMismatch):
         Orchestrator(longer, links, tmp_path, progress=False).run()
+    calls = [(link.calls, link.evaluations) for link in links]
     again = Orchestrator(plan, links, tmp_path, progress=False).run()
     assert again.resumed_from == 2 and len(again.history) == 3
+    assert [(link.calls, link.evaluations) for link in links] == calls  # finished and scored: reopening calls no site
+    assert again.test == report.test and again.selection == report.selection
 
 
 def test_round_fails_below_min_sites_and_keeps_the_checkpoint(three_sites, tmp_path) -> None:
@@ -190,3 +202,171 @@ def test_round_fails_below_min_sites_and_keeps_the_checkpoint(three_sites, tmp_p
     with pytest.raises(RoundFailed, match="0 of 3 sites"):
         Orchestrator(plan, links, tmp_path, progress=False).run()
     assert load_checkpoint(tmp_path / "checkpoint").round == 0
+
+
+def test_fleet_splits_are_fixed_non_empty_and_kept() -> None:
+    cases = [{"case_id": f"c{i}"} for i in range(10)]
+    first, again = with_splits(cases), with_splits(cases)
+    assert [c["split"] for c in first] == [c["split"] for c in again]
+    assert sorted(c["split"] for c in first) == ["test"] * 2 + ["train"] * 7 + ["validation"]
+    for n in (3, 4, 5):
+        assert {c["split"] for c in with_splits(cases[:n])} == {"train", "validation", "test"}
+    assert [c["split"] for c in with_splits(cases[:1])] == ["train"]
+    kept = with_splits([{"split": "test"}, *cases[:3]])
+    assert kept[0]["split"] == "test" and "split" not in cases[0]
+    with pytest.raises(ValueError, match="with_splits"):
+        SimulatedSite("a", cases)
+
+
+def test_a_simulated_site_selects_splits_as_a_datasite_does(three_sites) -> None:
+    site = SimulatedSite("hospital-a", three_sites["hospital-a"])
+    assert site.split_sizes() == {"train": 2, "validation": 1, "test": 1}
+    torch.manual_seed(0)
+    weights = exchanged_weights(get_domain("brain_mr_tumour_burden").build_model())
+    train = site.train({"domain": "brain_mr_tumour_burden", "weights": weights, "epochs": 1, "batch_size": 4096,
+                        "lr": 1e-3, "optimizer": "sgd", "seed": 0, "max_steps": 1})
+    train_slices = sum(len(c["image"]) for c in site.cases if c["split"] == "train")
+    assert train["scalars"]["n_samples"] == train_slices  # the train split only
+    assert site.evaluate({"domain": "brain_mr_tumour_burden", "weights": weights})["n_cases"] == 1  # test by default
+    assert site.evaluate({"domain": "brain_mr_tumour_burden", "weights": weights, "split": "all"})["n_cases"] == 4
+    small = SimulatedSite("tiny", three_sites["hospital-b"][:2], min_cohort=5)
+    with pytest.raises(Exception, match="below the site's minimum cohort of 5"):
+        small.evaluate({"domain": "brain_mr_tumour_burden", "weights": weights, "split": "all"})
+
+
+@dataclass
+class ScriptedSite:
+    """A site whose numbers are chosen: training adds `step` to every weight, so the round of the
+    weights it is sent can be read from them; validation scores round k with `validation[k]` (as
+    RMSE), test scores round k with 10 + k, so a test score says which round's weights it saw."""
+
+    name: str
+    validation: list[float]
+    step: float = 1.0
+    refuse_test: bool = False
+    base: float | None = None
+
+    def _round(self, weights: dict[str, np.ndarray]) -> int:
+        value = float(np.asarray(weights["head.bias"]).ravel()[0])
+        if self.base is None:
+            self.base = value  # the first evaluation is the initial model's
+        return int(round((value - self.base) / self.step))
+
+    def train(self, params: dict[str, Any]) -> Any:
+        weights = {k: (v + np.float32(self.step)).astype(v.dtype) for k, v in params["weights"].items()}
+        return {"weights": weights, "scalars": {"n_samples": 4.0, "train_loss": 0.1}}
+
+    def evaluate(self, params: dict[str, Any]) -> dict[str, float]:
+        k = self._round(params["weights"])
+        if params["split"] == "test" and self.refuse_test:
+            raise RuntimeError("0 cases in split 'test' is below the site's minimum cohort of 1")
+        rmse = self.validation[k] if params["split"] == "validation" else 10.0 + k
+        return {"n_slices": 1.0, "abs_error_micro": rmse * 1e6, "sq_error_micro": rmse**2 * 1e6, "mae_cm2": rmse,
+                "rmse_cm2": rmse, "n_cases": 1.0}
+
+
+def test_the_round_is_selected_on_pooled_validation_and_scored_on_test(tmp_path) -> None:
+    from analyses.federation.run_outputs import write_run
+
+    script = [5.0, 3.0, 1.0, 2.0, 4.0]  # round 2 is best on validation (RMSE: lower is better)
+    links = [ScriptedSite("a", script), ScriptedSite("b", script)]
+    plan = TrainingPlan(domain="brain_mr_tumour_burden", strategy="fedavg", rounds=4, min_sites=2)
+    report = Orchestrator(plan, links, tmp_path, progress=False).run()
+    assert all(r["eval_split"] == "validation" for r in report.history)
+    assert [round(r["pooled"]["rmse_cm2"], 6) for r in report.history] == script
+    assert report.selection["best_round"] == 2 and report.selection["validation_value"] == pytest.approx(1.0)
+    assert report.test["best"]["round"] == 2 and report.test["best"]["split"] == "test"
+    assert report.test["best"]["pooled"]["rmse_cm2"] == pytest.approx(12.0)  # round 2's weights, on test
+    assert report.test["final"]["round"] == 4 and report.test["final"]["pooled"]["rmse_cm2"] == pytest.approx(14.0)
+    assert set(report.test["best"]["site_metrics"]) == {"a", "b"}
+    np.testing.assert_allclose(report.best_state["global"]["head.bias"] - report.final_state["global"]["head.bias"], -2.0)
+
+    files = write_run(report, tmp_path / "out", "rmse_cm2")
+    saved = json.loads(files["metrics_json"].read_text())
+    assert saved["selection"]["best_round"] == 2 and saved["best"]["pooled"]["rmse_cm2"] == pytest.approx(12.0)
+    assert saved["final"]["split"] == "test" and saved["left_out"] == {}
+    csv_text = files["metrics_csv"].read_text()
+    assert csv_text.startswith("strategy,round,site,status,train_loss,split") and "test (best, round 2)" in csv_text
+    with np.load(files["best_weights"]) as best:
+        np.testing.assert_array_equal(best["global::head.bias"], report.best_state["global"]["head.bias"])
+
+
+def test_the_selected_weights_survive_a_resume(tmp_path) -> None:
+    script = [5.0, 1.0, 3.0, 4.0]
+    plan = TrainingPlan(domain="brain_mr_tumour_burden", strategy="fedavg", rounds=3, min_sites=1)
+    first = [ScriptedSite("a", script, refuse_test=True)]
+    with pytest.raises(RoundFailed, match="test evaluation of the final weights: 0 of 1 sites"):
+        Orchestrator(plan, first, tmp_path, progress=False).run()
+    assert load_checkpoint(tmp_path / "checkpoint").round == 3  # the training is kept; only scoring is retried
+    again = Orchestrator(plan, [ScriptedSite("a", script, base=first[0].base)], tmp_path, progress=False).run()
+    assert again.resumed_from == 3 and again.selection["best_round"] == 1
+    assert again.test["best"]["pooled"]["rmse_cm2"] == pytest.approx(11.0)
+
+
+def test_a_site_below_min_cohort_is_left_out_with_its_reason_and_the_run_goes_on(three_sites, tmp_path) -> None:
+    from analyses.federation.run_outputs import write_run
+
+    links = [SimulatedSite("hospital-a", three_sites["hospital-a"]), SimulatedSite("hospital-b", three_sites["hospital-b"]),
+             SimulatedSite("hospital-c", three_sites["hospital-c"][:2], min_cohort=5)]
+    plan = TrainingPlan(domain="brain_mr_tumour_burden", strategy="fedavg", rounds=2, batch_size=8, lr=1e-3, min_sites=2)
+    report = Orchestrator(plan, links, tmp_path, progress=False).run()
+    assert [r["aggregated"] for r in report.history[1:]] == [["hospital-a", "hospital-b"]] * 2
+    left = report.left_out()
+    assert set(left) == {"hospital-c"}
+    assert {e["phase"] for e in left["hospital-c"]} == {"train", "validation", "test (best weights)", "test (final weights)"}
+    assert all("below the site's minimum cohort of 5" in e["reason"] for e in left["hospital-c"])
+    assert set(report.test["final"]["site_metrics"]) == {"hospital-a", "hospital-b"}
+    assert report.test["final"]["pooled"]["n_cases"] == 2.0  # one test case at each answering site
+    saved = json.loads(write_run(report, tmp_path / "out", "rmse_cm2")["metrics_json"].read_text())
+    assert saved["left_out"]["hospital-c"][0] == {
+        "round": 0, "phase": "validation", "reason": "1 cases in split 'validation' is below the site's minimum cohort of 5"}
+
+
+def test_the_run_stops_when_fewer_than_min_sites_answer(three_sites, tmp_path) -> None:
+    links = [SimulatedSite("hospital-a", three_sites["hospital-a"]),
+             SimulatedSite("hospital-b", three_sites["hospital-b"][:2], min_cohort=5),
+             FaultySite("hospital-c", three_sites["hospital-c"], fail_calls={1})]
+    plan = TrainingPlan(domain="brain_mr_tumour_burden", strategy="fedavg", rounds=1, min_sites=2)
+    with pytest.raises(RoundFailed, match="1 of 3 sites") as failed:
+        Orchestrator(plan, links, tmp_path, progress=False).run()
+    assert "below the site's minimum cohort" in str(failed.value) and "unreachable" in str(failed.value)
+    assert load_checkpoint(tmp_path / "checkpoint").round == 0
+
+
+def test_local_only_is_scored_at_its_own_site_and_at_the_others(three_sites, tmp_path) -> None:
+    links = [SimulatedSite(name, cases) for name, cases in three_sites.items()]
+    plan = TrainingPlan(domain="brain_mr_tumour_burden", strategy="local", rounds=1, batch_size=8, lr=1e-3)
+    assert plan.budgets(3) == {"local_train": 3, "evaluate": 2 + 2 * 3 + 2}
+    report = Orchestrator(plan, links, tmp_path, progress=False).run()
+    final = report.test["final"]
+    assert set(final["cross_site"]) == set(three_sites)
+    assert all(set(at) == set(three_sites) - {model} for model, at in final["cross_site"].items())
+    own_a = SimulatedSite("hospital-a", three_sites["hospital-a"]).evaluate(
+        {"domain": plan.domain, "weights": report.final_state["site/hospital-a"]})
+    at_b = SimulatedSite("hospital-b", three_sites["hospital-b"]).evaluate(
+        {"domain": plan.domain, "weights": report.final_state["site/hospital-a"]})
+    assert final["site_metrics"]["hospital-a"] == pytest.approx(own_a)
+    assert final["cross_site"]["hospital-a"]["hospital-b"] == pytest.approx(at_b)
+    assert final["cross_site_pooled"]["hospital-a"]["n_cases"] == 2.0
+
+
+def test_compare_reports_test_scores_of_the_selected_and_final_rounds(three_sites, tmp_path) -> None:
+    from analyses.federation.centralized import train_centralized
+    from analyses.federation.experiment import compare
+
+    links = [SimulatedSite(name, cases) for name, cases in three_sites.items()]
+    reports = {}
+    for strategy in ("fedavg", "local"):
+        plan = TrainingPlan(domain="brain_mr_tumour_burden", strategy=strategy, rounds=1, batch_size=8, lr=1e-3)
+        reports[strategy] = Orchestrator(plan, links, tmp_path / strategy, progress=False).run()
+    torch.manual_seed(0)
+    initial = exchanged_weights(get_domain(plan.domain).build_model())
+    central = train_centralized(plan, three_sites, initial, progress=False)
+    assert central["history"][0]["eval_split"] == "validation" and central["final"]["split"] == "test"
+    assert central["final"]["pooled"]["n_cases"] == 3.0  # each site's one test case
+    tables = compare(reports, tmp_path / "cmp", "rmse_cm2", central)
+    assert tables["split"] == "test" and set(tables["best"]) == {"fedavg", "local", "centralized (simulation)"}
+    assert tables["final"]["fedavg"]["pooled"] == pytest.approx(reports["fedavg"].test["final"]["pooled"]["rmse_cm2"])
+    assert set(tables["cross_site"]) == {"local"}
+    saved = json.loads((tmp_path / "cmp" / "comparison.json").read_text())
+    assert saved["best_round"] == tables["best_round"] and (tmp_path / "cmp" / "comparison_cross_site.csv").is_file()

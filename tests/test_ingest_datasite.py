@@ -9,6 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from datasite_setup.case_store import CaseSource, CaseStore
+from domains import get_domain
+from domains.case_manifest import read_manifest
 from tests.conftest import LiveSite, ibsi_dir
 
 
@@ -30,24 +33,33 @@ def test_real_mr_studies_become_a_private_dataset_with_a_mock(ingested_ibsi: tup
     assert report["dataset"] == "ibsi-sts"
     assert len(report["accepted"]) == 6 and report["rejected"] == []
 
-    private = next(d for d in site.admin_client().datasets.get_all() if d.name == "ibsi-sts").assets[0].data
+    document = read_manifest(next(d for d in site.admin_client().datasets.get_all() if d.name == "ibsi-sts").assets[0].data)
+    manifest = document["cases"]
     ds = site.ds_client()
     asset = next(d for d in ds.datasets.get_all() if d.name == "ibsi-sts").assets[0]
-    mock = asset.mock
+    mock = read_manifest(asset.mock)["cases"]
+    assert document["version"] == report["manifest_version"] and document["collection"] == "ibsi-sts"
     assert asset.data is None or "SyftError" in type(asset.data).__name__
+    assert report["manifest_version"] >= 1
 
-    assert len(private) == len(mock) == 6
+    assert len(manifest) == len(mock) == 6
+    assert all("image" not in entry and "image" not in fake for entry, fake in zip(manifest, mock))  # no pixel in the asset
+    private = CaseSource(site.config.data_dir / "case_store", manifest)
+    rendered = get_domain("brain_mr_segmentation").mock_cases(mock)
     vendors = {c["metadata"]["Manufacturer"].split(" / ")[0] for c in private}  # e.g. "SIEMENS / MIM Software"
     assert vendors == {"SIEMENS", "Philips Medical Systems", "GE MEDICAL SYSTEMS"}
-    for real, fake in zip(private, mock):
-        assert real["image"].shape == fake["image"].shape == real["mask"].shape
-        assert real["spacing"] == fake["spacing"]
+    for real, entry, fake, synthetic in zip(private, manifest, mock, rendered):
+        assert real["image"].shape == synthetic["image"].shape == real["mask"].shape == tuple(fake["shape"])
+        assert real["spacing"] == fake["spacing"] == list(entry["spacing"])
         assert set(real["metadata"]) == set(fake["metadata"])
+        assert entry["split"] in ("train", "validation", "test") and fake["split"] == entry["split"]
         assert real["mask"].sum() > 0
-        assert not np.array_equal(real["image"], fake["image"])
+        assert not np.array_equal(real["image"], synthetic["image"])
         assert not real["case_id"].startswith("STS")
-    text = repr([c["metadata"] for c in private])
+        assert fake["case_id"].startswith("mock-") and fake["patient"].startswith("mock-")
+    text = repr([c["metadata"] for c in private]) + repr(mock)
     assert "STS_0" not in text and "IBSI" not in text
+    assert not any(entry["content_hash"] in repr(mock) for entry in manifest)
 
 
 def _write_bad_folder(folder: Path) -> Path:
@@ -90,13 +102,50 @@ def test_good_series_are_kept_when_others_are_rejected(ingested_ibsi: tuple[Live
     assert len(report["accepted"]) == 1 and report["dataset"] == "mixed"
     assert any("STS_004" in item["path"] and "missing" in item["reason"].lower() for item in report["rejected"])
     private = next(d for d in site.admin_client().datasets.get_all() if d.name == "mixed").assets[0].data
-    assert len(private) == 1
+    assert len(read_manifest(private)["cases"]) == 1
 
 
-def test_ingesting_into_an_existing_dataset_name_changes_nothing(ingested_ibsi: tuple[LiveSite, dict]) -> None:
-    site, _ = ingested_ibsi
+def test_reingesting_series_already_stored_changes_nothing(ingested_ibsi: tuple[LiveSite, dict]) -> None:
+    site, first = ingested_ibsi
     before = dataset_names(site)
-    proc = site.setup("ingest", str(ibsi_dir() / "dicom" / "STS_001"), "--dataset", "ibsi-sts", check=False)
-    assert proc.returncode == 1
-    assert "already exists" in proc.stderr
+    proc = site.setup("ingest", str(ibsi_dir() / "dicom" / "STS_001"), "--dataset", "ibsi-sts", "--json")
+    report = json.loads(proc.stdout)
+    assert report["added"] == 0 and len(report["accepted"]) == 1
+    assert report["dataset"] == "ibsi-sts" and report["manifest_version"] == first["manifest_version"]
     assert dataset_names(site) == before
+
+
+def test_a_later_ingestion_adds_cases_in_a_new_manifest_version(ingested_ibsi: tuple[LiveSite, dict], tmp_path: Path) -> None:
+    """The site grows: the dataset keeps its name, serves a new manifest version, old splits stay."""
+    from analyses.site_requests import call_site_task, request_site_task
+    from datasite_setup import review
+
+    site, _ = ingested_ibsi
+    early = tmp_path / "early"
+    for study in ("STS_001", "STS_002"):
+        shutil.copytree(ibsi_dir() / "dicom" / study, early / study)
+    v1 = json.loads(site.setup("ingest", str(early), "--dataset", "growing", "--json").stdout)
+    ds = site.ds_client()
+    approved_on_v1 = next(d for d in ds.datasets.get_all() if d.name == "growing").assets[0]
+    request_site_task(ds, approved_on_v1, "intensity_landmarks", "growing-v1", max_runs=1)
+    admin = site.admin_client()
+    review.approve(site.config, admin, next(r.id for r in review.list_requests(site.config, admin, status="pending")
+                                            if r.function == "intensity_landmarks_growing_v1"))
+
+    v2 = json.loads(site.setup("ingest", str(ibsi_dir() / "dicom"), "--dataset", "growing", "--json").stdout)
+    assert (v1["added"], v2["added"]) == (2, 4)
+    assert v2["manifest_version"] > v1["manifest_version"]
+    assert dataset_names(site).count("growing") == 1
+    manifest = read_manifest(next(d for d in site.admin_client().datasets.get_all() if d.name == "growing").assets[0].data)["cases"]
+    assert len(manifest) == 6
+    store = CaseStore(site.config.data_dir)
+    old = {e.case_id: e.split for e in store.manifest(v1["manifest_version"], collection="growing")}
+    assert len(old) == 2 and all(e["split"] == old[e["case_id"]] for e in manifest if e["case_id"] in old)
+    assert sorted(e["added_in"] for e in manifest) == [v1["manifest_version"]] * 2 + [v2["manifest_version"]] * 4
+    assert len(read_manifest(next(d for d in site.ds_client().datasets.get_all() if d.name == "growing").assets[0].mock)["cases"]) == 6
+
+    # The request approved on the first version still runs, on the cases it was approved with.
+    landmarks = call_site_task(ds, approved_on_v1, "intensity_landmarks", "growing-v1", {})
+    assert landmarks["n"] == 2
+    ran = [json.loads(line) for line in (site.config.data_dir / "audit.log").read_text().splitlines()]
+    assert [e for e in ran if e.get("action") == "ran"][-1]["manifest_version"] == v1["manifest_version"]

@@ -545,6 +545,23 @@ def test_back_to_back_runs_each_find_a_spare_that_finished_importing() -> None:
     assert _children_running_sandbox() == []
 
 
+@pytest.mark.parametrize("warm", [True, False])
+def test_the_site_preloads_run_monai_warm_and_cold_without_a_user_name(warm: bool) -> None:
+    """MONAI at import asks for the user's name and tries pandas (whose pyarrow starts a thread):
+    a warm spare with the site's preloads must still confine itself and run MONAI code."""
+    from datasite_setup.isolation.spawn import DEFAULT_PRELOAD
+
+    discard_spares()
+    if warm:
+        prewarm(LIMITS, DEFAULT_PRELOAD, spares=1)
+    source = _code("import torch\nfrom monai.losses import DiceCELoss\n"
+                   "return {'loss': float(DiceCELoss(sigmoid=True)(torch.zeros(1, 1, 4, 4), torch.ones(1, 1, 4, 4)))}")
+    outcome = run_isolated(source, "f", {}, LIMITS, preload=DEFAULT_PRELOAD, warm=warm, spares=1)
+    discard_spares()
+    assert outcome.ok and outcome.warm == warm, outcome.stderr_tail[-2000:]
+    assert outcome.result["loss"] > 0
+
+
 def test_a_cold_run_starts_no_spare() -> None:
     discard_spares()
     outcome = run_isolated(_code("return {'v': 2.0}"), "f", {}, LIMITS, preload=NUMPY, warm=False)

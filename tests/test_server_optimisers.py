@@ -77,7 +77,7 @@ def test_options_are_the_strategies_own_and_checked() -> None:
 
 
 def test_fedadam_runs_through_the_orchestrator_and_resumes(tmp_path) -> None:
-    links = [SimulatedSite(name, phantom_cases(name, 2, seed)) for seed, name in enumerate(("hospital-a", "hospital-b"))]
+    links = [SimulatedSite.from_cases(name, phantom_cases(name, 3, seed)) for seed, name in enumerate(("hospital-a", "hospital-b"))]
     plan = TrainingPlan(domain="brain_mr_tumour_burden", strategy="fedadam", rounds=2, batch_size=8, lr=1e-3,
                         strategy_options={"server_lr": 0.01})
     report = Orchestrator(plan, links, tmp_path, progress=False).run()

@@ -11,7 +11,7 @@ import torch
 
 from datasite_setup.case_store import CaseSource, CaseStore
 from datasite_setup.model_weights import exchanged_weights
-from datasite_setup.site_tasks import run_installed_task
+from datasite_setup.site_tasks import TASKS, run_for_parent, run_installed_task
 from domains import get_domain
 from tests.test_federation_strategies import phantom_cases
 from tests.test_radiomics_features import SETTINGS
@@ -23,7 +23,8 @@ def cases_both_ways(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[dict
     store = CaseStore(tmp_path_factory.mktemp("site-data"))
     version = store.new_version()
     for i, case in enumerate(cases):
-        store.put(case, patient=f"p{i}", split="train", version=version)
+        case["split"] = "train" if i < 3 else "test"
+        store.put(case, patient=f"p{i}", split=case["split"], version=version)
     return cases, CaseSource(store.root, [e.to_dict() for e in store.manifest()])
 
 
@@ -58,5 +59,21 @@ def test_training_and_evaluation_agree(cases_both_ways) -> None:
     _same(run_installed_task("local_train", in_memory, params, min_cohort=2),
           run_installed_task("local_train", lazy, params, min_cohort=2))
     scores = {"domain": domain.name, "weights": weights}
-    _same(run_installed_task("evaluate", in_memory, scores, min_cohort=2),
-          run_installed_task("evaluate", lazy, scores, min_cohort=2))
+    held_out = run_installed_task("evaluate", lazy, scores, min_cohort=2)
+    _same(run_installed_task("evaluate", in_memory, scores, min_cohort=2), held_out)
+    assert held_out["n_cases"] == 2.0  # evaluation defaults to the test split
+    assert run_installed_task("evaluate", lazy, {**scores, "split": "all"}, min_cohort=2)["n_cases"] == 5.0
+
+
+def test_a_run_on_one_split_reports_its_cohorts_in_the_site_case_positions(cases_both_ways) -> None:
+    """The release ledger maps cohort positions to case ids over the whole manifest: a run on the
+    test split must name the test cases' positions there, not their positions among themselves."""
+    _, lazy = cases_both_ways
+    payload = run_for_parent("cohort_summary", lazy, {"group_by": "Manufacturer", "split": "test"}, min_cohort=2, min_batch=1)
+    path, quantity, whole = payload["cohorts"][0]
+    assert (path, quantity, list(whole)) == ([], "cohort_summary", [3, 4])
+    assert all(set(positions) <= {3, 4} for _, _, positions in payload["cohorts"])
+    assert run_for_parent("cohort_summary", lazy, {"group_by": "Manufacturer", "split": "validation"}, min_cohort=2,
+                          min_batch=1) == {"refused": "0 cases in split 'validation' is below the site's minimum cohort of 2"}
+    assert TASKS["cohort_summary"].problems({"group_by": "Manufacturer", "split": "holdout"}) == [
+        "parameter 'split' must be one of train, validation, test, unlabelled, all, got 'holdout'"]

@@ -9,7 +9,10 @@ privacy: epsilon, mechanism, delta, bounds), `harmonize: nyul` (landmarks first,
 on the standardized images) or `harmonize: combat` (the raw features first, then distributed
 ComBat on them; the report shows the heterogeneity before and after, under `--out`/combat) with
 optional `combat_covariates` ({categorical: {PatientSex: [F, M]}, continuous: [PatientAge]}).
-The first call sends the requests and exits 5 until every site's admin has approved; the next call runs and writes `--out` (see `analyses.radiomics_run`).
+The first call sends the requests and exits 5 until every site's admin has decided; the next call runs and writes `--out` (see `analyses.radiomics_run`).
+A site that is down, refuses a run (e.g. fewer cases than its `min_cohort`) or whose admin denied
+the request is left out: the others' aggregates are still computed while `--min-sites` sites answer
+(default 2), and the output (and `--out`/sites.json) names each site left out and why.
 """
 
 from __future__ import annotations
@@ -33,6 +36,9 @@ def register(subparsers: Any) -> None:
     cmd.add_argument("--out", type=Path, required=True, help="folder for aggregates.json and the heterogeneity report")
     cmd.add_argument("--label", default="radiomics", help="request label: one approval per label and site")
     cmd.add_argument("--max-runs", type=int, default=20, help="runs each site's approval allows")
+    cmd.add_argument("--min-sites", type=int, default=2,
+                     help="go on while this many sites answer (default 2: heterogeneity compares sites); the others "
+                          "are reported as left out, with why")
     cmd.add_argument("--json", action="store_true", help="print the outcome as JSON")
     cmd.set_defaults(handler=run)
 
@@ -75,12 +81,14 @@ def run(args: argparse.Namespace) -> int:
     from analyses import combat_run
     from analyses.federation_file import FederationFileError, load_federation
     from analyses.radiomics_run import (
-        LANDMARKS_TASK, TASK, AwaitingApproval, SiteFailed, nyul_scale, run_radiomics, submit,
+        LANDMARKS_TASK, TASK, AwaitingApproval, SiteFailed, is_waiting, nyul_scale, run_radiomics, submit,
     )
 
     try:
         federation = load_federation(args.federation)
         settings, federated = read_params(args.params)
+        if args.min_sites < 1:
+            raise ValueError(f"--min-sites must be at least 1, got {args.min_sites}")
     except (FederationFileError, ValueError) as exc:
         _emit(args, {"status": "bad-input", "error": str(exc)}, f"error: {exc}")
         return EXIT_BAD_INPUT
@@ -94,10 +102,10 @@ def run(args: argparse.Namespace) -> int:
     except FederationFileError as exc:  # a password that cannot be read
         _emit(args, {"status": "bad-input", "error": str(exc)}, f"error: {exc}")
         return EXIT_BAD_INPUT
-    except Exception as exc:  # a site refusing the request, or unreachable when sending it
+    except Exception as exc:  # not a site's failure (each is caught per site): the requests could not be built
         _emit(args, {"status": "failed", "error": str(exc)}, f"error: could not send the requests: {exc}")
         return EXIT_FAILED
-    pending = {task: {site: s for site, s in by_site.items() if s != "approved"} for task, by_site in statuses.items()}
+    pending = {task: {site: s for site, s in by_site.items() if is_waiting(s)} for task, by_site in statuses.items()}
     pending = {task: sites for task, sites in pending.items() if sites}
     if pending:
         lines = [f"waiting for approval of '{task}' at: " + ", ".join(f"{site} ({s})" for site, s in sites.items())
@@ -106,17 +114,17 @@ def run(args: argparse.Namespace) -> int:
         _emit(args, {"status": "awaiting-approval", "waiting": pending}, "\n".join(lines))
         return EXIT_AWAITING_APPROVAL
     try:
-        harmonization = nyul_scale(federation, args.label) if harmonize == "nyul" else None
+        harmonization = nyul_scale(federation, args.label, min_sites=args.min_sites) if harmonize == "nyul" else None
         outcome = run_radiomics(
             federation, settings, args.out,
             intensity_edges=federated.get("intensity_edges"), feature_edges=federated.get("feature_edges"),
-            harmonization=harmonization, dp=federated.get("dp"), label=args.label,
+            harmonization=harmonization, dp=federated.get("dp"), label=args.label, min_sites=args.min_sites,
         )
         combat = None
         if harmonize == "combat":
             combat = combat_run.harmonize_and_report(
                 federation, settings, outcome["aggregates"], args.out / "combat", args.label,
-                covariates=federated.get("combat_covariates"))
+                covariates=federated.get("combat_covariates"), min_sites=args.min_sites)
     except AwaitingApproval as exc:
         _emit(args, {"status": "awaiting-approval", "waiting": exc.statuses}, f"{exc}\nrun the same command again after approval")
         return EXIT_AWAITING_APPROVAL
@@ -127,6 +135,7 @@ def run(args: argparse.Namespace) -> int:
     summary = {
         "status": "done",
         "sites": {site: result.get("n", 0) for site, result in outcome["aggregates"].items()},
+        "left_out": outcome["left_out"],
         "n_testable": report["n_testable"],
         "n_significant": report["n_significant"],
         "share_significant": report["share_significant"],
@@ -136,7 +145,8 @@ def run(args: argparse.Namespace) -> int:
     if combat is not None:
         after = combat["heterogeneity"]
         summary["after_combat"] = {"n_testable": after["n_testable"], "n_significant": after["n_significant"],
-                                   "share_significant": after["share_significant"], "files": combat["files"]}
+                                   "share_significant": after["share_significant"], "left_out": combat["left_out"],
+                                   "files": combat["files"]}
     share = report["share_significant"]
     lines = [
         f"radiomics at {len(summary['sites'])} sites (cases used: "
@@ -147,7 +157,11 @@ def run(args: argparse.Namespace) -> int:
             f"{site}={v:.2f}" if v is not None else f"{site}=n/a" for site, v in report["site_mean_abs_smd"].items()),
         f"  written to {args.out}",
     ]
+    for site, why in outcome["left_out"].items():
+        lines.insert(-1, f"  left out: {site} ({why})")
     if combat is not None:
+        for site, why in combat["left_out"].items():
+            lines.insert(-1, f"  left out of ComBat: {site} ({why})")
         after = combat["heterogeneity"]
         lines.insert(-1, f"  after ComBat: {after['n_significant']} of {after['n_testable']} with a significant site effect "
                          f"({len(combat['features'])} features harmonized)")

@@ -4,9 +4,15 @@
         --baselines --centralized-data hospital-a=exports/a --out runs/seg
 
 The first call sends the thin requests (`local_train`, `evaluate`, budgeted to the rounds) and
-exits 5 until every site's admin has approved; the next call trains. A run that stops (Ctrl-C,
-a crash, too few sites) resumes from its last checkpoint when the same command is run again,
-with no new approval. `--out` receives per-method folders (metrics.json/csv, curves PNG, final
+exits 5 until every site's admin has approved; the next call trains. Sites train on their `train`
+split; every round is scored on the sites' `validation` split, the round with the best pooled
+validation metric is selected, and the selected and the final weights are scored on the sites'
+held-out `test` split: the only numbers reported as results (local-only: each site's model on its
+own test split and, as a second table, on the other sites'). A site that is down, refuses (e.g. a
+split below its `min_cohort`) or whose admin denied the request is left out, with the reason in
+metrics.json (`left_out`), while `--min-sites` sites answer. A run that stops (Ctrl-C, a crash,
+too few sites) resumes from its last checkpoint when the same command is run again, with no new
+approval. `--out` receives per-method folders (metrics.json/csv, curves PNG, best and final
 weights) and, with several methods, comparison.json/csv/png.
 """
 
@@ -42,7 +48,8 @@ def _site_folders(values: list[str]) -> dict[str, Path]:
 
 
 def register(subparsers: Any) -> None:
-    cmd = subparsers.add_parser("train", help="federated training (FedAvg, FedProx, FedBN) with baselines",
+    cmd = subparsers.add_parser("train", help="federated training (FedAvg, FedProx, FedBN, ...) with baselines, "
+                                              "scored on the sites' test splits",
                                 description=__doc__.split("\n\n")[0])
     cmd.add_argument("federation", type=Path, help="federation file (TOML) listing the datasites")
     cmd.add_argument("--domain", default="brain_mr_segmentation")
@@ -58,13 +65,19 @@ def register(subparsers: Any) -> None:
     cmd.add_argument("--optimizer", choices=("adam", "sgd"), default="adam")
     cmd.add_argument("--max-steps", type=int, default=0, help="cap on local steps per round (0 = whole epochs)")
     cmd.add_argument("--seed", type=int, default=0)
-    cmd.add_argument("--min-sites", type=int, default=2, help="a round needs this many usable updates")
+    cmd.add_argument("--min-sites", type=int, default=2,
+                     help="the run goes on while this many sites answer (default 2, or all sites when there are fewer): "
+                          "a round needs this many usable updates, a round counts for selection when this many "
+                          "validated it, and the test scores need this many sites; the others are left out with "
+                          "the reason in metrics.json")
     cmd.add_argument("--timeout", type=float, default=600.0, help="seconds each site call may take")
     cmd.add_argument("--leave-after", action="append", default=[], metavar="SITE=ROUND",
                      help="the site trains up to this round, then only evaluates (how long its information lasts)")
-    cmd.add_argument("--baselines", action="store_true", help="also train local-only models at each site")
+    cmd.add_argument("--baselines", action="store_true",
+                     help="also train local-only models at each site (scored on their own and the other sites' test splits)")
     cmd.add_argument("--centralized-data", action="append", default=[], metavar="SITE=DIR",
-                     help="SIMULATION ONLY: the sites' DICOM exports, pooled for a centralized baseline")
+                     help="SIMULATION ONLY: the sites' DICOM exports, pooled for a centralized baseline (trained on the "
+                          "union of the exports' train splits, scored on each export's test split)")
     cmd.add_argument("--name", default="", help="request label (default: derived from the plan)")
     cmd.add_argument("--wait", type=float, default=0.0, help="wait up to this many seconds for approvals")
     cmd.add_argument("--out", type=Path, required=True)
@@ -79,8 +92,8 @@ def _emit(args: argparse.Namespace, payload: dict[str, Any], text: str) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from analyses.federation import STRATEGIES, options_for, parse_strategy_options
-    from analyses.federation.centralized import SIMULATION_LABEL, read_site_exports, train_centralized
-    from analyses.federation.experiment import AwaitingApproval, compare, local_plan, submit, train
+    from analyses.federation.centralized import read_site_exports, train_centralized
+    from analyses.federation.experiment import AwaitingApproval, compare, comparison_tables, local_plan, submit, train
     from analyses.federation.orchestrator import PlanMismatch, RoundFailed, TrainingPlan
     from analyses.federation.run_outputs import write_run
     from analyses.federation_file import FederationFileError, load_federation
@@ -106,6 +119,8 @@ def run(args: argparse.Namespace) -> int:
                          call_timeout_s=args.timeout, name=f"{args.name}_{name}" if args.name else "")
             for name in names
         ]
+        if args.min_sites < 1:
+            raise ValueError(f"--min-sites must be at least 1, got {args.min_sites}")
     except (FederationFileError, ValueError, argparse.ArgumentTypeError) as exc:
         _emit(args, {"status": "bad-input", "error": str(exc)}, f"error: {exc}")
         return EXIT_BAD_INPUT
@@ -132,6 +147,9 @@ def run(args: argparse.Namespace) -> int:
                 _emit(args, {"status": "awaiting-approval", "requests": statuses, "waiting": exc.statuses},
                       f"{exc}\nthe requests are sent; ask each site's admin to approve, then run the same command again")
                 return EXIT_AWAITING_APPROVAL
+            except FederationFileError as exc:  # a credential that cannot be read
+                _emit(args, {"status": "bad-input", "error": str(exc)}, f"error: {exc}")
+                return EXIT_BAD_INPUT
             except (RoundFailed, PlanMismatch, RuntimeError) as exc:
                 _emit(args, {"status": "failed", "strategy": plan.strategy, "error": str(exc)}, f"error: {exc}")
                 return EXIT_FAILED
@@ -146,25 +164,39 @@ def run(args: argparse.Namespace) -> int:
         torch.manual_seed(plans[0].seed)
         centralized = train_centralized(plans[0], cases, exchanged_weights(domain.build_model()), progress=not args.quiet)
         (args.out / "centralized").mkdir(parents=True, exist_ok=True)
-        (args.out / "centralized" / "metrics.json").write_text(
-            json.dumps({"label": SIMULATION_LABEL, "history": centralized}, indent=1))
-    table = compare(reports, args.out, domain.primary_metric, centralized) if len(reports) > 1 or centralized else None
+        (args.out / "centralized" / "metrics.json").write_text(json.dumps(centralized, indent=1))
+    metric = domain.primary_metric
+    if len(reports) > 1 or centralized:
+        tables = compare(reports, args.out, metric, centralized)
+    else:
+        tables = comparison_tables(reports, metric)
     summary = {
         "status": "done",
-        "metric": domain.primary_metric,
-        "final": table or {plans[0].strategy: {**reports[plans[0].strategy].last()["site_metrics"]}},
+        "metric": metric,
+        "split": "test",
+        "final": tables["final"],
+        "best": tables["best"],
+        "best_round": tables["best_round"],
+        "cross_site": tables["cross_site"],
+        "left_out": tables["left_out"],
         "missed": {name: r.missed() for name, r in reports.items()},
         "resumed_from": {name: r.resumed_from for name, r in reports.items()},
         "out": str(args.out),
     }
-    lines = [f"{domain.primary_metric} after {plans[0].rounds} rounds (out: {args.out})"]
-    for method, values in (table or {}).items():
-        lines.append(f"  {method:28s} " + "  ".join(f"{s}={v:.3f}" for s, v in values.items()))
-    if not table:
-        last = reports[plans[0].strategy].last()
-        lines.append("  " + "  ".join(f"{s}={m[domain.primary_metric]:.3f}" for s, m in last["site_metrics"].items()))
-    for name, missed in summary["missed"].items():
-        for site, rounds in missed.items():
-            lines.append(f"  {name}: {site} missed rounds {rounds}")
+    lines = [f"test {metric} after {plans[0].rounds} rounds (out: {args.out})"]
+    for which, title in (("best", "round selected on pooled validation"), ("final", "final round")):
+        lines.append(f" {title}:")
+        for method, values in tables[which].items():
+            chosen = f" (round {tables['best_round'][method]})" if which == "best" else ""
+            lines.append(f"  {method + chosen:38s} " + "  ".join(f"{s}={v:.3f}" for s, v in values.items()))
+    for method, kinds in tables["cross_site"].items():
+        lines.append(f" {method}: each site's model on the other sites' test splits (selected round):")
+        for model, values in kinds["best"].items():
+            lines.append(f"  model of {model:29s} " + "  ".join(f"{s}={v:.3f}" for s, v in values.items()))
+    for name, sites in tables["left_out"].items():
+        for site, entries in sites.items():
+            reasons = sorted({e["reason"] for e in entries})
+            lines.append(f"  {name}: {site} left out of {len(entries)} call(s) (rounds "
+                         f"{sorted({e['round'] for e in entries})}): {'; '.join(reasons)}")
     _emit(args, summary, "\n".join(lines))
     return EXIT_OK

@@ -5,6 +5,12 @@ It exists to measure what federation costs, on phantom fleets whose DICOM the da
 generated herself. It runs the very site-task code the sites run (`local_train`, `evaluate`)
 in this process, on the pooled cases, with the same plan: each "round" is the plan's epochs over
 the pool (step cap scaled by the number of sites, so compute matches a federated round).
+
+It is held to the federation's protocol: it trains on the union of the sites' `train` splits,
+selects its round on the pooled `validation` split, and scores the selected and the final weights
+on each site's `test` split. The exports carry no split, and the sites' own splits are keyed by
+secrets the data scientist does not hold, so the exports get the simulation's public splits
+(`simulated_site.with_splits`): the same proportions, not the same cases as the live sites' splits.
 """
 
 from __future__ import annotations
@@ -15,14 +21,16 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from analyses.federation.orchestrator import TrainingPlan
+from analyses.federation.orchestrator import TEST, VALIDATION, TrainingPlan
+from analyses.federation.simulated_site import with_splits
 from analyses.federation.strategy import Weights
 
 SIMULATION_LABEL = "centralized (simulation only: pooled data)"
 
 
 def read_site_exports(exports: dict[str, Path]) -> dict[str, list[dict[str, Any]]]:
-    """Cases of each site read straight from its DICOM export folder (phantom fleets only)."""
+    """Cases of each site read straight from its DICOM export folder (phantom fleets only), each
+    with the simulation's split (`with_splits`: the same on every read of the same folder)."""
     from datasite_setup.ingest import read_cases
 
     secret = os.urandom(32)
@@ -31,48 +39,76 @@ def read_site_exports(exports: dict[str, Path]) -> dict[str, list[dict[str, Any]
         result = read_cases(Path(folder), None, secret, progress=False)
         if not result.cases:
             raise ValueError(f"{site}: no readable cases under {folder}")
-        cases[site] = result.cases
+        cases[site] = with_splits(result.cases)
     return cases
 
 
-def evaluate_at_sites(domain: str, weights: Weights, cases_by_site: dict[str, list[dict[str, Any]]]) -> tuple[dict[str, dict[str, float]], dict[str, float]]:
-    """Per-site and pooled metrics, computed exactly as the sites' `evaluate` task would."""
-    from datasite_setup.site_tasks import evaluate
-    from datasite_setup.site_tasks.task import SiteFacts
+def evaluate_at_sites(domain: str, weights: Weights, cases_by_site: dict[str, list[dict[str, Any]]],
+                      split: str = TEST) -> tuple[dict[str, dict[str, float]], dict[str, float], dict[str, str]]:
+    """Per-site and pooled metrics on `split`, computed exactly as the sites' `evaluate` task would,
+    and the sites whose split is empty (left out, with why)."""
+    from datasite_setup.site_tasks import TaskRefusal, run_installed_task
     from domains import get_domain
 
-    facts = SiteFacts(min_cohort=1)
-    per_site = {site: evaluate.run(cases, {"domain": domain, "weights": weights}, facts) for site, cases in cases_by_site.items()}
-    counts = {key: sum(m[key] for m in per_site.values()) for key in next(iter(per_site.values()))}
-    pooled = dict(get_domain(domain).metrics_from_counts(counts))
-    pooled["n_cases"] = counts["n_cases"]
-    return per_site, pooled
+    per_site, missed = {}, {}
+    for site, cases in cases_by_site.items():
+        try:
+            result = run_installed_task("evaluate", cases, {"domain": domain, "weights": weights, "split": split}, min_cohort=1)
+        except TaskRefusal as refusal:
+            missed[site] = str(refusal)
+            continue
+        per_site[site] = {k: float(v) for k, v in result.items()}
+    pooled: dict[str, float] = {}
+    if per_site:
+        counts = {key: sum(m[key] for m in per_site.values()) for key in next(iter(per_site.values()))}
+        pooled = {k: float(v) for k, v in get_domain(domain).metrics_from_counts(counts).items()}
+        pooled["n_cases"] = counts["n_cases"]
+    return per_site, pooled, missed
 
 
 def train_centralized(plan: TrainingPlan, cases_by_site: dict[str, list[dict[str, Any]]], initial: Weights,
-                      progress: bool = True,
-                      eval_cases_by_site: dict[str, list[dict[str, Any]]] | None = None) -> list[dict[str, Any]]:
-    """History (round 0 = initial model) of centralized training under `plan`, scored on
-    `eval_cases_by_site` (held-out cases) when given, else on the training cases as the sites'
-    own `evaluate` would be."""
-    from datasite_setup.site_tasks import local_train
-    from datasite_setup.site_tasks.task import SiteFacts
+                      progress: bool = True) -> dict[str, Any]:
+    """Centralized training under `plan` on the pooled `train` splits (every case must carry a
+    `split`, as `read_site_exports` gives them). Returns {"label", "history" (round 0 = initial
+    model; validation metrics per site and pooled), "selection", "best", "final"}, the last two
+    being test scores per site and pooled, shaped like a federated run's metrics.json."""
+    from datasite_setup.site_tasks import run_installed_task
+    from domains import get_domain
 
+    domain = get_domain(plan.domain)
+    quorum = min(plan.min_sites, len(cases_by_site))
     pooled_cases = [case for site in sorted(cases_by_site) for case in cases_by_site[site]]
-    facts = SiteFacts(min_cohort=1)
-    scored = eval_cases_by_site or cases_by_site
     weights = initial
-    per_site, pooled = evaluate_at_sites(plan.domain, weights, scored)
-    history = [{"round": 0, "site_metrics": per_site, "pooled": pooled}]
+    best: dict[str, Any] = {"round": 0, "value": None, "weights": initial}
+    history: list[dict[str, Any]] = []
+
+    def score(round_no: int, extra: dict[str, Any]) -> None:
+        per_site, pooled, missed = evaluate_at_sites(plan.domain, weights, cases_by_site, VALIDATION)
+        history.append({"round": round_no, "eval_split": VALIDATION, "site_metrics": per_site, "pooled": pooled,
+                        "eval_missed": missed, **extra})
+        value = pooled.get(domain.primary_metric)
+        if value is None or len(per_site) < quorum:
+            return
+        if best["value"] is None or (value > best["value"] if domain.higher_is_better else value < best["value"]):
+            best.update(round=round_no, value=float(value), weights=weights)
+
+    score(0, {})
     for round_no in tqdm(range(1, plan.rounds + 1), desc="centralized rounds", unit="round", disable=not progress):
         params = {
             "domain": plan.domain, "weights": weights, "epochs": plan.epochs, "batch_size": plan.batch_size,
             "lr": float(plan.lr), "optimizer": plan.optimizer, "seed": plan.seed * 100_003 + round_no * 101,
-            "max_steps": plan.max_steps * len(cases_by_site),
+            "max_steps": plan.max_steps * len(cases_by_site), "split": "train",
         }
-        result = local_train.run(pooled_cases, params, facts)
+        result = run_installed_task("local_train", pooled_cases, params, min_cohort=1)
         weights = result["weights"]
-        per_site, pooled = evaluate_at_sites(plan.domain, weights, scored)
-        history.append({"round": round_no, "site_metrics": per_site, "pooled": pooled,
-                        "train_loss": {"pooled": result["scalars"]["train_loss"]}})
-    return history
+        score(round_no, {"train_loss": {"pooled": result["scalars"]["train_loss"]}})
+    if best["value"] is None:
+        best.update(round=plan.rounds, weights=weights)
+    selection = {"metric": domain.primary_metric, "split": VALIDATION, "higher_is_better": bool(domain.higher_is_better),
+                 "min_sites": quorum, "best_round": best["round"], "validation_value": best["value"]}
+    tests = {}
+    for which, round_no, chosen in (("best", best["round"], best["weights"]), ("final", plan.rounds, weights)):
+        per_site, pooled, missed = evaluate_at_sites(plan.domain, chosen, cases_by_site, TEST)
+        tests[which] = {"round": round_no, "split": TEST, "weights": which, "site_metrics": per_site,
+                        "pooled": pooled, "missed": missed}
+    return {"label": SIMULATION_LABEL, "history": history, "selection": selection, **tests}

@@ -1,8 +1,10 @@
 """Checkpoints: the strategy's weights and the run's progress after every completed round.
 
 Two files in `DIR/checkpoint/`: `state-<round>.npz` (every weight set of the strategy, keys
-"<set>::<state name>") and `progress.json` (the plan, the last completed round, the metrics so
-far, and which state file belongs to them). Each is written under a temporary name and renamed,
+"<set>::<state name>", and the weights of the round selected on validation so far under
+"best@<set>::<state name>") and `progress.json` (the plan, the last completed round, the metrics so
+far, the selected round, the held-out test scores once taken, and which state file belongs to
+them). Keeping the selected round's weights is what lets a resumed run still score them on test. Each is written under a temporary name and renamed,
 progress last, and the previous state file is removed only after that, so a run killed at any
 moment resumes from the last round that was completely written.
 """
@@ -20,6 +22,7 @@ import numpy as np
 from analyses.federation.strategy import Weights
 
 _SEP = "::"
+_BEST = "best@"
 
 
 @dataclass
@@ -28,16 +31,22 @@ class Checkpoint:
     plan: dict[str, Any]
     history: list[dict[str, Any]]
     state: dict[str, Weights]
+    best_round: int | None = None  # the round whose weights score best on pooled validation so far
+    best_state: dict[str, Weights] | None = None
+    test: dict[str, Any] | None = None  # held-out test scores, once the last round is done
 
 
 def save_checkpoint(folder: Path, checkpoint: Checkpoint) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     arrays = {f"{group}{_SEP}{name}": value for group, weights in checkpoint.state.items() for name, value in weights.items()}
+    arrays.update({f"{_BEST}{group}{_SEP}{name}": value for group, weights in (checkpoint.best_state or {}).items()
+                   for name, value in weights.items()})
     state_name = f"state-{checkpoint.round}.npz"
     tmp_state = folder / f"state-{checkpoint.round}.tmp.npz"
     np.savez(tmp_state, **arrays)
     os.replace(tmp_state, folder / state_name)
-    progress = {"round": checkpoint.round, "state_file": state_name, "plan": checkpoint.plan, "history": checkpoint.history}
+    progress = {"round": checkpoint.round, "state_file": state_name, "plan": checkpoint.plan, "history": checkpoint.history,
+                "best_round": checkpoint.best_round, "test": checkpoint.test}
     tmp_progress = folder / "progress.json.tmp"
     tmp_progress.write_text(json.dumps(progress, indent=1))
     os.replace(tmp_progress, folder / "progress.json")
@@ -52,8 +61,11 @@ def load_checkpoint(folder: Path) -> Checkpoint | None:
         return None
     progress = json.loads((folder / "progress.json").read_text())
     state: dict[str, Weights] = {}
+    best: dict[str, Weights] = {}
     with np.load(folder / progress["state_file"]) as arrays:
         for key in arrays.files:
             group, name = key.split(_SEP, 1)
-            state.setdefault(group, {})[name] = arrays[key]
-    return Checkpoint(round=progress["round"], plan=progress["plan"], history=progress["history"], state=state)
+            target = best if group.startswith(_BEST) else state
+            target.setdefault(group.removeprefix(_BEST), {})[name] = arrays[key]
+    return Checkpoint(round=progress["round"], plan=progress["plan"], history=progress["history"], state=state,
+                      best_round=progress.get("best_round"), best_state=best or None, test=progress.get("test"))

@@ -6,7 +6,12 @@
     compare(reports, out, centralized=...)   # federated vs local-only vs centralized, per site
 
 Local-only is a plan with strategy "local" (it runs through the sites like any other);
-centralized is a simulation on pooled phantom data (see `centralized.py`).
+centralized is a simulation on pooled phantom data (see `centralized.py`). Every number `compare`
+reports is on the sites' test splits: for the round each method selected on pooled validation
+("best") and for its last round ("final"); local-only adds each site's model scored at the others.
+
+A site whose admin denied the run's request is left out of it (every round records why) while
+`min_sites` others take part; a site still pending holds the run until its admin decides.
 """
 
 from __future__ import annotations
@@ -16,10 +21,10 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from analyses.federation.orchestrator import Orchestrator, RunReport, TrainingPlan
+from analyses.federation.orchestrator import TEST, VALIDATION, Orchestrator, RunReport, TrainingPlan
 from analyses.federation.run_outputs import write_csv
-from analyses.federation.site_link import DatasiteLink
-from analyses.federation_file import Federation
+from analyses.federation.site_link import DatasiteLink, LeftOutLink, SiteLink
+from analyses.federation_file import Federation, FederationFileError
 
 TASKS = ("local_train", "evaluate")
 
@@ -43,7 +48,7 @@ def submit(federation: Federation, plans: list[TrainingPlan]) -> dict[str, dict[
     statuses: dict[str, dict[str, str]] = {}
     for plan in plans:
         for link in links_for(federation, plan):
-            for task, status in link.ensure_requests(plan.budgets()).items():
+            for task, status in link.ensure_requests(plan.budgets(len(federation.datasites))).items():
                 statuses.setdefault(link.name, {})[f"{task}@{plan.label}"] = status
     return statuses
 
@@ -53,23 +58,37 @@ def approval_statuses(federation: Federation, plan: TrainingPlan) -> dict[str, d
 
 
 def train(federation: Federation, plan: TrainingPlan, out_dir: Path, progress: bool = True) -> RunReport:
-    """Run (or resume) one plan across the federation; raises AwaitingApproval before any round
-    if a reachable site has not approved. An unreachable site is left to the orchestrator, which
-    records it as missing its rounds."""
+    """Run (or resume) one plan across the federation.
+
+    Raises AwaitingApproval before any round if a reachable site's request is still pending. A
+    site whose admin denied a request takes no part (the orchestrator records why, every round);
+    an unreachable site is left to the orchestrator, which records it as missing the rounds it
+    misses. RuntimeError if fewer than `min_sites` sites can take part at all."""
     links = links_for(federation, plan)
     statuses: dict[str, dict[str, str | None]] = {}
-    reachable = []
+    unreachable: dict[str, str] = {}
     for link in links:
         try:
             statuses[link.name] = link.statuses(list(TASKS))
-        except Exception:  # a site that is down now may answer later rounds
-            continue
-        reachable.append(link)
-    if any(s != "approved" for tasks in statuses.values() for s in tasks.values()):
+        except FederationFileError:  # an unreadable credential is the caller's to fix, not a site failure
+            raise
+        except Exception as exc:  # a site that is down now may answer later rounds
+            unreachable[link.name] = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    denied = {site: ", ".join(t for t, s in tasks.items() if s == "rejected") for site, tasks in statuses.items()
+              if any(s == "rejected" for s in tasks.values())}
+    if any(s not in ("approved", "rejected") for tasks in statuses.values() for s in tasks.values()):
         raise AwaitingApproval(statuses)
-    if len(reachable) < min(plan.min_sites, len(links)):
-        raise RuntimeError(f"only {len(reachable)} of {len(links)} sites answer; min_sites is {plan.min_sites}")
-    return Orchestrator(plan, links, out_dir, progress=progress).run()
+    usable = [link for link in links if link.name not in denied and link.name not in unreachable]
+    if len(usable) < min(plan.min_sites, len(links)):
+        why = {**{s: "unreachable: " + r for s, r in unreachable.items()},
+               **{s: f"the site's admin denied the request ({tasks})" for s, tasks in denied.items()}}
+        raise RuntimeError(f"only {len(usable)} of {len(links)} sites can take part; min_sites is {plan.min_sites} ("
+                           + "; ".join(f"{s}: {r}" for s, r in why.items()) + ")")
+    run_links: list[SiteLink] = [
+        LeftOutLink(link.name, f"the site's admin denied the request ({denied[link.name]})") if link.name in denied else link
+        for link in links
+    ]
+    return Orchestrator(plan, run_links, out_dir, progress=progress).run()
 
 
 def local_plan(plan: TrainingPlan) -> TrainingPlan:
@@ -77,27 +96,70 @@ def local_plan(plan: TrainingPlan) -> TrainingPlan:
     return replace(plan, strategy="local", strategy_options={}, name=f"{plan.name}_local" if plan.name else "")
 
 
+def _table(scores: dict[str, Any], metric: str) -> dict[str, float]:
+    """site -> `metric` (and "pooled") from one set of test scores."""
+    table = {site: m[metric] for site, m in scores["site_metrics"].items()}
+    table["pooled"] = scores["pooled"].get(metric, float("nan"))
+    return table
+
+
+def _cross_table(scores: dict[str, Any], metric: str) -> dict[str, dict[str, float]]:
+    """model site -> {other site: `metric`, "pooled (other sites)": pooled over them}."""
+    return {model: {**{site: m[metric] for site, m in sorted(at.items())},
+                    "pooled (other sites)": scores.get("cross_site_pooled", {}).get(model, {}).get(metric, float("nan"))}
+            for model, at in sorted(scores.get("cross_site", {}).items())}
+
+
+def comparison_tables(reports: dict[str, RunReport], metric: str,
+                      centralized: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Test-split `metric` per method and site for the weights selected on validation ("best", the
+    round in "best_round") and the last round's ("final"); local-only's models at the other sites
+    ("cross_site"); and which site each method left out of what, and why ("left_out")."""
+    sources: dict[str, dict[str, Any]] = {
+        method: {"best": report.test["best"], "final": report.test["final"], "selection": report.selection}
+        for method, report in reports.items()
+    }
+    if centralized is not None:
+        sources["centralized (simulation)"] = centralized
+    result: dict[str, Any] = {
+        "metric": metric, "split": TEST, "selected_on": f"pooled {VALIDATION} {metric}",
+        "best_round": {method: src["selection"]["best_round"] for method, src in sources.items()},
+        "best": {method: _table(src["best"], metric) for method, src in sources.items()},
+        "final": {method: _table(src["final"], metric) for method, src in sources.items()},
+        "cross_site": {method: {"best": _cross_table(src["best"], metric), "final": _cross_table(src["final"], metric)}
+                       for method, src in sources.items() if "cross_site" in src["final"]},
+        "left_out": {method: report.left_out() for method, report in reports.items() if report.left_out()},
+    }
+    if centralized is not None:
+        missed = {site: [{"round": centralized[w]["round"], "phase": f"{TEST} ({w} weights)", "reason": why}]
+                  for w in ("best", "final") for site, why in centralized[w]["missed"].items()}
+        if missed:
+            result["left_out"]["centralized (simulation)"] = missed
+    return result
+
+
 def compare(reports: dict[str, RunReport], out_dir: Path, metric: str,
-            centralized: list[dict[str, Any]] | None = None) -> dict[str, Any]:
-    """Final `metric` per site for every method, as JSON, CSV and a grouped bar chart PNG.
+            centralized: dict[str, Any] | None = None) -> dict[str, Any]:
+    """`comparison_tables` written to `out_dir` as comparison.json, comparison.csv (one row per
+    method, site and weights: best / final), comparison_cross_site.csv (local-only) and a grouped
+    bar chart of the validation-selected weights' test scores (comparison.png).
 
     For "local" each site is scored with its own model; federated strategies score the global
     model (FedBN: with that site's own normalisation layers)."""
-    table: dict[str, dict[str, float]] = {}
-    for method, report in reports.items():
-        final = report.last()
-        table[method] = {site: m[metric] for site, m in final["site_metrics"].items()}
-        table[method]["pooled"] = final["pooled"].get(metric, float("nan"))
-    if centralized is not None:
-        final = centralized[-1]
-        table["centralized (simulation)"] = {**{s: m[metric] for s, m in final["site_metrics"].items()},
-                                             "pooled": final["pooled"][metric]}
+    tables = comparison_tables(reports, metric, centralized)
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "comparison.json").write_text(json.dumps({"metric": metric, "final": table}, indent=1))
-    rows = [{"method": method, "site": site, metric: value} for method, sites in table.items() for site, value in sites.items()]
+    (out_dir / "comparison.json").write_text(json.dumps(tables, indent=1))
+    rows = [{"method": method, "site": site, "weights": which, "round": tables["best_round"][method] if which == "best"
+             else None, "split": TEST, metric: value}
+            for which in ("best", "final") for method, sites in tables[which].items() for site, value in sites.items()]
     write_csv(rows, out_dir / "comparison.csv")
-    _plot_comparison(table, metric, out_dir / "comparison.png")
-    return table
+    cross = [{"method": method, "weights": which, "model_of": model, "scored_at": site, "split": TEST, metric: value}
+             for method, kinds in tables["cross_site"].items() for which, models in kinds.items()
+             for model, sites in models.items() for site, value in sites.items()]
+    if cross:
+        write_csv(cross, out_dir / "comparison_cross_site.csv")
+    _plot_comparison(tables["best"], metric, out_dir / "comparison.png")
+    return tables
 
 
 def _plot_comparison(table: dict[str, dict[str, float]], metric: str, path: Path) -> Path:
@@ -114,7 +176,7 @@ def _plot_comparison(table: dict[str, dict[str, float]], metric: str, path: Path
     for i, method in enumerate(methods):
         ax.bar(np.arange(len(sites)) + i * width, [table[method].get(s, np.nan) for s in sites], width, label=method)
     ax.set_xticks(np.arange(len(sites)) + width * (len(methods) - 1) / 2, sites)
-    ax.set(ylabel=metric, title=f"final {metric} per site and method")
+    ax.set(ylabel=f"test {metric}", title=f"test {metric} per site and method (round selected on validation)")
     ax.legend(fontsize=8)
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()

@@ -1,7 +1,9 @@
 """Local-only baseline: each site trains its own model from the same start and never shares.
 
 Run through the same orchestrator (each site's model lives in the strategy state), so it costs
-and is measured exactly like the federated runs; only aggregation is missing."""
+and is measured exactly like the federated runs; only aggregation is missing. Each site's model is
+scored on its own site's test split and, as a second table, on the other sites' (`site_models`):
+how far a model trained at one hospital carries to another is what federation is meant to fix."""
 
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ from analyses.federation.strategy import SiteUpdate, Strategy, Weights
 
 class LocalOnly(Strategy):
     name = "local"
+    site_models = True
 
     def __init__(self) -> None:
         self.models: dict[str, Weights] = {}

@@ -1,13 +1,23 @@
 """The orchestrator: rounds of concurrent site training, checked aggregation, evaluation, checkpoints.
 
 One round:
-1. every participating site trains from `strategy.weights_for(site)` (all sites at once, each
-   call bounded by the plan's timeout); a site that is down, slow or errors misses the round;
+1. every participating site trains from `strategy.weights_for(site)` on its `train` split (all
+   sites at once, each call bounded by the plan's timeout); a site that is down, slow, refuses
+   (e.g. its split is below its `min_cohort`) or errors misses the round, with the reason recorded;
 2. each answer is checked (`update_checks`); a bad update is rejected and logged, the rest go on;
 3. if fewer than `min_sites` updates are accepted the round fails and nothing changes (the run
    resumes from the last checkpoint); otherwise the strategy aggregates them;
-4. every reachable site evaluates its weights; counts are pooled exactly across sites;
-5. the strategy state, the round and all metrics are checkpointed.
+4. every reachable site evaluates its weights on its `validation` split; counts are pooled exactly
+   across sites, and the round whose pooled validation metric is best so far (round 0, the initial
+   model, included) has its weights kept;
+5. the strategy state, the selected round's weights, the round and all metrics are checkpointed.
+
+After the last round the selected round's weights and the final weights are scored on every site's
+`test` split, which no training or selection has looked at (local-only: each site's model at its
+own site and, as a second table, at the others). Only these test scores are the run's results; the
+validation curve is for choosing. A round counts for selection only if at least `min_sites` sites
+(or all, when fewer) answered its validation, so a pooled value over one site is not compared with
+one over three.
 
 Site runs are budgeted by the admins' approval (`TrainingPlan.budgets`): a resumed run uses the
 same requests, so it needs no new approval.
@@ -29,7 +39,7 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from analyses.federation import make_strategy
+from analyses.federation import STRATEGIES, make_strategy
 from analyses.federation.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from analyses.federation.site_link import SiteLink
 from analyses.federation.strategy import SiteUpdate, Strategy, Weights
@@ -42,6 +52,10 @@ class RoundFailed(RuntimeError):
 
 class PlanMismatch(RuntimeError):
     """The output folder holds a checkpoint of a different plan."""
+
+
+VALIDATION = "validation"  # the split each round is scored on, to select a round
+TEST = "test"  # the held-out split the selected and the final weights are scored on
 
 
 # Fields that change what is trained (and therefore the requests' label); the rest are how to run.
@@ -77,10 +91,14 @@ class TrainingPlan:
         digest = hashlib.sha256(json.dumps(self.identity(), sort_keys=True).encode()).hexdigest()[:8]
         return f"{self.strategy}_{digest}"
 
-    def budgets(self) -> dict[str, int]:
-        """Runs to request per task: one training per round, one evaluation per round plus the
-        initial model's, and a few spare for rounds redone after an interruption."""
-        return {"local_train": self.rounds + self.spare_runs, "evaluate": self.rounds + 1 + self.spare_runs}
+    def budgets(self, n_sites: int = 1) -> dict[str, int]:
+        """Runs to request per task and site: one training per round; one validation per round plus
+        the initial model's; two test evaluations (selected and final weights), times the number of
+        site models when every site has its own (local-only, scored at every site); and a few spare
+        for rounds redone after an interruption."""
+        models = max(n_sites, 1) if STRATEGIES[self.strategy].site_models else 1
+        return {"local_train": self.rounds + self.spare_runs,
+                "evaluate": self.rounds + 1 + 2 * models + self.spare_runs}
 
     def trains_in(self, site: str, round_no: int) -> bool:
         return round_no <= self.leave_after.get(site, self.rounds)
@@ -88,13 +106,20 @@ class TrainingPlan:
 
 @dataclass
 class RunReport:
+    """A finished run: per-round history (training and validation), the round selected on pooled
+    validation, the held-out test scores of the selected and the final weights, and both states."""
+
     plan: TrainingPlan
     history: list[dict[str, Any]]
     final_state: dict[str, Weights]
     resumed_from: int | None
     peak_rss_mb: float
+    selection: dict[str, Any] = field(default_factory=dict)
+    test: dict[str, dict[str, Any]] = field(default_factory=dict)  # "best" and "final" -> test scores
+    best_state: dict[str, Weights] = field(default_factory=dict)
 
     def last(self) -> dict[str, Any]:
+        """The last round's record (its metrics are on the validation split)."""
         return self.history[-1]
 
     def missed(self) -> dict[str, list[int]]:
@@ -103,6 +128,26 @@ class RunReport:
         for record in self.history:
             for site in {**record.get("missed", {}), **record.get("rejected", {})}:
                 out.setdefault(site, []).append(record["round"])
+        return out
+
+    def left_out(self) -> dict[str, list[dict[str, Any]]]:
+        """site -> every call it was left out of: round, phase (train, validation, test) and why,
+        so the outputs say which site a result lacks and for what reason."""
+        out: dict[str, list[dict[str, Any]]] = {}
+
+        def add(site: str, round_no: int, phase: str, reason: str) -> None:
+            out.setdefault(site, []).append({"round": round_no, "phase": phase, "reason": reason})
+
+        for record in self.history:
+            for site, why in record.get("missed", {}).items():
+                add(site, record["round"], "train", why)
+            for site, why in record.get("rejected", {}).items():
+                add(site, record["round"], "train (update rejected)", why)
+            for site, why in record.get("eval_missed", {}).items():
+                add(site, record["round"], VALIDATION, why)
+        for which, scores in self.test.items():
+            for site, why in scores.get("missed", {}).items():
+                add(site, scores["round"], f"{TEST} ({which} weights)", why)
         return out
 
 
@@ -119,12 +164,15 @@ class TrainingOutcome:
 
 @dataclass(frozen=True)
 class EvaluationOutcome:
-    """One round's evaluation: each site's scalars, metrics pooled from their counts, sites that gave none."""
+    """One evaluation of a split: each site's scalars, metrics pooled from their counts, sites that
+    gave none; with site models, also each model scored at the other sites (model site -> site)."""
 
     site_metrics: dict[str, dict[str, float]]
     pooled: dict[str, float]
     missed: dict[str, str]
     bytes_sent: int
+    cross_site: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)
+    cross_missed: dict[str, dict[str, str]] = field(default_factory=dict)
 
 
 def _reason(exc: BaseException) -> str:
@@ -134,6 +182,11 @@ def _reason(exc: BaseException) -> str:
 
 def _nbytes(weights: Weights) -> int:
     return int(sum(np.asarray(v).nbytes for v in weights.values()))
+
+
+def _copy_state(state: dict[str, Weights]) -> dict[str, Weights]:
+    """A copy no later round can change (some strategies update their arrays in place)."""
+    return {group: {name: np.array(value, copy=True) for name, value in weights.items()} for group, weights in state.items()}
 
 
 class Orchestrator:
@@ -161,17 +214,20 @@ class Orchestrator:
         torch.manual_seed(self.plan.seed)
         return exchanged_weights(self.domain.build_model())
 
-    def _call_all(self, calls: dict[str, Callable[[], Any]], desc: str) -> tuple[dict[str, Any], dict[str, str]]:
-        """Run one call per site concurrently; (answers, site -> why it has none)."""
+    def _call_all(self, calls: dict[str, Callable[[], Any]], desc: str,
+                  calls_per_site: int = 1) -> tuple[dict[str, Any], dict[str, str]]:
+        """Run one call per site concurrently, each allowed `calls_per_site` site calls' time;
+        (answers, site -> why it has none)."""
         results: dict[str, Any] = {}
         failures: dict[str, str] = {}
         if not calls:
             return results, failures
+        timeout = self.plan.call_timeout_s * calls_per_site
         pool = ThreadPoolExecutor(max_workers=len(calls), thread_name_prefix="site")
         futures = {pool.submit(call): site for site, call in calls.items()}
         bar = tqdm(total=len(calls), desc=desc, unit="site", disable=not self.progress, leave=False)
         try:
-            for future in as_completed(futures, timeout=self.plan.call_timeout_s):
+            for future in as_completed(futures, timeout=timeout):
                 site = futures[future]
                 try:
                     results[site] = future.result()
@@ -182,26 +238,59 @@ class Orchestrator:
         except FuturesTimeout:
             for future, site in futures.items():
                 if not future.done():
-                    failures[site] = f"no answer within {self.plan.call_timeout_s:g} s"
+                    failures[site] = f"no answer within {timeout:g} s"
         finally:
             bar.close()
             pool.shutdown(wait=False, cancel_futures=True)
         return results, failures
 
-    def _evaluate(self, round_no: int) -> EvaluationOutcome:
-        sent = {site: self.strategy.weights_for(site) for site in self.links}
-        calls = {
-            site: (lambda link=link, w=sent[site]: link.evaluate({"domain": self.plan.domain, "weights": w}))
-            for site, link in self.links.items()
-        }
-        answers, failures = self._call_all(calls, f"round {round_no} evaluate")
-        per_site = {site: {k: float(v) for k, v in answer.items()} for site, answer in answers.items()}
-        pooled: dict[str, float] = {}
-        if per_site:
-            counts = {key: sum(m[key] for m in per_site.values()) for key in next(iter(per_site.values()))}
-            pooled = {k: float(v) for k, v in self.domain.metrics_from_counts(counts).items()}
-            pooled["n_cases"] = counts.get("n_cases", 0.0)
-        return EvaluationOutcome(per_site, pooled, failures, sum(_nbytes(w) for w in sent.values()))
+    def _pool(self, per_site: dict[str, dict[str, float]]) -> dict[str, float]:
+        """Metrics from the sites' counts summed (exact, since counts are additive); empty without sites."""
+        if not per_site:
+            return {}
+        counts = {key: sum(m[key] for m in per_site.values()) for key in next(iter(per_site.values()))}
+        pooled = {k: float(v) for k, v in self.domain.metrics_from_counts(counts).items()}
+        pooled["n_cases"] = counts.get("n_cases", 0.0)
+        return pooled
+
+    def _evaluate(self, desc: str, split: str, strategy: Strategy | None = None,
+                  cross_models: set[str] | None = None) -> EvaluationOutcome:
+        """Every site scores its weights from `strategy` (default: the live one) on `split`; with
+        `cross_models`, each site then also scores those sites' models but its own (one call after
+        another, so a site answers one evaluation at a time)."""
+        source = strategy or self.strategy
+        sites = sorted(self.links)
+        others = {site: [m for m in sorted(cross_models or ()) if m != site] for site in sites}
+
+        def params(model_site: str) -> dict[str, Any]:
+            return {"domain": self.plan.domain, "weights": source.weights_for(model_site), "split": split}
+
+        def at(site: str) -> tuple[dict[str, float], dict[str, dict[str, float]], dict[str, str]]:
+            link = self.links[site]
+            own = {k: float(v) for k, v in link.evaluate(params(site)).items()}
+            scored, failed = {}, {}
+            for model_site in others[site]:
+                try:
+                    scored[model_site] = {k: float(v) for k, v in link.evaluate(params(model_site)).items()}
+                except Exception as exc:  # one model's refusal does not void the site's other scores
+                    failed[model_site] = _reason(exc)
+            return own, scored, failed
+
+        calls = {site: (lambda site=site: at(site)) for site in sites}
+        answers, failures = self._call_all(calls, desc, calls_per_site=1 + max(len(o) for o in others.values()))
+        per_site = {site: answer[0] for site, answer in answers.items()}
+        cross: dict[str, dict[str, dict[str, float]]] = {}
+        cross_missed: dict[str, dict[str, str]] = {}
+        for site, (_, scored, failed) in answers.items():
+            for model_site, metrics in scored.items():
+                cross.setdefault(model_site, {})[site] = metrics
+            for model_site, why in failed.items():
+                cross_missed.setdefault(model_site, {})[site] = why
+        for site, why in failures.items():
+            for model_site in others[site]:
+                cross_missed.setdefault(model_site, {})[site] = why
+        sent = sum(_nbytes(source.weights_for(site)) * (1 + len(others[site])) for site in sites)
+        return EvaluationOutcome(per_site, self._pool(per_site), failures, sent, cross, cross_missed)
 
     def _train(self, round_no: int) -> TrainingOutcome:
         order = sorted(self.links)
@@ -251,9 +340,10 @@ class Orchestrator:
         if updates:
             self.strategy.aggregate(updates)
         train_seconds = time.perf_counter() - started
-        evaluated = self._evaluate(round_no)
+        evaluated = self._evaluate(f"round {round_no} validation", VALIDATION)
         return {
             "round": round_no,
+            "eval_split": VALIDATION,
             "participants": participants,
             "aggregated": [u.site for u in updates],
             "missed": trained.missed,
@@ -269,11 +359,78 @@ class Orchestrator:
             "payload_bytes_received": trained.bytes_received,
         }
 
+    def _quorum(self) -> int:
+        return min(self.plan.min_sites, len(self.links))
+
+    def _consider(self, record: dict[str, Any], best: dict[str, Any]) -> None:
+        """Keep this round's weights if its pooled validation metric beats the best so far (the
+        earlier round wins a tie) and enough sites answered for the pooled value to count."""
+        value = record.get("pooled", {}).get(self.domain.primary_metric)
+        if value is None or not np.isfinite(value) or len(record.get("site_metrics", {})) < self._quorum():
+            return
+        better = best["value"] is None or (value > best["value"] if self.domain.higher_is_better else value < best["value"])
+        if better:
+            best.update(round=record["round"], value=float(value), state=_copy_state(self.strategy.state()))
+
+    def _test_record(self, which: str, round_no: int, outcome: EvaluationOutcome) -> dict[str, Any]:
+        record = {"round": round_no, "split": TEST, "weights": which, "site_metrics": outcome.site_metrics,
+                  "pooled": outcome.pooled, "missed": outcome.missed}
+        if self.strategy.site_models:
+            record["cross_site"] = outcome.cross_site
+            record["cross_site_pooled"] = {model: self._pool(scores) for model, scores in outcome.cross_site.items()}
+            record["cross_site_missed"] = outcome.cross_missed
+        return record
+
+    def _trained_models(self, history: list[dict[str, Any]], up_to: int) -> set[str] | None:
+        """With site models: the sites whose model took at least one update by round `up_to` (a
+        site that never trained holds the initial model, which says nothing about that site)."""
+        if not self.strategy.site_models:
+            return None
+        return {site for record in history if record["round"] <= up_to for site in record.get("aggregated", [])}
+
+    def _test(self, best: dict[str, Any], history: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        """The selected and the final weights scored on every site's test split (once if the final
+        round is the selected one). Fewer than `min_sites` answers raise RoundFailed: the training
+        is checkpointed, so rerunning the command only retries these evaluations."""
+        final_round = history[-1]["round"]
+        final = self._test_record("final", final_round, self._evaluate(
+            "test (final weights)", TEST, cross_models=self._trained_models(history, final_round)))
+        scores = {"final": final}
+        if best["round"] == final_round:
+            scores["best"] = {**final, "weights": "best"}
+        else:
+            selected = make_strategy(self.plan.strategy, **self.plan.strategy_options)
+            selected.load_state(best["state"])
+            scores["best"] = self._test_record("best", best["round"], self._evaluate(
+                f"test (round {best['round']} weights)", TEST, selected, self._trained_models(history, best["round"])))
+        for which, record in scores.items():
+            if len(record["site_metrics"]) < self._quorum():
+                raise RoundFailed(
+                    f"test evaluation of the {which} weights: {len(record['site_metrics'])} of {len(self.links)} sites "
+                    f"answered, min_sites is {self.plan.min_sites} ("
+                    + "; ".join(f"{s}: {why}" for s, why in record["missed"].items())
+                    + "); the training is checkpointed - rerun the same command to retry the evaluation")
+        return scores
+
+    def _selection(self, best: dict[str, Any], final_round: int) -> dict[str, Any]:
+        """How the round was chosen; without any usable validation round, the final round is used."""
+        selection = {"metric": self.domain.primary_metric, "split": VALIDATION,
+                     "higher_is_better": bool(self.domain.higher_is_better), "min_sites": self._quorum(),
+                     "best_round": best["round"] if best["state"] is not None else final_round,
+                     "validation_value": best["value"]}
+        if best["state"] is None:
+            selection["note"] = (f"no round had a pooled {VALIDATION} {self.domain.primary_metric} from at least "
+                                 f"{self._quorum()} sites; the final round is used")
+        return selection
+
     def run(self) -> RunReport:
-        """Run (or resume) the plan to its last round; checkpoint after every round."""
+        """Run (or resume) the plan to its last round; checkpoint after every round; then score the
+        round selected on validation and the final round on the test split."""
         checkpoint = load_checkpoint(self.checkpoint_dir)
         plan_record = asdict(self.plan)
         resumed_from = None
+        best: dict[str, Any] = {"round": None, "value": None, "state": None}
+        test = None
         if checkpoint is not None:
             if {k: checkpoint.plan.get(k) for k in _IDENTITY} != json.loads(json.dumps(self.plan.identity())):
                 raise PlanMismatch(
@@ -282,23 +439,41 @@ class Orchestrator:
                 )
             self.strategy.load_state(checkpoint.state)
             history, start, resumed_from = checkpoint.history, checkpoint.round + 1, checkpoint.round
+            if checkpoint.best_state is not None:
+                value = next((r.get("pooled", {}).get(self.domain.primary_metric) for r in history
+                              if r["round"] == checkpoint.best_round), None)
+                best = {"round": checkpoint.best_round, "value": value, "state": checkpoint.best_state}
+            test = checkpoint.test
         else:
             self.strategy.initialize(self._initial_weights(), sorted(self.links))
-            evaluated = self._evaluate(0)
-            history = [{"round": 0, "site_metrics": evaluated.site_metrics, "pooled": evaluated.pooled,
-                        "eval_missed": evaluated.missed, "payload_bytes_sent": evaluated.bytes_sent,
-                        "payload_bytes_received": 0}]
-            save_checkpoint(self.checkpoint_dir, Checkpoint(0, plan_record, history, self.strategy.state()))
+            evaluated = self._evaluate("initial model validation", VALIDATION)
+            history = [{"round": 0, "eval_split": VALIDATION, "site_metrics": evaluated.site_metrics,
+                        "pooled": evaluated.pooled, "eval_missed": evaluated.missed,
+                        "payload_bytes_sent": evaluated.bytes_sent, "payload_bytes_received": 0}]
+            self._consider(history[0], best)
+            save_checkpoint(self.checkpoint_dir, Checkpoint(0, plan_record, history, self.strategy.state(),
+                                                            best["round"], best["state"]))
             start = 1
         rounds = tqdm(range(start, self.plan.rounds + 1), desc=f"{self.plan.strategy} rounds", unit="round",
                       disable=not self.progress, initial=start - 1, total=self.plan.rounds)
         for round_no in rounds:
             record = self._round(round_no)
             history.append(record)
-            save_checkpoint(self.checkpoint_dir, Checkpoint(round_no, plan_record, history, self.strategy.state()))
+            self._consider(record, best)
+            save_checkpoint(self.checkpoint_dir, Checkpoint(round_no, plan_record, history, self.strategy.state(),
+                                                            best["round"], best["state"]))
             metric = record["pooled"].get(self.domain.primary_metric)
             if metric is not None:
-                rounds.set_postfix({self.domain.primary_metric: f"{metric:.3f}"})
+                rounds.set_postfix({f"validation {self.domain.primary_metric}": f"{metric:.3f}"})
         rounds.close()
+        final_round = history[-1]["round"]
+        selection = self._selection(best, final_round)
+        if best["state"] is None:
+            best = {"round": final_round, "value": None, "state": _copy_state(self.strategy.state())}
+        if test is None:
+            test = self._test(best, history)
+            save_checkpoint(self.checkpoint_dir, Checkpoint(final_round, plan_record, history,
+                                                            self.strategy.state(), best["round"], best["state"], test))
         peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-        return RunReport(self.plan, history, self.strategy.state(), resumed_from, round(peak_mb, 1))
+        return RunReport(self.plan, history, self.strategy.state(), resumed_from, round(peak_mb, 1),
+                         selection, test, best["state"])

@@ -1,7 +1,15 @@
-"""What a training run leaves in `--out DIR`: metrics.json, metrics.csv, curves PNG, final weights.
+"""What a training run leaves in `--out DIR`: metrics.json, metrics.csv, curves PNG, weights.
 
-metrics.csv is long-format, one row per (round, site) plus a "pooled" row per round, so it
-loads straight into pandas or a spreadsheet; metrics.json keeps the whole history and the plan.
+The run's results are test-split scores: `best` (the weights of the round selected on pooled
+validation, `selection.best_round`) and `final` (the last round's weights), each per site and
+pooled, with the sites that did not answer and why. Local-only adds `cross_site`: each site's model
+scored on the other sites' test splits. `left_out` lists every call a site was left out of (round,
+phase, reason); `history` keeps every round's training and validation metrics and the plan.
+
+metrics.csv is long-format, one row per (round, site) plus a "pooled" row per round (validation),
+then the test rows (`split` test, `status` "test (best, round k)" / "test (final)"), so it loads
+straight into pandas or a spreadsheet. `final_weights.npz` and `best_weights.npz` hold the
+strategy's weight sets ("<set>::<state name>").
 """
 
 from __future__ import annotations
@@ -18,16 +26,31 @@ from analyses.federation.orchestrator import RunReport
 
 
 def metric_rows(report: RunReport) -> list[dict[str, Any]]:
+    """Validation rows per round and site (plus pooled), then the test rows of the selected and final weights."""
     rows = []
+    strategy = report.plan.strategy
     for record in report.history:
         sites = sorted(set(record.get("site_metrics", {})) | set(record.get("missed", {})) | set(record.get("rejected", {})))
+        split = record.get("eval_split", "")
         for site in sites:
             status = "rejected" if site in record.get("rejected", {}) else "missed" if site in record.get("missed", {}) else (
                 "trained" if site in record.get("aggregated", []) else "evaluated")
-            rows.append({"strategy": report.plan.strategy, "round": record["round"], "site": site, "status": status,
-                         "train_loss": record.get("train_loss", {}).get(site), **record.get("site_metrics", {}).get(site, {})})
-        rows.append({"strategy": report.plan.strategy, "round": record["round"], "site": "pooled", "status": "",
-                     "train_loss": None, **record.get("pooled", {})})
+            rows.append({"strategy": strategy, "round": record["round"], "site": site, "status": status,
+                         "train_loss": record.get("train_loss", {}).get(site), "split": split,
+                         **record.get("site_metrics", {}).get(site, {})})
+        rows.append({"strategy": strategy, "round": record["round"], "site": "pooled", "status": "",
+                     "train_loss": None, "split": split, **record.get("pooled", {})})
+    for which in ("best", "final"):
+        scores = report.test.get(which)
+        if scores is None:
+            continue
+        status = f"test (best, round {scores['round']})" if which == "best" else "test (final)"
+        for site in sorted(set(scores["site_metrics"]) | set(scores["missed"])):
+            rows.append({"strategy": strategy, "round": scores["round"], "site": site,
+                         "status": status if site in scores["site_metrics"] else f"{status}: missed",
+                         "train_loss": None, "split": scores["split"], **scores["site_metrics"].get(site, {})})
+        rows.append({"strategy": strategy, "round": scores["round"], "site": "pooled", "status": status,
+                     "train_loss": None, "split": scores["split"], **scores["pooled"]})
     return rows
 
 
@@ -43,7 +66,8 @@ def write_csv(rows: list[dict[str, Any]], path: Path) -> Path:
 
 
 def plot_curves(report: RunReport, metric: str, path: Path) -> Path:
-    """Training loss and `metric` per round, one line per site and the pooled value."""
+    """Training loss and validation `metric` per round, one line per site and the pooled value,
+    with the round selected on validation marked."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -61,8 +85,11 @@ def plot_curves(report: RunReport, metric: str, path: Path) -> Path:
         ax_metric.plot(*zip(*pooled), color="black", linestyle="--", label="pooled")
     for site, last in report.plan.leave_after.items():
         ax_metric.axvline(last + 0.5, color="grey", linestyle=":", label=f"{site} leaves")
+    selected = report.selection.get("best_round")
+    if selected is not None:
+        ax_metric.axvline(selected, color="green", linestyle="-.", alpha=0.6, label=f"selected round {selected}")
     ax_loss.set(title="local training loss", xlabel="round", ylabel="loss")
-    ax_metric.set(title=f"{metric} per site (global model)", xlabel="round", ylabel=metric)
+    ax_metric.set(title=f"validation {metric} per site", xlabel="round", ylabel=metric)
     for ax in (ax_loss, ax_metric):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
@@ -73,15 +100,25 @@ def plot_curves(report: RunReport, metric: str, path: Path) -> Path:
     return path
 
 
+def _save_weights(state: dict[str, Any], path: Path) -> Path:
+    np.savez(path, **{f"{group}::{name}": v for group, w in state.items() for name, v in w.items()})
+    return path
+
+
 def write_run(report: RunReport, out_dir: Path, metric: str) -> dict[str, Path]:
+    """Write the run's files (see the module docstring); returns kind -> path."""
     out_dir.mkdir(parents=True, exist_ok=True)
     summary = {
         "plan": asdict(report.plan),
         "resumed_from_round": report.resumed_from,
         "rounds_completed": report.last()["round"],
+        "metric": metric,
+        "selection": report.selection,
+        "best": report.test.get("best"),
+        "final": report.test.get("final"),
         "missed": report.missed(),
+        "left_out": report.left_out(),
         "peak_rss_mb": report.peak_rss_mb,
-        "final": {"pooled": report.last()["pooled"], "site_metrics": report.last()["site_metrics"]},
         "history": report.history,
     }
     files = {
@@ -89,9 +126,11 @@ def write_run(report: RunReport, out_dir: Path, metric: str) -> dict[str, Path]:
         "metrics_csv": out_dir / "metrics.csv",
         "curves_png": out_dir / "training_curves.png",
         "final_weights": out_dir / "final_weights.npz",
+        "best_weights": out_dir / "best_weights.npz",
     }
     files["metrics_json"].write_text(json.dumps(summary, indent=1))
     write_csv(metric_rows(report), files["metrics_csv"])
     plot_curves(report, metric, files["curves_png"])
-    np.savez(files["final_weights"], **{f"{group}::{name}": v for group, w in report.final_state.items() for name, v in w.items()})
+    _save_weights(report.final_state, files["final_weights"])
+    _save_weights(report.best_state or report.final_state, files["best_weights"])
     return files

@@ -1,32 +1,89 @@
 """A site simulated in this process - for benchmarks and tests of the orchestrator, never for
 hospitals' data: it runs the installed site tasks (`local_train`, `evaluate`) on cases held here.
 
-The datasite path runs the very same task code in an isolated child at the site, so training
-results are identical (tests/test_federated_training.py checks an exact case); what a simulation
-does not measure is transport and isolation cost, which benchmarks/federated_round_overhead.py does.
-Separate evaluation cases let a benchmark score on held-out data.
+The datasite path runs the very same task code in an isolated child at the site, and both go
+through `datasite_setup.site_tasks.run_installed_task`, so the split a call names (`train` by
+default for training, `test` for evaluation, or the `split` parameter) selects the same cases and
+a split below the site's `min_cohort` is refused the same way. What a simulation does not measure
+is transport and isolation cost, which benchmarks/federated_round_overhead.py does.
+
+A real site fixes each case's split with a keyed hash of its patient under a secret key
+(`datasite_setup.case_splits`). A simulated fleet has no secret and usually a handful of cases, so
+`with_splits` assigns splits itself: the same on every run, in the site's proportions, and with
+every split non-empty from three cases on (a hash alone would leave a 4-case site without
+validation cases two times in three).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import hashlib
+import hmac
+from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
+
+from datasite_setup.case_splits import DEFAULT_FRACTIONS, SPLITS, check_fractions
+
+# Public on purpose: a simulation has nothing to hide, and everybody must get the same fleet splits.
+SIMULATION_KEY = b"medfed-simulation-splits"
+
+
+def with_splits(cases: list[dict[str, Any]], fractions: Mapping[str, float] = DEFAULT_FRACTIONS) -> list[dict[str, Any]]:
+    """Shallow copies of `cases`, each with a `split`; a case that already has one keeps it.
+
+    The others are ranked by a public hash of their position (so the split is the same on every
+    run and does not follow generation order) and dealt out: at least one validation and one test
+    case when three or more need a split, the rest in proportion, training taking what remains.
+    Positions rather than case ids, because ids read from DICOM exports are pseudonyms that change
+    with every read."""
+    values = check_fractions(fractions)
+    out = [dict(case) for case in cases]
+    todo = [i for i, case in enumerate(out) if not case.get("split")]
+    n = len(todo)
+    held_out = {name: (max(1, round(values[name] * n)) if n >= 3 and values[name] > 0 else 0) for name in SPLITS[1:]}
+    if n < 3:
+        held_out = {"validation": 0, "test": 1 if n == 2 and values["test"] > 0 else 0}
+    ranked = sorted(todo, key=lambda i: hmac.new(SIMULATION_KEY, str(i).encode(), hashlib.sha256).digest())
+    order = [name for name in ("test", "validation") for _ in range(held_out[name])]
+    for rank, index in enumerate(ranked):
+        out[index]["split"] = order[rank] if rank < len(order) else "train"
+    return out
 
 
 @dataclass
 class SimulatedSite:
+    """One simulated site: its cases (every one with a `split`) and its minimum cohort.
+
+    `min_cohort` is 1 by default so tiny phantom fleets train; a test sets it higher to play a
+    site whose cohort is too small, which then refuses exactly as a datasite would."""
+
     name: str
-    train_cases: list[dict[str, Any]]
-    eval_cases: list[dict[str, Any]] = field(default_factory=list)
+    cases: list[dict[str, Any]]
+    min_cohort: int = 1
+
+    def __post_init__(self) -> None:
+        missing = [i for i, case in enumerate(self.cases) if not case.get("split")]
+        if missing:
+            raise ValueError(f"{self.name}: cases {missing} have no 'split'; give the fleet splits with with_splits()")
+
+    @classmethod
+    def from_cases(cls, name: str, cases: list[dict[str, Any]], min_cohort: int = 1) -> SimulatedSite:
+        """A site holding `cases`, those without a split given one by `with_splits`."""
+        return cls(name, with_splits(cases), min_cohort)
+
+    def split_sizes(self) -> dict[str, int]:
+        """How many cases each split holds (what a site's admin would see in its case store)."""
+        sizes = {name: 0 for name in SPLITS}
+        for case in self.cases:
+            sizes[case["split"]] = sizes.get(case["split"], 0) + 1
+        return sizes
 
     def train(self, params: dict[str, Any]) -> Any:
-        from datasite_setup.site_tasks import local_train
-        from datasite_setup.site_tasks.task import SiteFacts
+        from datasite_setup.site_tasks import run_installed_task
 
-        return local_train.run(self.train_cases, params, SiteFacts(min_cohort=1))
+        return run_installed_task("local_train", self.cases, params, min_cohort=self.min_cohort)
 
     def evaluate(self, params: dict[str, Any]) -> dict[str, float]:
-        from datasite_setup.site_tasks import evaluate
-        from datasite_setup.site_tasks.task import SiteFacts
+        from datasite_setup.site_tasks import run_installed_task
 
-        return evaluate.run(self.eval_cases or self.train_cases, params, SiteFacts(min_cohort=1))
+        return run_installed_task("evaluate", self.cases, params, min_cohort=self.min_cohort)

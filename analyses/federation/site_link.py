@@ -2,7 +2,9 @@
 
 `DatasiteLink` talks to a live datasite through the data scientist's approved thin requests
 (`local_train`, `evaluate`); the orchestrator only sees `SiteLink`, so a test or a simulation
-can plug in another link without touching the orchestrator.
+can plug in another link without touching the orchestrator. `LeftOutLink` stands for a site that
+takes no part in a run (its admin denied the request): every call fails with the reason, so each
+round records it and the others go on.
 """
 
 from __future__ import annotations
@@ -72,3 +74,22 @@ class DatasiteLink:
     def evaluate(self, params: dict[str, Any]) -> dict[str, float]:
         return self._run("evaluate", params)
 
+
+
+class SiteLeftOut(RuntimeError):
+    """The site takes no part in this run; the message says why."""
+
+
+@dataclass
+class LeftOutLink:
+    """A site that will not run this plan: every call fails with `reason`, which the orchestrator
+    records for the round, exactly as it records a site that is down."""
+
+    name: str
+    reason: str
+
+    def train(self, params: dict[str, Any]) -> Any:
+        raise SiteLeftOut(self.reason)
+
+    def evaluate(self, params: dict[str, Any]) -> dict[str, float]:
+        raise SiteLeftOut(self.reason)

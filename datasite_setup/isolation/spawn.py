@@ -26,7 +26,7 @@ CHILD_MODULE = "datasite_setup.sandbox.child_main"
 # pydicom is here because importing it pulls in urllib3, which opens a socket at import time to
 # probe for IPv6: after the audit hook that is refused, and every task that touches a domain (the
 # brain MR domain imports pydicom) would fail with "refused:socket.__new__".
-DEFAULT_PRELOAD = ("numpy", "torch", "radiomics", "pydicom", "datasite_setup.site_tasks")
+DEFAULT_PRELOAD = ("numpy", "torch", "radiomics", "pydicom", "monai", "datasite_setup.site_tasks")
 PASSED_ENV = ("LANG",)
 THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 
@@ -46,8 +46,9 @@ def _project_import_path() -> str | None:
 
 def _child_env(scratch: str, threads: int) -> dict[str, str]:
     """Nothing of the server's environment (its secrets live there) beyond what the child needs;
-    its BLAS/OpenMP pools sized to `threads`."""
-    env = {"PATH": "/usr/bin:/bin", "HOME": scratch, "TMPDIR": scratch}
+    its BLAS/OpenMP pools sized to `threads`. A fixed user name, because libraries ask for one at
+    import (MONAI's `getpass.getuser()`) and the child may have no passwd entry to find."""
+    env = {"PATH": "/usr/bin:/bin", "HOME": scratch, "TMPDIR": scratch, "LOGNAME": "sandbox"}
     env.update({name: os.environ[name] for name in PASSED_ENV if name in os.environ})
     env.update({name: str(threads) for name in THREAD_ENV})
     pythonpath = _project_import_path()

@@ -5,6 +5,26 @@ from __future__ import annotations
 import importlib
 import sys
 
+# Optional packages a preloaded library would pull in at import that a child about to be confined
+# must not load: pandas imports pyarrow, which starts a native thread (Landlock binds only the
+# thread that applies it, so a thread older than the confinement would read files unconfined);
+# matplotlib runs `fc-list` in a subprocess to build its font cache; psutil and filelock touch /proc
+# and the temp dir. MONAI imports all four if present and uses none in what the site tasks need; it
+# records them as missing, and code may still import them itself once confined.
+WITHOUT_OPTIONAL = {"monai": ("pandas", "matplotlib", "psutil", "filelock")}
+
+
+def _import(name: str) -> None:
+    hidden = [optional for optional in WITHOUT_OPTIONAL.get(name, ()) if optional not in sys.modules]
+    for optional in hidden:
+        sys.modules[optional] = None  # type: ignore[assignment]  # `import optional` raises ImportError
+    try:
+        importlib.import_module(name)
+    finally:
+        for optional in hidden:
+            if sys.modules.get(optional, 0) is None:
+                del sys.modules[optional]
+
 
 def preload(modules: list[str], optimiser: bool = False) -> None:
     """Import what approved code usually needs and exercise torch once, before the audit hook and
@@ -16,7 +36,7 @@ def preload(modules: list[str], optimiser: bool = False) -> None:
     """
     for name in modules:
         try:
-            importlib.import_module(name)
+            _import(name)
         except ImportError:
             continue
     torch = sys.modules.get("torch")

@@ -10,12 +10,14 @@ and the task's output contract. `run_installed_task` is the same run for in-proc
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from datasite_setup.site_tasks import (
     cohort_summary, combat_statistics, evaluate, intensity_landmarks, local_train, radiomics_aggregates,
 )
-from datasite_setup.site_tasks.task import Release, SiteFacts, SiteTask, TaskRefusal
+from datasite_setup.site_tasks.case_selection import positions_in_split, take
+from datasite_setup.site_tasks.task import SPLIT_PARAM, Release, SiteFacts, SiteTask, TaskRefusal
 
 TASKS: dict[str, SiteTask] = {
     task.name: task
@@ -36,22 +38,27 @@ class CohortTooSmall(TaskRefusal):
     """The site holds fewer cases than its minimum cohort; nothing is computed."""
 
 
-def _run(name: str, cases: list[dict[str, Any]], params: dict[str, Any], site: SiteFacts) -> Release:
-    if len(cases) < site.min_cohort:
-        raise CohortTooSmall(f"{len(cases)} cases is below the site's minimum cohort of {site.min_cohort}")
-    return TASKS[name].run_with_cohorts(cases, params, site)
+def _run(name: str, cases: Sequence[dict[str, Any]], params: dict[str, Any], site: SiteFacts) -> tuple[Release, list[int]]:
+    """The task's release over the cases of the requested split, and those cases' positions in `cases`."""
+    task = TASKS[name]
+    split = params.get(SPLIT_PARAM, task.default_split)
+    positions = positions_in_split(cases, split)
+    if len(positions) < site.min_cohort:
+        raise CohortTooSmall(f"{len(positions)} cases in split '{split}' is below the site's minimum cohort of {site.min_cohort}")
+    task_params = {k: v for k, v in params.items() if k != SPLIT_PARAM}
+    return task.run_with_cohorts(take(cases, positions), task_params, site), positions
 
 
-def run_installed_task(name: str, cases: list[dict[str, Any]], params: dict[str, Any], min_cohort: int,
+def run_installed_task(name: str, cases: Sequence[dict[str, Any]], params: dict[str, Any], min_cohort: int,
                        min_batch: int = 1) -> Any:
-    return _run(name, cases, params, SiteFacts(min_cohort=min_cohort, min_batch=min_batch)).result
+    return _run(name, cases, params, SiteFacts(min_cohort=min_cohort, min_batch=min_batch))[0].result
 
 
-def run_for_parent(name: str, cases: list[dict[str, Any]], params: dict[str, Any], min_cohort: int,
+def run_for_parent(name: str, cases: Sequence[dict[str, Any]], params: dict[str, Any], min_cohort: int,
                    min_batch: int) -> dict[str, Any]:
-    """`{"result", "cohorts"}` for the site's parent process, or `{"refused": reason}`."""
+    """`{"result", "cohorts"}` for the site's parent process (case positions in `cases`), or `{"refused": reason}`."""
     try:
-        release = _run(name, cases, params, SiteFacts(min_cohort=min_cohort, min_batch=min_batch))
+        release, positions = _run(name, cases, params, SiteFacts(min_cohort=min_cohort, min_batch=min_batch))
     except TaskRefusal as refusal:
         return {"refused": str(refusal)}
-    return release.for_parent(len(cases), name)
+    return release.for_parent(positions, name)

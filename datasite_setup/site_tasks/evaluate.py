@@ -5,7 +5,8 @@ segmentation: voxel confusion counts) and the metrics computed from them (Dice, 
 specificity, F1). Counts are additive, so the orchestrator can pool sites exactly; nothing per
 case is returned.
 
-Every evaluation covers all of the site's cases (at least its minimum cohort). Two evaluations of
+An evaluation covers every case of one split (`split`, default `test`: the site's held-out cases,
+which no `local_train` run uses by default), at least the site's minimum cohort. Two evaluations of
 different weights over the same cases are two questions about one cohort, which the site allows;
 an evaluation over a case set differing from an earlier one by a few cases (a data set re-uploaded
 with one case more) would give that case's counts, and the site's release ledger refuses it.
@@ -39,11 +40,12 @@ def contract(params: dict[str, Any], site: SiteFacts) -> Any:
 
 TASK = SiteTask(
     name="evaluate",
-    summary="the domain's metrics (e.g. Dice, sensitivity, specificity, F1) of the given weights on all local cases (pooled counts)",
+    summary="the domain's metrics (e.g. Dice, sensitivity, specificity, F1) of the given weights on one split of the local cases (pooled counts; default the test split)",
     params={
         "domain": Param(str, "the learning task (e.g. brain_mr_segmentation)", check=known_domain),
         "weights": Param(dict, "weights to evaluate: {state name: float array}"),
     },
     run=run,
     contract=contract,
+    default_split="test",
 )

@@ -1,6 +1,7 @@
 """Site task `local_train`: a few local epochs from the global weights; returns only new weights.
 
-The optimiser starts fresh each round (its state never leaves the site). With `mu > 0` the loss
+It trains on the site's `train` split unless the request names another (`split`). The optimiser
+starts fresh each round (its state never leaves the site). With `mu > 0` the loss
 gains FedProx's proximal term mu/2 * ||w - w_global||^2 over the trainable parameters, which
 keeps a site's update close to the global model when sites differ. Returned: the model's own
 weights (names and shapes checked by the site's contract), the number of training samples seen
@@ -115,4 +116,5 @@ TASK = SiteTask(
     run=run,
     contract=contract,
     policy=batch_policy,
+    default_split="train",
 )

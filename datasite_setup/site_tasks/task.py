@@ -21,6 +21,13 @@ from typing import Any
 import numpy as np
 
 
+SPLIT_PARAM = "split"
+ALL_CASES = "all"
+# Every task takes an optional `split`: a fixed train / validation / test split of the site's
+# labelled cases (see datasite_setup.case_splits), its unlabelled cases, or all of them.
+SPLIT_CHOICES = ("train", "validation", "test", "unlabelled", ALL_CASES)
+
+
 @dataclass(frozen=True)
 class SiteFacts:
     """What a task may know about the site it runs at (from the site config, never from the request).
@@ -62,12 +69,15 @@ class Release:
     result: Any
     cohorts: tuple[Cohort, ...]
 
-    def for_parent(self, n_cases: int, task: str) -> dict[str, Any]:
-        """The plain-data form that crosses to the site's parent process; the whole run's cases
-        (every case the task was given) are always one cohort, of the task's own quantity."""
-        cohorts = (Cohort((), task, tuple(range(n_cases))), *self.cohorts)
+    def for_parent(self, positions: list[int], task: str) -> dict[str, Any]:
+        """The plain-data form that crosses to the site's parent process. The task saw the cases at
+        `positions` of the site's case list, and its cohorts count in that order; they are mapped
+        back to the site's positions here. The whole run's cases (every case the task was given) are
+        always one cohort, of the task's own quantity."""
+        order = np.asarray(positions, np.int64)
+        cohorts = (Cohort((), task, tuple(range(len(positions)))), *self.cohorts)
         return {"result": self.result,
-                "cohorts": [[list(c.path), c.quantity, np.asarray(c.cases, np.int64)] for c in cohorts]}
+                "cohorts": [[list(c.path), c.quantity, order[np.asarray(c.cases, np.int64)]] for c in cohorts]}
 
 
 # Per-case values that two tasks compute alike share one quantity, so a release of one task
@@ -100,13 +110,16 @@ class SiteTask:
     notes: tuple[str, ...] = field(default_factory=tuple)
     release: Callable[[list[dict[str, Any]], dict[str, Any], SiteFacts], Release] | None = None
     policy: Callable[[dict[str, Any], SiteFacts], str | None] | None = None  # what the site's rules refuse
+    default_split: str = ALL_CASES  # the cases a request that names no `split` runs on
 
     def problems(self, params: Any, site: SiteFacts | None = None) -> list[str]:
         """What is wrong with the request's parameters (empty when they are valid); with `site`,
         also what that site's policy refuses in them."""
         if not isinstance(params, dict):
             return [f"params must be a dict, got {type(params).__name__}"]
-        found = [f"unknown parameter '{k}'" for k in params if k not in self.params]
+        found = [f"unknown parameter '{k}'" for k in params if k not in self.params and k != SPLIT_PARAM]
+        if SPLIT_PARAM in params and params[SPLIT_PARAM] not in SPLIT_CHOICES:
+            found.append(f"parameter '{SPLIT_PARAM}' must be one of {', '.join(SPLIT_CHOICES)}, got {params[SPLIT_PARAM]!r}")
         for key, spec in self.params.items():
             if key not in params:
                 if spec.required:

@@ -1,21 +1,36 @@
 """How the brain-MR task turns a site's case records (`domains.case_record`) into training slices.
 
-Segmentation needs the optional "mask" of a record (1 = tumour). Scanners disagree on intensity
-scale and offset, so every volume is z-scored within its own head before the model sees it;
-contrast (gamma), bias field and noise differences stay, which is the heterogeneity federated
-training has to live with.
+Segmentation needs the optional "mask" of a record (1 = tumour). Every case goes through the
+domain's preprocessing (`preprocessing.preprocess_case`: canonical orientation, in-plane
+resampling, percentile clipping, z-scoring on an anatomy-free foreground, foreground crop) one
+case at a time; contrast (gamma), bias field and noise differences stay, which is the
+heterogeneity federated training has to live with.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-from skimage.filters import threshold_otsu
 
+from domains.brain_mr_segmentation.preprocessing import DEFAULT_SETTINGS, PreprocessedCase, PreprocessingSettings, foreground_mask, preprocess_case, zscore_on_foreground
 from domains.case_record import check_case_record
 
 MULTIPLE = 8
+
+__all__ = [
+    "MULTIPLE",
+    "SiteSlices",
+    "check_segmentation_case",
+    "fit_centre",
+    "foreground_mask",
+    "normalise_volume",
+    "preprocessed_cases",
+    "site_slices",
+    "slices_for_training",
+    "training_size",
+]
 
 
 def check_segmentation_case(record: dict[str, Any]) -> None:
@@ -23,30 +38,31 @@ def check_segmentation_case(record: dict[str, Any]) -> None:
     check_case_record(record, require=("mask",))
 
 
-def foreground_mask(image: np.ndarray) -> np.ndarray:
-    """Voxels inside the head. Otsu's threshold is invariant to an affine change of intensities,
-    so the same voxels are chosen whatever the scanner's scale and offset."""
-    if np.ptp(image) == 0:
-        return np.zeros(image.shape, dtype=bool)
-    return image > threshold_otsu(image)
+def normalise_volume(image: np.ndarray, settings: PreprocessingSettings = DEFAULT_SETTINGS) -> np.ndarray:
+    """Z-score the whole volume with the mean and standard deviation of its foreground
+    (`foreground_mask`: not air, whatever the body part), on the volume's own grid.
 
-
-def normalise_volume(image: np.ndarray) -> np.ndarray:
-    """Z-score the whole volume with the mean and standard deviation of its head voxels.
-
-    A constant volume (no head to measure) becomes all zeros rather than dividing by zero.
-    """
+    A constant volume (nothing to measure) becomes all zeros rather than dividing by zero."""
     image = np.asarray(image, dtype=np.float32)
-    head = image[foreground_mask(image)]
-    if head.size < 2 or head.std() == 0:
-        return np.zeros_like(image)
-    return ((image - head.mean()) / head.std()).astype(np.float32)
+    return zscore_on_foreground(image, foreground_mask(image, settings))
 
 
-def training_size(cases: list[dict[str, Any]]) -> tuple[int, int]:
+def preprocessed_cases(cases: Sequence[dict[str, Any]], settings: PreprocessingSettings = DEFAULT_SETTINGS) -> list[PreprocessedCase]:
+    """Every case checked and preprocessed, one at a time: a lazy case source is read case by case
+    and only the (cropped) model-grid arrays are kept."""
+    if not len(cases):
+        raise ValueError("no cases given; a site needs at least one case to train on")
+    processed = []
+    for case in cases:
+        check_segmentation_case(case)
+        processed.append(preprocess_case(case, settings))
+    return processed
+
+
+def training_size(cases: Sequence[PreprocessedCase | dict[str, Any]]) -> tuple[int, int]:
     """Smallest (H, W) that holds every case's slices and that the U-Net's three poolings divide."""
-    height = max(case["image"].shape[1] for case in cases)
-    width = max(case["image"].shape[2] for case in cases)
+    height = max(case["image"].shape[1] if isinstance(case, dict) else case.image.shape[1] for case in cases)
+    width = max(case["image"].shape[2] if isinstance(case, dict) else case.image.shape[2] for case in cases)
     return (-(-height // MULTIPLE) * MULTIPLE, -(-width // MULTIPLE) * MULTIPLE)
 
 
@@ -70,27 +86,34 @@ def fit_centre(volume: np.ndarray, size: tuple[int, int], fill: float) -> np.nda
     return out
 
 
-def slices_for_training(
-    cases: list[dict[str, Any]], size: tuple[int, int] | None = None
-) -> tuple[np.ndarray, np.ndarray]:
-    """All axial slices of all cases as x float32 [N, 1, H, W] and y float32 [N, 1, H, W].
+class SiteSlices:
+    """All axial slices of a site's preprocessed cases, x and y float32 [N, 1, H, W], and which
+    slices hold tumour (for class-balanced sampling) - the training set of one site."""
 
-    `size` defaults to `training_size(cases)` (pad only, nothing cropped); pass it explicitly to
-    give several sites the same slice size. Padding uses each case's own background level so the
-    border looks like air, not like tissue.
-    """
-    if not cases:
-        raise ValueError("no cases given; a site needs at least one case to train on")
-    for case in cases:
-        check_segmentation_case(case)
-    size = training_size(cases) if size is None else size
+    def __init__(self, x: np.ndarray, y: np.ndarray) -> None:
+        self.x, self.y = x, y
+        self.has_tumour = y.reshape(len(y), -1).any(axis=1)
+
+
+def site_slices(processed: Sequence[PreprocessedCase], size: tuple[int, int] | None = None) -> SiteSlices:
+    """Slices of preprocessed cases padded to one size (`training_size` unless given; pass it
+    explicitly to give several sites the same slice size). Padding uses each case's own darkest
+    value so the border looks like air, not like tissue."""
+    size = training_size(processed) if size is None else size
     if size[0] % MULTIPLE or size[1] % MULTIPLE:
         raise ValueError(f"slice size {size} must be a multiple of {MULTIPLE} in both axes for the U-Net")
     xs, ys = [], []
-    for case in cases:
-        image = normalise_volume(case["image"])
-        xs.append(fit_centre(image, size, fill=float(image.min())))
-        ys.append(fit_centre(case["mask"].astype(np.float32), size, fill=0.0))
+    for case in processed:
+        xs.append(fit_centre(case.image, size, fill=float(case.image.min())))
+        ys.append(fit_centre(case.mask.astype(np.float32), size, fill=0.0))
     x = np.concatenate(xs)[:, None].astype(np.float32)
     y = (np.concatenate(ys)[:, None] > 0).astype(np.float32)
-    return x, y
+    return SiteSlices(x, y)
+
+
+def slices_for_training(
+    cases: Sequence[dict[str, Any]], size: tuple[int, int] | None = None, settings: PreprocessingSettings = DEFAULT_SETTINGS
+) -> tuple[np.ndarray, np.ndarray]:
+    """All preprocessed axial slices of all cases as x float32 [N, 1, H, W] and y float32 [N, 1, H, W]."""
+    slices = site_slices(preprocessed_cases(cases, settings), size)
+    return slices.x, slices.y

@@ -11,15 +11,15 @@ from typing import Any
 import numpy as np
 
 from domains.brain_mr_segmentation.phantom import synthetic_case
-from domains.case_record import make_case_record, mock_case_id, mock_metadata
+from domains.case_record import make_case_record, mock_case_id, mock_metadata, template_shape
 
 
 def mock_cases(templates: list[dict[str, Any]], seed: int = 0) -> list[dict[str, Any]]:
-    """One synthetic case record per template case, reproducible for a seed."""
+    """One synthetic case record per template (a case record or a manifest entry), reproducible for a seed."""
     rng = np.random.default_rng(seed)
     mocks = []
     for index, case in enumerate(templates):
-        image, mask = synthetic_case(tuple(case["image"].shape), tuple(case["spacing"]), rng)
+        image, mask = synthetic_case(template_shape(case), tuple(case["spacing"]), rng)
         mocks.append(make_case_record(
             mock_case_id(index), image, mask, case["spacing"], case["origin"], case["direction"],
             mock_metadata(case["metadata"]),

@@ -1,8 +1,20 @@
 """A small 2D U-Net for slice-wise tumour segmentation.
 
 Small on purpose: federated rounds ship the weights between hospitals and train on CPUs, and
-the phantom volumes are 64x64. Normalisation layers are plain `nn.BatchNorm2d` modules (state
-keys contain ".bn") so that FedBN can keep them local to each site.
+the phantom volumes are 64x64.
+
+Normalisation is GroupNorm, not BatchNorm: it normalises each slice by its own statistics, so a
+model behaves the same in training and evaluation and averaged weights need no running
+statistics (BatchNorm's running means and variances, averaged over sites, belong to no model:
+FedAvg scored Dice 0.09 on multi-vendor limb MR until they were re-estimated at each site). The
+modules keep the names `bn1`/`bn2` so that FedBN (which keeps `bn*`/`norm*` entries local)
+still finds the per-channel scale and shift it leaves at each site.
+
+Why not MONAI's U-Net: `monai.networks.nets.UNet` (8-64 channels, two residual units) takes half
+the time per step, but on the phantom fleet it reached held-out Dice 0.01 after one epoch and
+0.43 after six where this network reaches 0.82 after one (its last layer normalises a single
+channel per slice); `BasicUNet` is slower than this one (one thread, batches of 8 slices of
+64x64, Adam at 1e-3, 12 phantom cases for training and 6 held out).
 """
 
 from __future__ import annotations
@@ -11,15 +23,24 @@ import torch
 from torch import nn
 
 
+def group_norm(channels: int) -> nn.GroupNorm:
+    """GroupNorm with two or more channels per group and at most 8 groups: per-slice statistics
+    over a handful of channels are stable even for one 8-channel layer and a batch of one."""
+    groups = max(1, min(8, channels // 2))
+    while channels % groups:
+        groups -= 1
+    return nn.GroupNorm(groups, channels)
+
+
 class ConvBlock(nn.Module):
-    """Two 3x3 convolutions, each followed by BatchNorm and ReLU: [B, C_in, H, W] -> [B, C_out, H, W]."""
+    """Two 3x3 convolutions, each followed by GroupNorm and ReLU: [B, C_in, H, W] -> [B, C_out, H, W]."""
 
     def __init__(self, in_channels: int, out_channels: int) -> None:
         super().__init__()
         self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(out_channels)
+        self.bn1 = group_norm(out_channels)
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(out_channels)
+        self.bn2 = group_norm(out_channels)
         self.relu = nn.ReLU(inplace=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,64 @@
+"""The case manifest as a syft asset: one JSON document listing a collection's cases, no pixel.
+
+A site's dataset publishes its manifest (what `datasite_setup.case_store` lists: per case its id,
+split, shape, grid, acquisition metadata, label names, content hash) rather than its images; an
+approved run reads the images at the site. The manifest travels as one JSON string: syft stores and
+loads a string as one value, while a list of a thousand small dicts becomes tens of thousands of
+syft objects on every load (it loads an asset several times per call), which made a call's cost
+grow with the size of the site.
+
+The mock asset is the same document over mock entries (`mock_manifest`): same shapes, spacing,
+splits and metadata keys, no patient value. `read_manifest(asset.mock)` gives the data scientist
+the entries, and a domain's `mock_cases` renders synthetic images for them.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from domains.case_record import MOCK_CASE_PREFIX, mock_case_id, mock_metadata
+
+FORMAT = "medfed-case-manifest/1"
+_PREFIX = '{"format": "' + FORMAT + '"'
+
+
+class ManifestFormatError(ValueError):
+    """A value that is not a case manifest document; the message says what was expected."""
+
+
+def manifest_document(entries: Sequence[Mapping[str, Any]], collection: str, version: int) -> str:
+    """The JSON document of manifest `version` of `collection` (entries as plain dicts)."""
+    body = {"collection": collection, "version": int(version), "cases": [dict(e) for e in entries]}
+    return _PREFIX + ", " + json.dumps(body, sort_keys=True)[1:]
+
+
+def is_manifest(value: Any) -> bool:
+    """Whether `value` is a case manifest document (checked by its leading format tag only)."""
+    return isinstance(value, str) and value.startswith(_PREFIX)
+
+
+def read_manifest(value: Any) -> dict[str, Any]:
+    """`{"format", "collection", "version", "cases"}` of a manifest document."""
+    if not is_manifest(value):
+        raise ManifestFormatError(f"not a case manifest: expected a JSON string starting with {_PREFIX!r}, "
+                                  f"got {type(value).__name__}")
+    document = json.loads(value)
+    if not isinstance(document.get("cases"), list):
+        raise ManifestFormatError("case manifest without a list of 'cases'")
+    return document
+
+
+def mock_manifest(entries: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Mock entries for a site's manifest: one per case with its shape, grid, split and metadata
+    schema, and no patient value (ids, pseudonyms, hashes and labels replaced)."""
+    mocks = []
+    for index, entry in enumerate(entries):
+        mock = {key: entry[key] for key in ("split", "labelled", "shape", "spacing", "origin", "direction",
+                                            "images", "has_mask") if key in entry}
+        mock.update(case_id=mock_case_id(index), patient=f"{MOCK_CASE_PREFIX}patient-{index:04d}",
+                    metadata=mock_metadata(entry.get("metadata") or {}), content_hash="", added_in=0,
+                    labels={name: float("nan") for name in entry.get("labels") or {}})
+        mocks.append(mock)
+    return mocks
