@@ -100,7 +100,7 @@ def _with_case_sources(config: SiteConfig, kwargs: dict[str, Any]) -> tuple[dict
 def _case_list(value: Any) -> list[dict[str, Any]] | None:
     """The cases an input names, as dicts with their case ids (a manifest's entries or case records)."""
     if isinstance(value, CaseSource):
-        return [entry.to_dict() for entry in value.entries]
+        return [{"case_id": entry.case_id} for entry in value.entries]
     if is_manifest(value):
         return read_manifest(value)["cases"]
     if isinstance(value, list) and value and all(isinstance(c, dict) and "case_id" in c for c in value):
