@@ -92,7 +92,7 @@ def test_fedavg_and_fedprox_improve_dice_over_the_initial_model_with_baselines(f
 
     site_a = fleet["sites"]["hospital-a"]
     pending = json.loads(site_a.admin("requests", "--status", "pending", "--json").stdout)
-    assert len(pending) == 6  # local_train + evaluate for fedavg, fedprox and the local baseline
+    assert len(pending) == 9  # local_train + evaluate + foreground_share for fedavg, fedprox and the local baseline
     shown = json.loads(site_a.admin("show", pending[0]["id"], "--json").stdout)
     assert shown["kind"] == "site task" and shown["task"]["source_hash"]
     site_a.admin("approve", pending[0]["id"])
@@ -109,10 +109,15 @@ def test_fedavg_and_fedprox_improve_dice_over_the_initial_model_with_baselines(f
         assert metrics["final"]["split"] == metrics["best"]["split"] == "test"
         assert 0 < metrics["best"]["pooled"]["dice"] <= 1 and 0 < metrics["final"]["pooled"]["dice"] <= 1
         assert metrics["rounds_completed"] == 3 and metrics["missed"] == {}
+        prior = metrics["initial_model"]  # the output prior pooled from every site's train split
+        assert prior["source"] == "pooled foreground_share" and prior["sites"] == sorted(SITES)
+        assert 0 < prior["foreground_fraction"] < 1 and prior["pooled"]["n"] == 3 * 2
         assert (out / strategy / "training_curves.png").stat().st_size > 10_000
         assert (out / strategy / "metrics.csv").read_text().startswith("strategy,round,site,status,train_loss")
     table = summary["final"]
     assert set(table) == {"fedavg", "fedprox", "local", "centralized (simulation)"}
+    central = json.loads((out / "centralized" / "metrics.json").read_text())
+    assert central["initial_model"] == json.loads((out / "fedavg" / "metrics.json").read_text())["initial_model"]
     assert all(0 <= v <= 1 for method in table.values() for v in method.values())
     assert (out / "comparison.png").stat().st_size > 10_000
     audit = json.loads(site_a.admin("audit-log", "--json").stdout)
@@ -199,6 +204,9 @@ class DivergingLink:
 
     def evaluate(self, params: dict) -> dict:
         return self.inner.evaluate(params)
+
+    def foreground(self, params: dict) -> dict:
+        return self.inner.foreground(params)
 
 
 def test_a_nan_update_is_refused_at_the_site_and_the_round_goes_on_without_it(fleet) -> None:

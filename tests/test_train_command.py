@@ -55,6 +55,7 @@ def test_train_reports_test_scores_of_the_selected_round_and_the_left_out_site(s
     reasons = {e["reason"] for e in summary["left_out"]["fedavg"]["hospital-c"]}
     assert all("below the site's minimum cohort of 5" in why for why in reasons)
     assert set(summary["cross_site"]["local"]["best"]) == {"hospital-a", "hospital-b"}
+    assert summary["initial_model"] == {"fedavg": None, "local": None}  # regression has no output prior to ask for
 
     metrics = json.loads((out / "fedavg" / "metrics.json").read_text())
     assert metrics["selection"]["split"] == "validation" and metrics["best"]["round"] == metrics["selection"]["best_round"]

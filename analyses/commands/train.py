@@ -3,17 +3,19 @@
     federate train FED.toml --domain brain_mr_segmentation --strategy fedavg,fedprox --rounds 5 \
         --baselines --centralized-data hospital-a=exports/a --out runs/seg
 
-The first call sends the thin requests (`local_train`, `evaluate`, budgeted to the rounds) and
-exits 5 until every site's admin has approved; the next call trains. Sites train on their `train`
-split; every round is scored on the sites' `validation` split, the round with the best pooled
-validation metric is selected, and the selected and the final weights are scored on the sites'
-held-out `test` split: the only numbers reported as results (local-only: each site's model on its
-own test split and, as a second table, on the other sites'). A site that is down, refuses (e.g. a
-split below its `min_cohort`) or whose admin denied the request is left out, with the reason in
-metrics.json (`left_out`), while `--min-sites` sites answer. A run that stops (Ctrl-C, a crash,
-too few sites) resumes from its last checkpoint when the same command is run again, with no new
-approval. `--out` receives per-method folders (metrics.json/csv, curves PNG, best and final
-weights) and, with several methods, comparison.json/csv/png.
+The first call sends the thin requests (`local_train`, `evaluate`, budgeted to the rounds, and
+for segmentation `foreground_share`) and exits 5 until every site's admin has approved; the next
+call trains, its model's output bias starting at the tumour share pooled over the sites (recorded
+in metrics.json, `initial_model`; the centralized baseline starts from the same). Sites train on
+their `train` split; every round is scored on the sites' `validation` split, the round with the
+best pooled validation metric is selected, and the selected and the final weights are scored on
+the sites' held-out `test` split: the only numbers reported as results (local-only: each site's
+model on its own test split and, as a second table, on the other sites'). A site that is down,
+refuses (e.g. a split below its `min_cohort`) or whose admin denied the request is left out, with
+the reason in metrics.json (`left_out`), while `--min-sites` sites answer. A run that stops
+(Ctrl-C, a crash, too few sites) resumes from its last checkpoint when the same command is run
+again, with no new approval. `--out` receives per-method folders (metrics.json/csv, curves PNG,
+best and final weights) and, with several methods, comparison.json/csv/png.
 """
 
 from __future__ import annotations
@@ -94,7 +96,7 @@ def run(args: argparse.Namespace) -> int:
     from analyses.federation import STRATEGIES, options_for, parse_strategy_options
     from analyses.federation.centralized import read_site_exports, train_centralized
     from analyses.federation.experiment import AwaitingApproval, compare, comparison_tables, local_plan, submit, train
-    from analyses.federation.orchestrator import PlanMismatch, RoundFailed, TrainingPlan
+    from analyses.federation.orchestrator import PlanMismatch, RoundFailed, TrainingPlan, initial_weights
     from analyses.federation.run_outputs import write_run
     from analyses.federation_file import FederationFileError, load_federation
     from domains import get_domain
@@ -158,11 +160,10 @@ def run(args: argparse.Namespace) -> int:
     centralized = None
     if exports:
         cases = read_site_exports(exports)
-        from datasite_setup.model_weights import exchanged_weights
-        import torch
-
-        torch.manual_seed(plans[0].seed)
-        centralized = train_centralized(plans[0], cases, exchanged_weights(domain.build_model()), progress=not args.quiet)
+        prior = reports[plans[0].strategy].initial_model  # the federated runs' pooled prior, for a fair start
+        fraction = None if prior is None else prior["foreground_fraction"]
+        centralized = train_centralized(plans[0], cases, initial_weights(domain, plans[0].seed, fraction),
+                                        progress=not args.quiet, initial_model=prior)
         (args.out / "centralized").mkdir(parents=True, exist_ok=True)
         (args.out / "centralized" / "metrics.json").write_text(json.dumps(centralized, indent=1))
     metric = domain.primary_metric
@@ -181,9 +182,15 @@ def run(args: argparse.Namespace) -> int:
         "left_out": tables["left_out"],
         "missed": {name: r.missed() for name, r in reports.items()},
         "resumed_from": {name: r.resumed_from for name, r in reports.items()},
+        "initial_model": {name: r.initial_model for name, r in reports.items()},
         "out": str(args.out),
     }
     lines = [f"test {metric} after {plans[0].rounds} rounds (out: {args.out})"]
+    for name, report in reports.items():
+        prior = report.initial_model
+        if prior is not None:
+            lines.append(f" {name}: initial output prior {prior['foreground_fraction']:.4f} ({prior['source']}; sites: "
+                         f"{', '.join(prior['sites']) or 'none'}{'; ' + prior['reason'] if 'reason' in prior else ''})")
     for which, title in (("best", "round selected on pooled validation"), ("final", "final round")):
         lines.append(f" {title}:")
         for method, values in tables[which].items():

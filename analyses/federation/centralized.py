@@ -8,9 +8,12 @@ the pool (step cap scaled by the number of sites, so compute matches a federated
 
 It is held to the federation's protocol: it trains on the union of the sites' `train` splits,
 selects its round on the pooled `validation` split, and scores the selected and the final weights
-on each site's `test` split. The exports carry no split, and the sites' own splits are keyed by
-secrets the data scientist does not hold, so the exports get the simulation's public splits
-(`simulated_site.with_splits`): the same proportions, not the same cases as the live sites' splits.
+on each site's `test` split. It starts from the federated runs' initial model, output prior
+included (`orchestrator.initial_weights` with the prior they pooled from the sites), so a gap
+between them is not a better start. The exports carry no split, and the sites' own splits are
+keyed by secrets the data scientist does not hold, so the exports get the simulation's public
+splits (`simulated_site.with_splits`): the same proportions, not the same cases as the live
+sites' splits.
 """
 
 from __future__ import annotations
@@ -67,11 +70,13 @@ def evaluate_at_sites(domain: str, weights: Weights, cases_by_site: dict[str, li
 
 
 def train_centralized(plan: TrainingPlan, cases_by_site: dict[str, list[dict[str, Any]]], initial: Weights,
-                      progress: bool = True) -> dict[str, Any]:
+                      progress: bool = True, initial_model: dict[str, Any] | None = None) -> dict[str, Any]:
     """Centralized training under `plan` on the pooled `train` splits (every case must carry a
     `split`, as `read_site_exports` gives them). Returns {"label", "history" (round 0 = initial
     model; validation metrics per site and pooled), "selection", "best", "final"}, the last two
-    being test scores per site and pooled, shaped like a federated run's metrics.json."""
+    being test scores per site and pooled, shaped like a federated run's metrics.json, and
+    `initial_model`: how `initial` was chosen (the federated run's record), so the comparison shows
+    that both started from the same prior."""
     from datasite_setup.site_tasks import run_installed_task
     from domains import get_domain
 
@@ -111,4 +116,4 @@ def train_centralized(plan: TrainingPlan, cases_by_site: dict[str, list[dict[str
         per_site, pooled, missed = evaluate_at_sites(plan.domain, chosen, cases_by_site, TEST)
         tests[which] = {"round": round_no, "split": TEST, "weights": which, "site_metrics": per_site,
                         "pooled": pooled, "missed": missed}
-    return {"label": SIMULATION_LABEL, "history": history, "selection": selection, **tests}
+    return {"label": SIMULATION_LABEL, "history": history, "selection": selection, "initial_model": initial_model, **tests}

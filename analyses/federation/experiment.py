@@ -10,8 +10,10 @@ centralized is a simulation on pooled phantom data (see `centralized.py`). Every
 reports is on the sites' test splits: for the round each method selected on pooled validation
 ("best") and for its last round ("final"); local-only adds each site's model scored at the others.
 
-A site whose admin denied the run's request is left out of it (every round records why) while
-`min_sites` others take part; a site still pending holds the run until its admin decides.
+A site whose admin denied the run's training or evaluation request is left out of it (every
+round records why) while `min_sites` others take part; one that denied only `foreground_share`
+trains and evaluates, and the initial model's output prior is pooled without it. A site still
+pending holds the run until its admin decides.
 """
 
 from __future__ import annotations
@@ -21,12 +23,12 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from analyses.federation.orchestrator import TEST, VALIDATION, Orchestrator, RunReport, TrainingPlan
+from analyses.federation.orchestrator import PRIOR_TASK, TEST, VALIDATION, Orchestrator, RunReport, TrainingPlan
 from analyses.federation.run_outputs import write_csv
-from analyses.federation.site_link import DatasiteLink, LeftOutLink, SiteLink
+from analyses.federation.site_link import DatasiteLink, LeftOutLink, SiteLink, WithoutPriorLink
 from analyses.federation_file import Federation, FederationFileError
 
-TASKS = ("local_train", "evaluate")
+OPTIONAL_TASKS = (PRIOR_TASK,)  # a site that denies only these still trains and evaluates
 
 
 class AwaitingApproval(RuntimeError):
@@ -54,28 +56,32 @@ def submit(federation: Federation, plans: list[TrainingPlan]) -> dict[str, dict[
 
 
 def approval_statuses(federation: Federation, plan: TrainingPlan) -> dict[str, dict[str, str | None]]:
-    return {link.name: link.statuses(list(TASKS)) for link in links_for(federation, plan)}
+    return {link.name: link.statuses(list(plan.budgets())) for link in links_for(federation, plan)}
 
 
 def train(federation: Federation, plan: TrainingPlan, out_dir: Path, progress: bool = True) -> RunReport:
     """Run (or resume) one plan across the federation.
 
     Raises AwaitingApproval before any round if a reachable site's request is still pending. A
-    site whose admin denied a request takes no part (the orchestrator records why, every round);
-    an unreachable site is left to the orchestrator, which records it as missing the rounds it
-    misses. RuntimeError if fewer than `min_sites` sites can take part at all."""
+    site whose admin denied its training or evaluation request takes no part (the orchestrator
+    records why, every round), one that denied only an optional task (`OPTIONAL_TASKS`) is left
+    out of that task alone; an unreachable site is left to the orchestrator, which records it as
+    missing the rounds it misses. RuntimeError if fewer than `min_sites` sites can take part at all."""
     links = links_for(federation, plan)
+    needed = list(plan.budgets())
     statuses: dict[str, dict[str, str | None]] = {}
     unreachable: dict[str, str] = {}
     for link in links:
         try:
-            statuses[link.name] = link.statuses(list(TASKS))
+            statuses[link.name] = link.statuses(needed)
         except FederationFileError:  # an unreadable credential is the caller's to fix, not a site failure
             raise
         except Exception as exc:  # a site that is down now may answer later rounds
             unreachable[link.name] = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    denied = {site: ", ".join(t for t, s in tasks.items() if s == "rejected") for site, tasks in statuses.items()
-              if any(s == "rejected" for s in tasks.values())}
+    refused = {site: [t for t, s in by_task.items() if s == "rejected"] for site, by_task in statuses.items()}
+    denied = {site: ", ".join(names) for site, names in refused.items()
+              if any(name not in OPTIONAL_TASKS for name in names)}
+    optional = {site: ", ".join(names) for site, names in refused.items() if names and site not in denied}
     if any(s not in ("approved", "rejected") for tasks in statuses.values() for s in tasks.values()):
         raise AwaitingApproval(statuses)
     usable = [link for link in links if link.name not in denied and link.name not in unreachable]
@@ -85,7 +91,9 @@ def train(federation: Federation, plan: TrainingPlan, out_dir: Path, progress: b
         raise RuntimeError(f"only {len(usable)} of {len(links)} sites can take part; min_sites is {plan.min_sites} ("
                            + "; ".join(f"{s}: {r}" for s, r in why.items()) + ")")
     run_links: list[SiteLink] = [
-        LeftOutLink(link.name, f"the site's admin denied the request ({denied[link.name]})") if link.name in denied else link
+        LeftOutLink(link.name, f"the site's admin denied the request ({denied[link.name]})") if link.name in denied
+        else WithoutPriorLink(link, f"the site's admin denied the request ({optional[link.name]})") if link.name in optional
+        else link
         for link in links
     ]
     return Orchestrator(plan, run_links, out_dir, progress=progress).run()

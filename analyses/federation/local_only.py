@@ -3,7 +3,11 @@
 Run through the same orchestrator (each site's model lives in the strategy state), so it costs
 and is measured exactly like the federated runs; only aggregation is missing. Each site's model is
 scored on its own site's test split and, as a second table, on the other sites' (`site_models`):
-how far a model trained at one hospital carries to another is what federation is meant to fix."""
+how far a model trained at one hospital carries to another is what federation is meant to fix.
+
+Every site's model starts from the run's one initial model, whose output prior is pooled over the
+sites (`orchestrator`), not from a prior of its own site's data: the baseline then differs from
+the federated methods in training alone, and no site's model starts nearer its own test cases."""
 
 from __future__ import annotations
 

@@ -1,5 +1,14 @@
 """The orchestrator: rounds of concurrent site training, checked aggregation, evaluation, checkpoints.
 
+Before round 0 of a fresh run, for a domain with an output prior (`domains.domain.OutputPrior`),
+every site reports its `foreground_share` (tumour and all voxels summed over its `train` split);
+the counts of the sites that answered are pooled and the initial model's output bias starts at
+their share. With fewer than `min_sites` answers the domain's default prior is used; either way
+round 0's record says which prior, from which sites, and why any site is missing
+(`initial_model`). A resumed run never asks again: its checkpoint holds the initial state. Every
+method of a run, local-only included, starts from this one pooled prior, so the methods differ
+only in how they train (and the centralized simulation starts from the same prior).
+
 One round:
 1. every participating site trains from `strategy.weights_for(site)` on its `train` split (all
    sites at once, each call bounded by the plan's timeout); a site that is down, slow, refuses
@@ -44,6 +53,7 @@ from analyses.federation.checkpoint import Checkpoint, load_checkpoint, save_che
 from analyses.federation.site_link import SiteLink
 from analyses.federation.strategy import SiteUpdate, Strategy, Weights
 from analyses.federation.update_checks import RejectedUpdate, check_update
+from domains.domain import Domain, OutputPrior
 
 
 class RoundFailed(RuntimeError):
@@ -56,6 +66,8 @@ class PlanMismatch(RuntimeError):
 
 VALIDATION = "validation"  # the split each round is scored on, to select a round
 TEST = "test"  # the held-out split the selected and the final weights are scored on
+PRIOR_TASK = "foreground_share"  # the site task behind the initial model's output prior
+PRIOR_SPLIT = "train"  # the prior is the tumour share of the cases the model trains on
 
 
 # Fields that change what is trained (and therefore the requests' label); the rest are how to run.
@@ -94,11 +106,16 @@ class TrainingPlan:
     def budgets(self, n_sites: int = 1) -> dict[str, int]:
         """Runs to request per task and site: one training per round; one validation per round plus
         the initial model's; two test evaluations (selected and final weights), times the number of
-        site models when every site has its own (local-only, scored at every site); and a few spare
-        for rounds redone after an interruption."""
+        site models when every site has its own (local-only, scored at every site); for a domain
+        with an output prior, one `foreground_share` before round 0; and a few spare of each for
+        work redone after an interruption (a run stopped before its round-0 checkpoint asks for
+        the foreground share again)."""
         models = max(n_sites, 1) if STRATEGIES[self.strategy].site_models else 1
-        return {"local_train": self.rounds + self.spare_runs,
-                "evaluate": self.rounds + 1 + 2 * models + self.spare_runs}
+        budgets = {"local_train": self.rounds + self.spare_runs,
+                   "evaluate": self.rounds + 1 + 2 * models + self.spare_runs}
+        if has_output_prior(self.domain):
+            budgets[PRIOR_TASK] = 1 + self.spare_runs
+        return budgets
 
     def trains_in(self, site: str, round_no: int) -> bool:
         return round_no <= self.leave_after.get(site, self.rounds)
@@ -122,6 +139,11 @@ class RunReport:
         """The last round's record (its metrics are on the validation split)."""
         return self.history[-1]
 
+    @property
+    def initial_model(self) -> dict[str, Any] | None:
+        """How the initial model's output prior was chosen (None: the domain has no prior)."""
+        return self.history[0].get("initial_model") if self.history else None
+
     def missed(self) -> dict[str, list[int]]:
         """site -> rounds it missed (not counting rounds after it left on purpose)."""
         out: dict[str, list[int]] = {}
@@ -138,6 +160,8 @@ class RunReport:
         def add(site: str, round_no: int, phase: str, reason: str) -> None:
             out.setdefault(site, []).append({"round": round_no, "phase": phase, "reason": reason})
 
+        for site, why in (self.initial_model or {}).get("left_out", {}).items():
+            add(site, 0, "output prior", why)
         for record in self.history:
             for site, why in record.get("missed", {}).items():
                 add(site, record["round"], "train", why)
@@ -184,6 +208,41 @@ def _nbytes(weights: Weights) -> int:
     return int(sum(np.asarray(v).nbytes for v in weights.values()))
 
 
+def has_output_prior(domain: str) -> bool:
+    """Whether the named domain estimates its initial output bias from the sites' data."""
+    from domains import get_domain
+
+    return isinstance(get_domain(domain), OutputPrior)
+
+
+def initial_weights(domain: Domain, seed: int, foreground_fraction: float | None = None) -> Weights:
+    """The initial model every method of a run starts from: drawn under `seed` (so only the prior
+    differs between two fleets) with, for a domain with an output prior, its output bias at
+    `foreground_fraction`."""
+    import torch
+
+    from datasite_setup.model_weights import exchanged_weights
+
+    torch.manual_seed(seed)
+    if foreground_fraction is None:
+        return exchanged_weights(domain.build_model())
+    return exchanged_weights(domain.build_model(foreground_fraction=foreground_fraction))
+
+
+def _foreground_counts(answer: Any) -> dict[str, int]:
+    """A site's `foreground_share` answer as counts, or ValueError if it cannot be one."""
+    keys = ("tumour_voxels", "voxels", "n")
+    if not isinstance(answer, dict) or any(key not in answer for key in keys):
+        raise ValueError(f"the {PRIOR_TASK} answer lacks {', '.join(keys)}")
+    try:
+        values = {key: float(answer[key]) for key in keys}
+    except (TypeError, ValueError):
+        raise ValueError(f"the {PRIOR_TASK} answer holds values that are not numbers") from None
+    if not all(np.isfinite(v) and v >= 0 for v in values.values()) or values["tumour_voxels"] > values["voxels"]:
+        raise ValueError(f"the {PRIOR_TASK} answer is not a count of tumour voxels among voxels")
+    return {key: int(round(v)) for key, v in values.items()}
+
+
 def _copy_state(state: dict[str, Weights]) -> dict[str, Weights]:
     """A copy no later round can change (some strategies update their arrays in place)."""
     return {group: {name: np.array(value, copy=True) for name, value in weights.items()} for group, weights in state.items()}
@@ -206,13 +265,32 @@ class Orchestrator:
     def checkpoint_dir(self) -> Path:
         return self.out_dir / "checkpoint"
 
-    def _initial_weights(self) -> Weights:
-        import torch
-
-        from datasite_setup.model_weights import exchanged_weights
-
-        torch.manual_seed(self.plan.seed)
-        return exchanged_weights(self.domain.build_model())
+    def _output_prior(self) -> dict[str, Any] | None:
+        """The initial model's output prior from every site's `foreground_share` (None for a
+        domain without one): the share pooled over the sites that answered, or the domain's
+        default when fewer than `min_sites` did, with which sites contributed and why others not."""
+        if not isinstance(self.domain, OutputPrior):
+            return None
+        params = {"domain": self.plan.domain, "split": PRIOR_SPLIT}
+        calls = {site: (lambda link=link: link.foreground(params)) for site, link in sorted(self.links.items())}
+        answers, left_out = self._call_all(calls, "output prior")
+        counts = {}
+        for site, answer in sorted(answers.items()):
+            try:
+                counts[site] = _foreground_counts(answer)
+            except ValueError as exc:
+                left_out[site] = str(exc)
+        record: dict[str, Any] = {"task": PRIOR_TASK, "split": PRIOR_SPLIT, "sites": sorted(counts),
+                                  "left_out": dict(sorted(left_out.items()))}
+        if len(counts) < self._quorum():
+            record.update(source="domain default", foreground_fraction=float(self.domain.prior_from_counts({})),
+                          reason=f"{len(counts)} of {len(self.links)} sites gave their {PRIOR_TASK}, "
+                                 f"min_sites is {self.plan.min_sites}")
+            return record
+        pooled = {key: sum(c[key] for c in counts.values()) for key in ("tumour_voxels", "voxels", "n")}
+        record.update(source=f"pooled {PRIOR_TASK}", foreground_fraction=float(self.domain.prior_from_counts(pooled)),
+                      pooled=pooled)
+        return record
 
     def _call_all(self, calls: dict[str, Callable[[], Any]], desc: str,
                   calls_per_site: int = 1) -> tuple[dict[str, Any], dict[str, str]]:
@@ -445,11 +523,14 @@ class Orchestrator:
                 best = {"round": checkpoint.best_round, "value": value, "state": checkpoint.best_state}
             test = checkpoint.test
         else:
-            self.strategy.initialize(self._initial_weights(), sorted(self.links))
+            prior = self._output_prior()
+            fraction = None if prior is None else prior["foreground_fraction"]
+            self.strategy.initialize(initial_weights(self.domain, self.plan.seed, fraction), sorted(self.links))
             evaluated = self._evaluate("initial model validation", VALIDATION)
             history = [{"round": 0, "eval_split": VALIDATION, "site_metrics": evaluated.site_metrics,
                         "pooled": evaluated.pooled, "eval_missed": evaluated.missed,
-                        "payload_bytes_sent": evaluated.bytes_sent, "payload_bytes_received": 0}]
+                        "payload_bytes_sent": evaluated.bytes_sent, "payload_bytes_received": 0,
+                        **({"initial_model": prior} if prior is not None else {})}]
             self._consider(history[0], best)
             save_checkpoint(self.checkpoint_dir, Checkpoint(0, plan_record, history, self.strategy.state(),
                                                             best["round"], best["state"]))

@@ -4,7 +4,9 @@ The run's results are test-split scores: `best` (the weights of the round select
 validation, `selection.best_round`) and `final` (the last round's weights), each per site and
 pooled, with the sites that did not answer and why. Local-only adds `cross_site`: each site's model
 scored on the other sites' test splits. `left_out` lists every call a site was left out of (round,
-phase, reason); `history` keeps every round's training and validation metrics and the plan.
+phase, reason); `history` keeps every round's training and validation metrics and the plan;
+`initial_model` says which output prior the initial model started from and which sites' counts it
+pooled (None for a domain without a prior).
 
 metrics.csv is long-format, one row per (round, site) plus a "pooled" row per round (validation),
 then the test rows (`split` test, `status` "test (best, round k)" / "test (final)"), so it loads
@@ -114,6 +116,7 @@ def write_run(report: RunReport, out_dir: Path, metric: str) -> dict[str, Path]:
         "rounds_completed": report.last()["round"],
         "metric": metric,
         "selection": report.selection,
+        "initial_model": report.initial_model,
         "best": report.test.get("best"),
         "final": report.test.get("final"),
         "missed": report.missed(),

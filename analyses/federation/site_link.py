@@ -1,10 +1,12 @@
-"""How the orchestrator reaches one site: a link that trains and evaluates, nothing else.
+"""How the orchestrator reaches one site: a link that trains, evaluates and reports its share
+of tumour voxels (for the initial model's output prior), nothing else.
 
 `DatasiteLink` talks to a live datasite through the data scientist's approved thin requests
-(`local_train`, `evaluate`); the orchestrator only sees `SiteLink`, so a test or a simulation
-can plug in another link without touching the orchestrator. `LeftOutLink` stands for a site that
-takes no part in a run (its admin denied the request): every call fails with the reason, so each
-round records it and the others go on.
+(`local_train`, `evaluate`, `foreground_share`); the orchestrator only sees `SiteLink`, so a test
+or a simulation can plug in another link without touching the orchestrator. `LeftOutLink` stands
+for a site that takes no part in a run (its admin denied the request): every call fails with the
+reason, so each round records it and the others go on. `WithoutPriorLink` is a site whose admin
+denied only `foreground_share`: it trains and evaluates, and the prior is pooled without it.
 """
 
 from __future__ import annotations
@@ -24,6 +26,9 @@ class SiteLink(Protocol):
 
     def evaluate(self, params: dict[str, Any]) -> dict[str, float]:
         """Run `evaluate` with these parameters; return the site's scalars."""
+
+    def foreground(self, params: dict[str, Any]) -> dict[str, Any]:
+        """Run `foreground_share` with these parameters; return the site's aggregates."""
 
 
 @dataclass
@@ -74,6 +79,8 @@ class DatasiteLink:
     def evaluate(self, params: dict[str, Any]) -> dict[str, float]:
         return self._run("evaluate", params)
 
+    def foreground(self, params: dict[str, Any]) -> dict[str, Any]:
+        return self._run("foreground_share", params)
 
 
 class SiteLeftOut(RuntimeError):
@@ -92,4 +99,29 @@ class LeftOutLink:
         raise SiteLeftOut(self.reason)
 
     def evaluate(self, params: dict[str, Any]) -> dict[str, float]:
+        raise SiteLeftOut(self.reason)
+
+    def foreground(self, params: dict[str, Any]) -> dict[str, Any]:
+        raise SiteLeftOut(self.reason)
+
+
+@dataclass
+class WithoutPriorLink:
+    """A site whose admin approved training and evaluation but denied `foreground_share`: it takes
+    part in every round, and only the output prior is pooled without it (with `reason` recorded)."""
+
+    inner: SiteLink
+    reason: str
+
+    @property
+    def name(self) -> str:
+        return self.inner.name
+
+    def train(self, params: dict[str, Any]) -> Any:
+        return self.inner.train(params)
+
+    def evaluate(self, params: dict[str, Any]) -> dict[str, float]:
+        return self.inner.evaluate(params)
+
+    def foreground(self, params: dict[str, Any]) -> dict[str, Any]:
         raise SiteLeftOut(self.reason)

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from datasite_setup.site_tasks import (
-    cohort_summary, combat_statistics, evaluate, intensity_landmarks, local_train, radiomics_aggregates,
+    cohort_summary, combat_statistics, evaluate, foreground_share, intensity_landmarks, local_train, radiomics_aggregates,
 )
 from datasite_setup.site_tasks.case_selection import positions_in_split, take
 from datasite_setup.site_tasks.task import SPLIT_PARAM, Release, SiteFacts, SiteTask, TaskRefusal
@@ -25,6 +25,7 @@ TASKS: dict[str, SiteTask] = {
         cohort_summary.TASK,
         local_train.TASK,
         evaluate.TASK,
+        foreground_share.TASK,
         radiomics_aggregates.TASK,
         intensity_landmarks.TASK,
         combat_statistics.TASK,

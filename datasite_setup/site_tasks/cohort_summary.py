@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from datasite_setup.site_tasks.task import (
-    LESION_MEAN_INTENSITY, LESION_VOLUME, Cohort, Param, Release, SiteFacts, SiteTask,
+    LESION_MEAN_INTENSITY, LESION_VOLUME, Cohort, Param, Release, SiteFacts, SiteTask, plain_aggregates,
 )
 
 GROUP_FIELDS = ("Manufacturer", "ManufacturerModelName", "MagneticFieldStrength", "SliceThickness")
@@ -63,12 +63,6 @@ def run(cases: list[dict[str, Any]], params: dict[str, Any], site: SiteFacts) ->
     return release(cases, params, site).result
 
 
-def contract(params: dict[str, Any], site: SiteFacts) -> Any:
-    from datasite_setup.output_contracts import AggregatesContract
-
-    return AggregatesContract(min_cohort=site.min_cohort, max_array_len=0)
-
-
 TASK = SiteTask(
     name="cohort_summary",
     summary="per scanner group: cases with a lesion, their lesion intensity and lesion volume (aggregates only)",
@@ -80,5 +74,5 @@ TASK = SiteTask(
     },
     run=run,
     release=release,
-    contract=contract,
+    contract=plain_aggregates,
 )

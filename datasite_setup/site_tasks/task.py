@@ -156,6 +156,14 @@ def _kind_name(kind: type | tuple[type, ...]) -> str:
     return " or ".join(k.__name__ for k in kinds)
 
 
+def plain_aggregates(params: dict[str, Any], site: SiteFacts) -> Any:
+    """The contract of a task that returns named numbers only (no arrays), each over at least the
+    site's minimum cohort."""
+    from datasite_setup.output_contracts import AggregatesContract
+
+    return AggregatesContract(min_cohort=site.min_cohort, max_array_len=0)
+
+
 def between(low: float, high: float) -> Callable[[Any], str | None]:
     return lambda v: None if low <= v <= high else f"must be between {low} and {high}, got {v}"
 

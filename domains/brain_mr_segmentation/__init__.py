@@ -30,6 +30,7 @@ __all__ = [
     "DEFAULT_FOREGROUND_PRIOR",
     "DEFAULT_SETTINGS",
     "DOMAIN",
+    "PRIOR_RANGE",
     "PROFILES",
     "BrainMRSegmentation",
     "PhantomCase",
