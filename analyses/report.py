@@ -1,9 +1,11 @@
 """The demo's report: one static HTML page with tables and PNG plots, readable without a server.
 
 It reads only what the data scientist's commands wrote (`federate radiomics --out`, twice: raw
-and Nyul-harmonized; `federate train --out`), copies their plots next to the page, draws two
+and Nyul-harmonized; `federate train --out`), copies their plots next to the page, draws the
 plots that compare runs (mean |SMD| per site before/after, pooled validation Dice per round per
-method) and links everything relatively, so the folder can be zipped or mailed as it is. No JavaScript.
+method, and when the training had a site leaving early or a clinic joining late, the departed
+site's test score and the joining clinic's validation score per round and method) and links
+everything relatively, so the folder can be zipped or mailed as it is. No JavaScript.
 
     write_report(ReportInputs(...), Path("report"))  ->  report/index.html, report/summary.json, report/*.png
 
@@ -113,6 +115,109 @@ def plot_pooled_curves(histories: dict[str, list[dict[str, Any]]], metric: str, 
     return path
 
 
+def plot_longevity_by_method(longevity: dict[str, dict[str, Any]], metric: str, path: Path) -> Path:
+    """Each departed site's test `metric` per round from its last training round on, one line per
+    method and site, departures marked: how long the site's information lasts in each method."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    departures = {}
+    for method, sites in longevity.items():
+        for site, lasted in sites.items():
+            points = [(k, v) for k, v in zip(lasted["rounds"], lasted["test"]) if v is not None]
+            if points:
+                ax.plot(*zip(*points), marker="o", label=f"{method}: {site}")
+            departures[site] = lasted["leaves_after"]
+    for site, last in departures.items():
+        ax.axvline(last + 0.5, color="grey", linestyle=":", label=f"{site} leaves")
+    ax.set(xlabel="round", ylabel=f"test {metric}", title=f"Longevity: the departed site's test {metric}")
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_onboarding_by_method(onboarding: dict[str, dict[str, Any]], metric: str, path: Path) -> Path:
+    """Each joining clinic's validation `metric` per round (solid) against the founding sites'
+    pooled value (dashed, same colour), one pair per method, the join marked."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    joins = {}
+    for method, sites in onboarding.items():
+        for site, joined in sites.items():
+            own = [(k, v) for k, v in zip(joined["rounds"], joined["site"]) if v is not None]
+            level = [(k, v) for k, v in zip(joined["rounds"], joined["founding_pooled"]) if v is not None]
+            if own:
+                line = ax.plot(*zip(*own), marker="o", label=f"{method}: {site}")[0]
+                if level:
+                    ax.plot(*zip(*level), linestyle="--", color=line.get_color(), label=f"{method}: founding sites")
+            joins[site] = joined["joins_at"]
+    for site, first in joins.items():
+        ax.axvline(first - 0.5, color="purple", linestyle=":", label=f"{site} joins")
+    ax.set(xlabel="round", ylabel=f"validation {metric}", title=f"Onboarding: the joining clinic's validation {metric}")
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _or_never(round_no: int | None) -> int | str:
+    """A round, or words saying it did not happen within the run (rather than a bare "n/a")."""
+    return "not in this run" if round_no is None else round_no
+
+
+def _membership_parts(comparison: dict[str, Any], metric: str) -> list[str]:
+    """Tables for sites that joined late or left early (nothing when none did)."""
+    parts = []
+    onboarding, longevity = comparison.get("onboarding", {}), comparison.get("longevity", {})
+    if onboarding:
+        tolerance = next(j["tolerance"] for sites in onboarding.values() for j in sites.values())
+        parts += ["<h3>Onboarding: a clinic joining mid-run</h3>",
+                  f"<p>The clinic trains from its joining round on and is scored on its validation split from round "
+                  f"0. It has reached the federation's level at the first round from its joining round on where its "
+                  f"validation {html.escape(metric)} is within {tolerance:.0%} of the founding sites' pooled value "
+                  "(those that train from round 1).</p>",
+                  _table(["method", "site", "joins at round", "at the level from round", "rounds of training needed"],
+                         [[m, site, j["joins_at"], _or_never(j["reached_round"]), _or_never(j["rounds_to_reach"])]
+                          for m, sites in onboarding.items() for site, j in sites.items()])]
+    if longevity:
+        tolerance = next(x["tolerance"] for sites in longevity.values() for x in sites.values())
+        rounds = sorted({k for sites in longevity.values() for x in sites.values() for k in x["rounds"]})
+        parts += ["<h3>Longevity: a site that left</h3>",
+                  f"<p>After its last training round the site only evaluates; the weights of that round and every later "
+                  f"one are scored on its test split. Its information has faded at the first later round whose test "
+                  f"{html.escape(metric)} is more than {tolerance:.0%} worse than at its departure.</p>",
+                  _table(["method", "site", "left after round", *[f"round {k}" for k in rounds], "faded at round"],
+                         [[m, site, x["leaves_after"], *[dict(zip(x["rounds"], x["test"])).get(k) for k in rounds],
+                           _or_never(x["faded_round"])] for m, sites in longevity.items() for site, x in sites.items()])]
+    return parts
+
+
+def _time_parts(comparison: dict[str, Any]) -> list[str]:
+    """Each method's time and traffic beside the centralized simulation's (the same training in
+    one process): the federation's cost in waiting and transfer."""
+    time_table = comparison.get("time", {})
+    if not time_table:
+        return []
+    mib = 1024 * 1024
+    rows = [[method, t["wall_seconds"], t.get("train_wall_seconds"), t.get("site_compute_seconds", t.get("compute_seconds")),
+             t.get("site_other_seconds"), t["bytes_sent"] / mib if "bytes_sent" in t else None,
+             t["bytes_received"] / mib if "bytes_received" in t else None]
+            for method, t in time_table.items()]
+    return ["<h3>Time and traffic</h3>",
+            "<p>Wall seconds of the rounds (training and validation; the closing test evaluations are not counted) "
+            "and of their training calls; compute is what the sites report their training took, summed over the "
+            "sites (they train at once, so it can exceed the wall time); the rest of each call is waiting, "
+            "transfer and the sandbox's start.</p>",
+            _table(["method", "wall s", "training calls, wall s", "training compute s", "waiting, transfer, start s",
+                    "MiB sent", "MiB received"], rows)]
+
+
 def _heterogeneity_section(inputs: ReportInputs, out_dir: Path, summary: dict[str, Any]) -> str:
     raw = _read_json(inputs.radiomics_raw / "heterogeneity.json")
     variants = {"raw intensities": raw, "Nyul-harmonized": _read_json(inputs.radiomics_harmonized / "heterogeneity.json")}
@@ -160,7 +265,8 @@ def _training_section(inputs: ReportInputs, out_dir: Path, summary: dict[str, An
     methods = list(final)
     columns = sorted({s for values in final.values() for s in values}, key=lambda s: (s == "pooled", s))
     summary["training"] = {"metric": metric, "split": comparison.get("split", "test"), "final": final,
-                           "best": best, "best_round": best_round, "left_out": comparison.get("left_out", {})}
+                           "best": best, "best_round": best_round, "left_out": comparison.get("left_out", {}),
+                           **{key: comparison.get(key, {}) for key in ("onboarding", "longevity", "time")}}
     histories = {}
     for method in methods:
         metrics = inputs.training / method / "metrics.json"
@@ -196,6 +302,7 @@ def _training_section(inputs: ReportInputs, out_dir: Path, summary: dict[str, An
                 for method, sites in comparison.get("left_out", {}).items() for site, entries in sites.items()]
     if left_out:
         parts += ["<h3>Sites left out</h3>", _table(["method", "site", "rounds", "why"], left_out)]
+    parts += _membership_parts(comparison, metric) + _time_parts(comparison)
     figures = []
     copied = _copy_png(inputs.training / "comparison.png", out_dir, "dice_per_site.png")
     if copied:
@@ -206,6 +313,16 @@ def _training_section(inputs: ReportInputs, out_dir: Path, summary: dict[str, An
         copied = _copy_png(inputs.training / method / "training_curves.png", out_dir, f"curves_{method}.png")
         if copied:
             figures.append(_figure(copied, f"training curves, {method} (loss and validation {metric} per site)"))
+    if comparison.get("longevity"):
+        figures.append(_figure(plot_longevity_by_method(comparison["longevity"], metric, out_dir / "longevity.png").name,
+                               f"longevity: the departed site's test {metric} per round and method"))
+    if comparison.get("onboarding"):
+        figures.append(_figure(plot_onboarding_by_method(comparison["onboarding"], metric, out_dir / "onboarding.png").name,
+                               f"onboarding: the joining clinic's validation {metric} against the founding sites"))
+    for method in methods:
+        copied = _copy_png(inputs.training / method / "training_time.png", out_dir, f"time_{method}.png")
+        if copied:
+            figures.append(_figure(copied, f"time per round and site, {method}: compute against waiting and transfer"))
     return "\n".join(parts + ['<div class="figures">', *figures, "</div>"])
 
 

@@ -177,10 +177,10 @@ def in_process_task_s(config: Any, manifest: list[dict[str, Any]], repetitions: 
 def run(quick: bool) -> dict[str, Any]:
     from analyses.site_requests import call_site_task, request_site_task
     from datasite_setup import review
+    from datasite_setup.case_store import STORE_DIR, cases_of_manifest
     from datasite_setup.connection import admin_client, login, quiet_syft
     from datasite_setup.credentials import data_scientist_password
     from datasite_setup.site_config import load_site_config
-    from domains.case_manifest import read_manifest
 
     plan = QUICK if quick else FULL
     sizes = tuple(plan["sizes"])
@@ -221,8 +221,8 @@ def run(quick: bool) -> dict[str, Any]:
                     admin = admin_client(config)
                     for request in review.list_requests(config, admin, status="pending"):
                         review.approve(config, admin, request.id)
-                    manifests[n] = read_manifest(
-                        next(d for d in admin.datasets.get_all() if d.name == f"growth-{n}").assets[0].data)["cases"]
+                    manifests[n] = cases_of_manifest(
+                        config.data_dir / STORE_DIR, next(d for d in admin.datasets.get_all() if d.name == f"growth-{n}").assets[0].data)[0].entries
                 clients[n] = ds
 
             def call(n: int) -> float:

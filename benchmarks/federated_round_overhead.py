@@ -12,9 +12,12 @@ call in this process (`datasite_setup.site_tasks.local_train.run`, same cases as
 same parameters and seed) and `repeats` orchestrator rounds (train phase: weights sent over HTTP,
 isolated child at the site, contract check, weights back, update check, aggregation).
 
-Ratio = median(round train phase) / median(in-process run). One site, so both sides get the same
-cores; a round with several sites runs them concurrently and is bounded by the slowest one.
-Also reported: payload bytes per round (weights out and back) and the orchestrator's peak RSS.
+Ratio = median(round train phase) / median(in-process run), target <= 1.10. One site, so both
+sides get the same cores; a round with several sites runs them concurrently and is bounded by the
+slowest one. The round splits into the training's own seconds at the site (`compute_seconds`,
+which `local_train` reports) and the rest (HTTP, syft, handing the run to a sandbox child, the
+result back), so the two kinds of overhead are told apart. Also reported: payload bytes per round
+(weights out and back) and the orchestrator's peak RSS.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from typing import Any
 from benchmarks.datasite_startup import free_port, run_setup, stop_site, write_site_config
 
 MIN_COMPUTE_S = 5.0
+TARGET_RATIO = 1.10
 DS_EMAIL = "ds@uni.example"
 
 
@@ -103,6 +107,8 @@ def run(quick: bool) -> dict[str, Any]:
         in_process.append(_in_process(cases, {**base, "epochs": epochs}))
         rounds = report.history[1:]
         round_s = [r["train_seconds"] for r in rounds]
+        compute_s = [r["site_compute_seconds"] for r in rounds]
+        other_s = [r["site_other_seconds"] for r in rounds]
         ratio = statistics.median(round_s) / statistics.median(in_process)
         sent = statistics.median(r["payload_bytes_sent"] for r in rounds)
         received = statistics.median(r["payload_bytes_received"] for r in rounds)
@@ -112,14 +118,18 @@ def run(quick: bool) -> dict[str, Any]:
             "in_process_s": [round(v, 3) for v in in_process],
             "round_train_phase_s": round_s,
             "round_total_s": [r["seconds"] for r in rounds],
+            "site_compute_s": compute_s,
+            "site_other_s": other_s,
+            "site_compute_to_in_process": round(statistics.median(compute_s) / statistics.median(in_process), 3),
             "median_in_process_s": round(statistics.median(in_process), 3),
             "median_round_s": round(statistics.median(round_s), 3),
             "ratio_round_to_in_process": round(ratio, 3),
-            "target_ratio": 1.15,
+            "target_ratio": TARGET_RATIO,
             "payload_bytes_per_round": {"sent": int(sent), "received": int(received)},
             "orchestrator_peak_rss_mb": report.peak_rss_mb,
             "summary": (f"round {statistics.median(round_s):.2f} s vs in-process {statistics.median(in_process):.2f} s "
-                        f"-> ratio {ratio:.2f} (target <= 1.15); payload {sent / 2**20:.2f} MiB out, "
+                        f"-> ratio {ratio:.2f} (target <= {TARGET_RATIO}); of a round, {statistics.median(compute_s):.2f} s training "
+                        f"at the site and {statistics.median(other_s):.2f} s the rest; payload {sent / 2**20:.2f} MiB out, "
                         f"{received / 2**20:.2f} MiB back per round; orchestrator peak RSS {report.peak_rss_mb:.0f} MiB"),
         }
     finally:

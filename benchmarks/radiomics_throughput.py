@@ -62,14 +62,13 @@ def run(quick: bool) -> dict[str, Any]:
     from analyses.commands.radiomics import read_params
     from analyses.site_requests import call_site_task, request_site_task
     from datasite_setup import review
-    from datasite_setup.case_store import STORE_DIR, CaseSource
+    from datasite_setup.case_store import STORE_DIR, CaseSource, cases_of_manifest
     from datasite_setup.connection import admin_client, login, quiet_syft
     from datasite_setup.credentials import data_scientist_password
     from datasite_setup.site_config import load_site_config
     from datasite_setup.site_tasks import run_for_parent
     from datasite_setup.site_tasks.radiomics_aggregates import extract, feature_extractor
     from datasite_setup.upload import ingest_to_datasite
-    from domains.case_manifest import read_manifest
 
     plan = QUICK if quick else FULL
     radiomics.logger.setLevel(logging.ERROR)  # the task also runs in this process, where pyradiomics would log every case
@@ -98,7 +97,8 @@ def run(quick: bool) -> dict[str, Any]:
                 admin = admin_client(config)
                 for request in review.list_requests(config, admin, status="pending"):
                     review.approve(config, admin, request.id)
-                manifests = {n: read_manifest(next(d for d in admin.datasets.get_all() if d.name == f"bench-{n}").assets[0].data)["cases"]
+                manifests = {n: cases_of_manifest(config.data_dir / STORE_DIR,
+                                                  next(d for d in admin.datasets.get_all() if d.name == f"bench-{n}").assets[0].data)[0].entries
                              for n in exports}
 
             for n, asset in assets.items():

@@ -5,7 +5,8 @@ A site holds hundreds to thousands of cases, far more than fit in memory or shou
 boundary per call. So ingestion writes each case once under `data_dir/case_store/` as uncompressed
 NIfTI (what the field's tools read, and memory-mappable), and the manifest (`manifest.sqlite`
 beside the files) lists the cases with their geometry, metadata, labels, split and content hash.
-The syft asset is the manifest; site tasks read the cases they need through `CaseSource`.
+The syft asset names a published manifest version (`published_manifest` reads its entries at run
+time); site tasks read the cases they need through `CaseSource`.
 
 Guarantees:
 - a case appears in the manifest only once its files are complete (written to a temporary folder,
@@ -42,6 +43,7 @@ from typing import Any
 
 import numpy as np
 
+from domains.case_manifest import read_manifest
 from domains.case_record import check_case_record
 
 STORE_DIR = "case_store"
@@ -362,6 +364,39 @@ class CaseStore:
         with self._db() as db:
             db.execute("DELETE FROM versions WHERE version = ? AND NOT EXISTS "
                        "(SELECT 1 FROM cases WHERE added_in = ?)", (version, version))
+
+
+def published_manifest(store_root: Path, collection: str, version: int) -> list[ManifestEntry]:
+    """The entries of published manifest `version` of `collection`, read without changing anything.
+
+    This is how the server turns a dataset's asset (which names a collection and version) into the
+    cases of a run: read-only, so a run never touches the store an ingestion may be writing to, and
+    only a version that was published as that collection's dataset is served.
+    """
+    path = Path(store_root) / MANIFEST
+    if not path.is_file():
+        raise CaseStoreError(f"{path}: no case store manifest at this site; ingest cases before publishing them")
+    db = sqlite3.connect(f"{path.as_uri()}?mode=ro", uri=True, timeout=60)
+    try:
+        row = db.execute("SELECT published FROM versions WHERE version = ? AND collection = ?",
+                         (int(version), collection)).fetchone()
+        if row is None or row[0] is None:
+            raise CaseStoreError(f"manifest version {version} of collection '{collection}' was never published at this site")
+        rows = db.execute("SELECT entry FROM cases WHERE collection = ? AND added_in <= ? ORDER BY case_id",
+                          (collection, int(version))).fetchall()
+    finally:
+        db.close()
+    return [ManifestEntry.from_dict(json.loads(text)) for (text,) in rows]
+
+
+def cases_of_manifest(store_root: Path, value: str) -> tuple[CaseSource, int]:
+    """The cases a manifest asset names at this site, and its version: the published version's
+    entries for the private asset (a reference), a document's own entries otherwise."""
+    document = read_manifest(value)
+    entries = document.get("cases")
+    if entries is None:
+        entries = published_manifest(store_root, document["collection"], document["version"])
+    return CaseSource(store_root, entries), int(document["version"])
 
 
 class CaseSource(Sequence[dict[str, Any]]):

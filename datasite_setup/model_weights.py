@@ -24,6 +24,13 @@ def declared_shapes(model: Any) -> dict[str, tuple[int, ...]]:
     return {name: tuple(array.shape) for name, array in exchanged_weights(model).items()}
 
 
+def trainable_shapes(model: Any) -> dict[str, tuple[int, ...]]:
+    """Names and shapes of the exchanged weights that an optimiser steps (trainable parameters);
+    the rest are buffers such as batch-norm running statistics, which no gradient moves."""
+    exchanged = declared_shapes(model)
+    return {name: tuple(p.shape) for name, p in model.named_parameters() if p.requires_grad and name in exchanged}
+
+
 def load_weights(model: Any, weights: dict[str, np.ndarray]) -> None:
     """Load exchanged weights into `model`; names and shapes must match exactly."""
     import torch

@@ -7,7 +7,8 @@ The server entry point installs `install(config)`, which replaces syft 0.9.5's i
    against the task's schema; the task's installed code runs, never the request's own text.
    Anything else is custom code: refused unless `allow_custom_code = true`, then run as written.
 2. The code runs in a child process (`isolation`) that receives only its declared inputs. An
-   input that is a case-store manifest (the asset ingestion publishes) arrives as a `CaseSource`:
+   input that is a case-store manifest (the asset ingestion publishes: a collection and version,
+   whose entries the site reads from its own manifest database) arrives as a `CaseSource`:
    the child reads each case from `data_dir/case_store` when the code asks for it, and may read
    nothing else of `data_dir`; no dataset is copied across the process boundary. The audit line
    of the run names the manifest version it used.
@@ -38,7 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from datasite_setup import audit_log
-from datasite_setup.case_store import STORE_DIR, CaseSource
+from datasite_setup.case_store import STORE_DIR, CaseSource, cases_of_manifest
 from datasite_setup.disclosure import (
     BudgetExhausted, Policy, PrivacyBudget, Released, ReleaseRefused, dp_epsilon, read_task_release,
 )
@@ -89,9 +90,8 @@ def _with_case_sources(config: SiteConfig, kwargs: dict[str, Any]) -> tuple[dict
     converted, versions = {}, []
     for key, value in kwargs.items():
         if is_manifest(value):
-            document = read_manifest(value)
-            converted[key] = CaseSource(root, document["cases"])
-            versions.append(int(document["version"]))
+            converted[key], version = cases_of_manifest(root, value)
+            versions.append(version)
         else:
             converted[key] = value
     return converted, ([root] if versions else []), (max(versions) if versions else None)
@@ -102,7 +102,7 @@ def _case_list(value: Any) -> list[dict[str, Any]] | None:
     if isinstance(value, CaseSource):
         return [{"case_id": entry.case_id} for entry in value.entries]
     if is_manifest(value):
-        return read_manifest(value)["cases"]
+        return read_manifest(value).get("cases")
     if isinstance(value, list) and value and all(isinstance(c, dict) and "case_id" in c for c in value):
         return value
     return None

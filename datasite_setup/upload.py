@@ -37,7 +37,7 @@ from datasite_setup.deidentify import pseudonym_of_patient_id
 from datasite_setup.ingest import Ingestion
 from datasite_setup.site_config import SiteConfig
 from domains import DOMAINS
-from domains.case_manifest import manifest_document, mock_manifest
+from domains.case_manifest import manifest_document, manifest_reference, mock_manifest
 
 ASSET_NAME = "cases"
 
@@ -117,7 +117,7 @@ def publish(config: SiteConfig, store: CaseStore, version: int, name: str, domai
             if isinstance(outcome, sy.SyftError):
                 raise RuntimeError(f"could not retire dataset '{name}' version on {config.name}: {outcome.message}")
     dataset = sy.Dataset(name=name, description=describe(config, entries, version))
-    dataset.add_asset(sy.Asset(name=ASSET_NAME, data=manifest_document(manifest, name, version),
+    dataset.add_asset(sy.Asset(name=ASSET_NAME, data=manifest_reference(name, version),
                                mock=manifest_document(mock, name, version)))
     outcome = admin.upload_dataset(dataset)
     if isinstance(outcome, sy.SyftError):

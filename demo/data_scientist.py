@@ -67,11 +67,20 @@ def radiomics_params(layout: Layout) -> dict[str, Path]:
     return paths
 
 
+# One site leaves and one clinic joins mid-run, in every method alike (one plan per call), so the
+# report shows how long the departed site's information lasts and how fast the newcomer catches up.
+# Both fit the smallest demo (2 rounds), and every round keeps two training sites (min_sites).
+LEAVES = ("hospital-c", 1)  # the outlier scanner trains in round 1 only
+JOINS = ("hospital-b", 2)  # onboarded at round 2
+
+
 def train_args(layout: Layout, size: DemoSize, exports: dict[str, Path]) -> list[str]:
-    """`federate train` with both strategies and both baselines; the centralized baseline reads the
-    exports directly, which only a simulation on one machine can."""
+    """`federate train` with both strategies and both baselines, hospital-c leaving and hospital-b
+    joining mid-run; the centralized baseline reads the exports directly, which only a simulation
+    on one machine can."""
     return ["train", str(layout.federation), "--domain", "brain_mr_segmentation", "--strategy", "fedavg,fedprox",
             "--rounds", str(size.rounds), "--epochs", str(size.epochs), "--max-steps", str(size.max_steps), "--baselines",
+            "--leave-after", f"{LEAVES[0]}={LEAVES[1]}", "--join-at", f"{JOINS[0]}={JOINS[1]}",
             *[f"--centralized-data={site}={folder}" for site, folder in exports.items()],
             "--out", str(layout.runs / "training"), "--json"]
 

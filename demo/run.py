@@ -13,7 +13,8 @@ from typing import Any
 from analyses.commands import EXIT_AWAITING_APPROVAL, EXIT_OK
 from demo.clinic_admin import review_as_admins
 from demo.commands import command_line, in_parallel, run_cli, shown
-from demo.data_scientist import radiomics_args, radiomics_params, request_outcome, train_args, write_federation
+from demo.data_scientist import (JOINS, LEAVES, radiomics_args, radiomics_params, request_outcome, train_args,
+                                 write_federation)
 from demo.hospital_it import generate_exports, ingest, site_facts, start_sites, stop_sites
 from demo.layout import SITES, DemoSize, Layout
 
@@ -66,7 +67,8 @@ def run_demo(size: DemoSize, work: Path, report_dir: Path, keep_sites: bool = Fa
         step("data scientist: heterogeneity before and after harmonization (Nyul on images, ComBat on features)")
         _heterogeneity(layout, params)
 
-        step("data scientist: federated training (FedAvg, FedProx) with local-only and centralized baselines")
+        step("data scientist: federated training (FedAvg, FedProx) with local-only and centralized baselines, "
+             f"{LEAVES[0]} leaving after round {LEAVES[1]}, {JOINS[0]} joining at round {JOINS[1]}")
         _train(layout, size, exports, first_train)
 
         step("report")
@@ -137,7 +139,8 @@ def _heterogeneity(layout: Layout, params: dict[str, Path]) -> None:
 
 def _train(layout: Layout, size: DemoSize, exports: dict[str, Path], first_call: subprocess.CompletedProcess) -> None:
     """FedAvg and FedProx with both baselines, unless the first call already trained; prints the
-    final metric per method and site."""
+    test metric per method and site of the round each selected on validation, how long the
+    departed site's information lasted and how fast the joining clinic caught up."""
     if first_call.returncode == EXIT_OK:  # approved earlier: the first call already trained (or reopened)
         proc = first_call
         print(f"  already approved, so the first call trained or reopened the runs: {shown(str(layout.runs / 'training'))}")
@@ -145,5 +148,16 @@ def _train(layout: Layout, size: DemoSize, exports: dict[str, Path], first_call:
         print(command_line("analyses.cli", *train_args(layout, size, exports)))
         proc = run_cli("analyses.cli", *train_args(layout, size, exports), show=False, stream_stderr=True)
     summary = json.loads(proc.stdout)
-    for method, values in summary["final"].items():
-        print(f"  {method:28s} " + "  ".join(f"{s}={v:.3f}" for s, v in values.items()))
+    print(f"  test {summary['metric']} of the round selected on pooled validation:")
+    for method, values in summary["best"].items():
+        print(f"  {method + ' (round ' + str(summary['best_round'][method]) + ')':34s} "
+              + "  ".join(f"{s}={v:.3f}" for s, v in values.items()))
+    for method, sites in summary["longevity"].items():
+        for site, lasted in sites.items():
+            values = "  ".join(f"round {k}={v:.3f}" for k, v in zip(lasted["rounds"], lasted["test"]) if v is not None)
+            print(f"  longevity, {method}: {site}'s test {summary['metric']} {values}")
+    for method, sites in summary["onboarding"].items():
+        for site, joined in sites.items():
+            reached = (f"at the founding sites' level after {joined['rounds_to_reach']} round(s)"
+                       if joined["rounds_to_reach"] is not None else "not yet at the founding sites' level")
+            print(f"  onboarding, {method}: {site} joined at round {joined['joins_at']}, {reached}")

@@ -19,13 +19,12 @@ import numpy as np
 import pydicom
 import pytest
 
-from datasite_setup.case_store import STORE_DIR, CaseSource
+from datasite_setup.case_store import STORE_DIR, CaseSource, cases_of_manifest
 from datasite_setup.ingest import Ingestion
 from datasite_setup.site_config import load_site_config
 from datasite_setup.site_tasks import run_installed_task
 from datasite_setup.upload import store_cases
 from domains.brain_mr_segmentation.phantom import write_phantom_site
-from domains.case_manifest import read_manifest
 from domains.brain_mr_segmentation.scanner_profiles import PROFILES
 from tests.conftest import free_port, start_site, write_site_config
 
@@ -184,8 +183,8 @@ def test_a_thousand_case_site_is_ingested_restarted_and_used_by_a_site_task(tmp_
         started = time.monotonic()
         summary = call_site_task(ds, asset, "cohort_summary", "big", {"group_by": "Manufacturer"})
         call_seconds = time.monotonic() - started
-        manifest = read_manifest(next(d for d in admin.datasets.get_all() if d.name == "big").assets[0].data)["cases"]
-        local = run_installed_task("cohort_summary", CaseSource(site.config.data_dir / STORE_DIR, manifest),
+        private = next(d for d in admin.datasets.get_all() if d.name == "big").assets[0].data
+        local = run_installed_task("cohort_summary", cases_of_manifest(site.config.data_dir / STORE_DIR, private)[0],
                                    {"group_by": "Manufacturer"}, min_cohort=5)
         assert {k: v["n"] for k, v in summary.items()} == {k: v["n"] for k, v in local.items()}
         assert 0 < sum(v["n"] for v in summary.values()) <= 1000

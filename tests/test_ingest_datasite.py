@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from datasite_setup.case_store import CaseSource, CaseStore
+from datasite_setup.case_store import STORE_DIR, CaseSource, CaseStore, cases_of_manifest
 from domains import get_domain
 from domains.case_manifest import read_manifest
 from tests.conftest import LiveSite, ibsi_dir
@@ -33,8 +33,10 @@ def test_real_mr_studies_become_a_private_dataset_with_a_mock(ingested_ibsi: tup
     assert report["dataset"] == "ibsi-sts"
     assert len(report["accepted"]) == 6 and report["rejected"] == []
 
-    document = read_manifest(next(d for d in site.admin_client().datasets.get_all() if d.name == "ibsi-sts").assets[0].data)
-    manifest = document["cases"]
+    private = next(d for d in site.admin_client().datasets.get_all() if d.name == "ibsi-sts").assets[0].data
+    document = read_manifest(private)
+    assert "cases" not in document  # the entries stay in the site's database
+    manifest = [{"case_id": e.case_id, **e.to_dict()} for e in cases_of_manifest(site.config.data_dir / STORE_DIR, private)[0].entries]
     ds = site.ds_client()
     asset = next(d for d in ds.datasets.get_all() if d.name == "ibsi-sts").assets[0]
     mock = read_manifest(asset.mock)["cases"]
@@ -102,7 +104,7 @@ def test_good_series_are_kept_when_others_are_rejected(ingested_ibsi: tuple[Live
     assert len(report["accepted"]) == 1 and report["dataset"] == "mixed"
     assert any("STS_004" in item["path"] and "missing" in item["reason"].lower() for item in report["rejected"])
     private = next(d for d in site.admin_client().datasets.get_all() if d.name == "mixed").assets[0].data
-    assert len(read_manifest(private)["cases"]) == 1
+    assert len(cases_of_manifest(site.config.data_dir / STORE_DIR, private)[0]) == 1
 
 
 def test_reingesting_series_already_stored_changes_nothing(ingested_ibsi: tuple[LiveSite, dict]) -> None:
@@ -136,7 +138,8 @@ def test_a_later_ingestion_adds_cases_in_a_new_manifest_version(ingested_ibsi: t
     assert (v1["added"], v2["added"]) == (2, 4)
     assert v2["manifest_version"] > v1["manifest_version"]
     assert dataset_names(site).count("growing") == 1
-    manifest = read_manifest(next(d for d in site.admin_client().datasets.get_all() if d.name == "growing").assets[0].data)["cases"]
+    private = next(d for d in site.admin_client().datasets.get_all() if d.name == "growing").assets[0].data
+    manifest = [e.to_dict() for e in cases_of_manifest(site.config.data_dir / STORE_DIR, private)[0].entries]
     assert len(manifest) == 6
     store = CaseStore(site.config.data_dir)
     old = {e.case_id: e.split for e in store.manifest(v1["manifest_version"], collection="growing")}

@@ -21,9 +21,8 @@ import SimpleITK as sitk
 from analyses.federation_file import Federation, load_federation
 from analyses.radiomics_run import AwaitingApproval, nyul_scale, run_radiomics, submit, submit_radiomics
 from analyses.site_requests import request_site_task, call_site_task
-from datasite_setup.case_store import CaseSource
+from datasite_setup.case_store import CaseSource, cases_of_manifest
 from datasite_setup.site_tasks.radiomics_aggregates import case_features
-from domains.case_manifest import read_manifest
 from tests.conftest import DS_EMAIL, DS_PASSWORD_ENV, LiveSite, audit_entry, free_port, ibsi_dir, run_cli, write_site_config
 from tests.test_datasite_server import asset_of
 from tests.test_site_execution import approve_and_run
@@ -111,7 +110,7 @@ def phantom_federation(fleet: dict[str, LiveSite], tmp_path_factory: pytest.Temp
 def private_cases(site: LiveSite, dataset: str) -> CaseSource:
     """The dataset's cases as the site reads them: its published manifest over the site's case store."""
     manifest = next(d for d in site.admin_client().datasets.get_all() if d.name == dataset).assets[0].data
-    return CaseSource(site.config.data_dir / "case_store", read_manifest(manifest)["cases"])
+    return cases_of_manifest(site.config.data_dir / "case_store", manifest)[0]
 
 
 def mr_settings() -> dict[str, Any]:

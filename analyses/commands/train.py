@@ -16,6 +16,13 @@ the reason in metrics.json (`left_out`), while `--min-sites` sites answer. A run
 (Ctrl-C, a crash, too few sites) resumes from its last checkpoint when the same command is run
 again, with no new approval. `--out` receives per-method folders (metrics.json/csv, curves PNG,
 best and final weights) and, with several methods, comparison.json/csv/png.
+
+`--join-at SITE=K` onboards a clinic at round K and `--leave-after SITE=L` lets a site go after
+round L, for every method of the call alike: the outputs say how many rounds the clinic needs to
+reach the founding sites' level (`onboarding`) and how the departed site's test score holds up
+on the later weights (`longevity`), with plots. Every training call is timed (compute at the site
+against waiting and transfer; training_time.png), and `time` sets each method's wall time beside
+the centralized simulation's.
 """
 
 from __future__ import annotations
@@ -29,13 +36,18 @@ from typing import Any
 from analyses.commands import EXIT_AWAITING_APPROVAL, EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK
 
 
-def _site_rounds(values: list[str]) -> dict[str, int]:
+def _site_rounds(values: list[str], flag: str, sites: set[str]) -> dict[str, int]:
+    """SITE=ROUND values of `flag` as site -> round, refusing a malformed value or a site not in
+    the federation (a typo would otherwise silently train the site in every round)."""
     out = {}
     for value in values:
         site, _, k = value.partition("=")
         if not site or not k.isdigit():
-            raise argparse.ArgumentTypeError(f"--leave-after expects SITE=ROUND, got {value!r}")
+            raise argparse.ArgumentTypeError(f"{flag} expects SITE=ROUND, got {value!r}")
         out[site] = int(k)
+    unknown = sorted(set(out) - sites)
+    if unknown:
+        raise ValueError(f"{flag} names sites not in the federation file: {unknown}")
     return out
 
 
@@ -74,7 +86,12 @@ def register(subparsers: Any) -> None:
                           "the reason in metrics.json")
     cmd.add_argument("--timeout", type=float, default=600.0, help="seconds each site call may take")
     cmd.add_argument("--leave-after", action="append", default=[], metavar="SITE=ROUND",
-                     help="the site trains up to this round, then only evaluates (how long its information lasts)")
+                     help="the site trains up to this round, then only evaluates; its test split scores the weights "
+                          "of this round and every later one (how long its information lasts)")
+    cmd.add_argument("--join-at", action="append", default=[], metavar="SITE=ROUND",
+                     help="the site trains from this round on (a clinic onboarded mid-run); it is evaluated on "
+                          "validation from round 0, and the outputs say how many rounds it needs to reach the "
+                          "founding sites' level")
     cmd.add_argument("--baselines", action="store_true",
                      help="also train local-only models at each site (scored on their own and the other sites' test splits)")
     cmd.add_argument("--centralized-data", action="append", default=[], metavar="SITE=DIR",
@@ -103,12 +120,11 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         federation = load_federation(args.federation)
-        leave_after = _site_rounds(args.leave_after)
+        sites = {s.name for s in federation.datasites}
+        leave_after = _site_rounds(args.leave_after, "--leave-after", sites)
+        join_at = _site_rounds(args.join_at, "--join-at", sites)
         exports = _site_folders(args.centralized_data)
         domain = get_domain(args.domain)
-        unknown = sorted(set(leave_after) - {s.name for s in federation.datasites})
-        if unknown:
-            raise ValueError(f"--leave-after names sites not in {args.federation}: {unknown}")
         names = [name.strip() for name in args.strategy.split(",") if name.strip()]
         bad = [name for name in names if name not in STRATEGIES]
         if bad or not names:
@@ -117,7 +133,8 @@ def run(args: argparse.Namespace) -> int:
         plans = [
             TrainingPlan(domain=args.domain, strategy=name, strategy_options=options[name], rounds=args.rounds,
                          epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, optimizer=args.optimizer,
-                         max_steps=args.max_steps, seed=args.seed, leave_after=leave_after, min_sites=args.min_sites,
+                         max_steps=args.max_steps, seed=args.seed, leave_after=leave_after, join_at=join_at,
+                         min_sites=args.min_sites,
                          call_timeout_s=args.timeout, name=f"{args.name}_{name}" if args.name else "")
             for name in names
         ]
@@ -183,6 +200,9 @@ def run(args: argparse.Namespace) -> int:
         "missed": {name: r.missed() for name, r in reports.items()},
         "resumed_from": {name: r.resumed_from for name, r in reports.items()},
         "initial_model": {name: r.initial_model for name, r in reports.items()},
+        "onboarding": tables["onboarding"],
+        "longevity": tables["longevity"],
+        "time": tables["time"],
         "out": str(args.out),
     }
     lines = [f"test {metric} after {plans[0].rounds} rounds (out: {args.out})"]
@@ -200,6 +220,21 @@ def run(args: argparse.Namespace) -> int:
         lines.append(f" {method}: each site's model on the other sites' test splits (selected round):")
         for model, values in kinds["best"].items():
             lines.append(f"  model of {model:29s} " + "  ".join(f"{s}={v:.3f}" for s, v in values.items()))
+    for method, sites in tables["onboarding"].items():
+        for site, joined in sites.items():
+            reached = (f"reached the founding sites' level at round {joined['reached_round']} "
+                       f"({joined['rounds_to_reach']} round(s) of training)" if joined["reached_round"] is not None
+                       else "did not reach the founding sites' level")
+            lines.append(f" {method}: {site} joined at round {joined['joins_at']}, {reached}")
+    for method, sites in tables["longevity"].items():
+        for site, lasted in sites.items():
+            values = "  ".join(f"r{k}={v:.3f}" for k, v in zip(lasted["rounds"], lasted["test"]) if v is not None)
+            faded = (f"faded by round {lasted['faded_round']}" if lasted["faded_round"] is not None
+                     else "held within the tolerance")
+            lines.append(f" {method}: {site} left after round {lasted['leaves_after']}, test {metric} {values} ({faded})")
+    for method, spent in tables["time"].items():
+        compute = spent.get("site_compute_seconds", spent.get("compute_seconds"))
+        lines.append(f" {method}: {spent['wall_seconds']:.1f} s wall, {compute:.1f} s training compute")
     for name, sites in tables["left_out"].items():
         for site, entries in sites.items():
             reasons = sorted({e["reason"] for e in entries})

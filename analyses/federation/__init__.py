@@ -1,9 +1,9 @@
 """Federated training across datasites: strategies behind one protocol, and the orchestrator.
 
 `strategy.py` says what a strategy is; `fedavg.py`, `fedprox.py`, `fedbn.py`, `fedopt.py` (FedAdam,
-FedYogi, FedAdagrad) and `local_only.py` are one small class each; `orchestrator.py` runs rounds
-against live sites (`site_link.py`), checks updates (`update_checks.py`) and checkpoints
-(`checkpoint.py`).
+FedYogi, FedAdagrad), `scaffold.py` (SCAFFOLD's control variates) and `local_only.py` are one small
+class each; `orchestrator.py` runs rounds against live sites (`site_link.py`), checks updates
+(`update_checks.py`) and checkpoints (`checkpoint.py`).
 """
 
 import inspect
@@ -14,16 +14,17 @@ from analyses.federation.fedbn import FedBN
 from analyses.federation.fedopt import FedAdagrad, FedAdam, FedYogi
 from analyses.federation.fedprox import FedProx
 from analyses.federation.local_only import LocalOnly
+from analyses.federation.scaffold import Scaffold
 from analyses.federation.strategy import SiteUpdate, Strategy, TrainInstruction, Weights
 
 STRATEGIES = {
     strategy.name: strategy
-    for strategy in (FedAvg, FedProx, FedBN, FedAdam, FedYogi, FedAdagrad, LocalOnly)
+    for strategy in (FedAvg, FedProx, FedBN, FedAdam, FedYogi, FedAdagrad, Scaffold, LocalOnly)
 }
 
 __all__ = [
-    "STRATEGIES", "FedAdagrad", "FedAdam", "FedAvg", "FedBN", "FedProx", "FedYogi", "LocalOnly", "SiteUpdate",
-    "Strategy", "TrainInstruction", "Weights", "make_strategy", "options_for", "parse_strategy_options",
+    "STRATEGIES", "FedAdagrad", "FedAdam", "FedAvg", "FedBN", "FedProx", "FedYogi", "LocalOnly", "Scaffold",
+    "SiteUpdate", "Strategy", "TrainInstruction", "Weights", "make_strategy", "options_for", "parse_strategy_options",
 ]
 
 

@@ -19,6 +19,7 @@ sites' splits.
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -76,7 +77,8 @@ def train_centralized(plan: TrainingPlan, cases_by_site: dict[str, list[dict[str
     model; validation metrics per site and pooled), "selection", "best", "final"}, the last two
     being test scores per site and pooled, shaped like a federated run's metrics.json, and
     `initial_model`: how `initial` was chosen (the federated run's record), so the comparison shows
-    that both started from the same prior."""
+    that both started from the same prior; and `time`: the wall seconds of its rounds (training and
+    validation, as a federated run's `RunReport.timing` counts them) and the training's own seconds."""
     from datasite_setup.site_tasks import run_installed_task
     from domains import get_domain
 
@@ -97,6 +99,8 @@ def train_centralized(plan: TrainingPlan, cases_by_site: dict[str, list[dict[str
         if best["value"] is None or (value > best["value"] if domain.higher_is_better else value < best["value"]):
             best.update(round=round_no, value=float(value), weights=weights)
 
+    started = time.perf_counter()
+    compute = 0.0
     score(0, {})
     for round_no in tqdm(range(1, plan.rounds + 1), desc="centralized rounds", unit="round", disable=not progress):
         params = {
@@ -106,7 +110,9 @@ def train_centralized(plan: TrainingPlan, cases_by_site: dict[str, list[dict[str
         }
         result = run_installed_task("local_train", pooled_cases, params, min_cohort=1)
         weights = result["weights"]
+        compute += result["scalars"].get("compute_seconds", 0.0)
         score(round_no, {"train_loss": {"pooled": result["scalars"]["train_loss"]}})
+    seconds = {"wall_seconds": round(time.perf_counter() - started, 3), "compute_seconds": round(compute, 3)}
     if best["value"] is None:
         best.update(round=plan.rounds, weights=weights)
     selection = {"metric": domain.primary_metric, "split": VALIDATION, "higher_is_better": bool(domain.higher_is_better),
@@ -116,4 +122,5 @@ def train_centralized(plan: TrainingPlan, cases_by_site: dict[str, list[dict[str
         per_site, pooled, missed = evaluate_at_sites(plan.domain, chosen, cases_by_site, TEST)
         tests[which] = {"round": round_no, "split": TEST, "weights": which, "site_metrics": per_site,
                         "pooled": pooled, "missed": missed}
-    return {"label": SIMULATION_LABEL, "history": history, "selection": selection, "initial_model": initial_model, **tests}
+    return {"label": SIMULATION_LABEL, "history": history, "selection": selection, "initial_model": initial_model,
+            "time": seconds, **tests}

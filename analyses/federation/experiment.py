@@ -46,7 +46,11 @@ def links_for(federation: Federation, plan: TrainingPlan) -> list[DatasiteLink]:
 
 
 def submit(federation: Federation, plans: list[TrainingPlan]) -> dict[str, dict[str, str]]:
-    """Send every plan's requests to every site (idempotent); returns "<site>" -> "<task>@<label>" -> status."""
+    """Send every plan's requests to every site (idempotent); returns "<site>" -> "<task>@<label>" -> status.
+    A plan the orchestrator would refuse (e.g. SCAFFOLD with Adam) raises ValueError before anything
+    is sent, so no admin approves requests that cannot run."""
+    for plan in plans:
+        Orchestrator(plan, [], Path(), progress=False)
     statuses: dict[str, dict[str, str]] = {}
     for plan in plans:
         for link in links_for(federation, plan):
@@ -122,7 +126,11 @@ def comparison_tables(reports: dict[str, RunReport], metric: str,
                       centralized: dict[str, Any] | None = None) -> dict[str, Any]:
     """Test-split `metric` per method and site for the weights selected on validation ("best", the
     round in "best_round") and the last round's ("final"); local-only's models at the other sites
-    ("cross_site"); and which site each method left out of what, and why ("left_out")."""
+    ("cross_site"); which site each method left out of what, and why ("left_out"); for runs with
+    sites joining late or leaving early, each method's `RunReport.onboarding` and `longevity`
+    (every method of a comparison runs the same plan, so they line up); and each method's time
+    (`RunReport.timing` without the per-round rows) beside the centralized simulation's, the same
+    training in one process ("time")."""
     sources: dict[str, dict[str, Any]] = {
         method: {"best": report.test["best"], "final": report.test["final"], "selection": report.selection}
         for method, report in reports.items()
@@ -137,12 +145,16 @@ def comparison_tables(reports: dict[str, RunReport], metric: str,
         "cross_site": {method: {"best": _cross_table(src["best"], metric), "final": _cross_table(src["final"], metric)}
                        for method, src in sources.items() if "cross_site" in src["final"]},
         "left_out": {method: report.left_out() for method, report in reports.items() if report.left_out()},
+        "onboarding": {method: report.onboarding() for method, report in reports.items() if report.onboarding()},
+        "longevity": {method: report.longevity() for method, report in reports.items() if report.longevity()},
+        "time": {method: {k: v for k, v in report.timing().items() if k != "rounds"} for method, report in reports.items()},
     }
     if centralized is not None:
         missed = {site: [{"round": centralized[w]["round"], "phase": f"{TEST} ({w} weights)", "reason": why}]
                   for w in ("best", "final") for site, why in centralized[w]["missed"].items()}
         if missed:
             result["left_out"]["centralized (simulation)"] = missed
+        result["time"]["centralized (simulation)"] = centralized["time"]
     return result
 
 

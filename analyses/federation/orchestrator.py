@@ -28,6 +28,20 @@ validation curve is for choosing. A round counts for selection only if at least 
 (or all, when fewer) answered its validation, so a pooled value over one site is not compared with
 one over three.
 
+Sites may join late or leave early (`TrainingPlan.join_at`, `leave_after`). A site outside its
+training rounds still scores every round on its validation split, and selection pools every site
+that answered, as for any other round: the model is chosen for the whole federation, a clinic still
+to be onboarded included. A clinic that joins at round K is compared, round by round, with the
+founding sites (those that train from round 1), pooled (`pooled_founding` in each round record);
+`RunReport.onboarding` says how many rounds it needs to reach their level. A site that leaves after
+round L has the current weights scored on its `test` split at round L and every later round
+(`longevity` in the round record, never used for selection); `RunReport.longevity` says how long
+its information lasts.
+
+Every training call is timed where it is made: its wall seconds, the seconds the site says its
+training took (`compute_seconds`), the rest (waiting, transfer, the sandbox's start) and the bytes
+each way (`train_calls` in the round record; `RunReport.timing` sums them over the run).
+
 Site runs are budgeted by the admins' approval (`TrainingPlan.budgets`): a resumed run uses the
 same requests, so it needs no new approval.
 """
@@ -72,7 +86,13 @@ PRIOR_SPLIT = "train"  # the prior is the tumour share of the cases the model tr
 
 # Fields that change what is trained (and therefore the requests' label); the rest are how to run.
 _IDENTITY = ("domain", "strategy", "strategy_options", "rounds", "epochs", "batch_size", "lr", "optimizer", "max_steps",
-             "seed", "leave_after")
+             "seed", "leave_after", "join_at")
+# How close a site must come to a reference before it counts as there, relative to the reference:
+# a joining clinic has reached the federation's level when its validation metric is within this
+# share of the founding sites' pooled value; a departed site's information has faded when its test
+# metric is worse than at its departure by more than this share.
+ONBOARDING_TOLERANCE = 0.05
+LONGEVITY_TOLERANCE = 0.05
 
 
 @dataclass(frozen=True)
@@ -88,10 +108,22 @@ class TrainingPlan:
     strategy_options: dict[str, Any] = field(default_factory=dict)  # the strategy's constructor keywords
     seed: int = 0
     leave_after: dict[str, int] = field(default_factory=dict)  # site -> last round it trains in
+    join_at: dict[str, int] = field(default_factory=dict)  # site -> first round it trains in
     min_sites: int = 2
     call_timeout_s: float = 600.0
     spare_runs: int = 2  # extra approved runs per task, for rounds redone after a crash
     name: str = ""  # request label; default derived from the identity fields
+
+    def __post_init__(self) -> None:
+        """Refuse a schedule no site could follow, before any request is sent."""
+        for flag, rounds in (("leave_after", self.leave_after), ("join_at", self.join_at)):
+            outside = {site: k for site, k in rounds.items() if not 1 <= k <= self.rounds}
+            if outside:
+                raise ValueError(f"{flag} must name rounds 1 to {self.rounds}, got {outside}")
+        late = {site: (k, self.leave_after[site]) for site, k in self.join_at.items()
+                if site in self.leave_after and k > self.leave_after[site]}
+        if late:
+            raise ValueError("a site cannot join after it has left (site: (join_at, leave_after)): " + str(late))
 
     def identity(self) -> dict[str, Any]:
         return {key: getattr(self, key) for key in _IDENTITY}
@@ -106,19 +138,29 @@ class TrainingPlan:
     def budgets(self, n_sites: int = 1) -> dict[str, int]:
         """Runs to request per task and site: one training per round; one validation per round plus
         the initial model's; two test evaluations (selected and final weights), times the number of
-        site models when every site has its own (local-only, scored at every site); for a domain
-        with an output prior, one `foreground_share` before round 0; and a few spare of each for
-        work redone after an interruption (a run stopped before its round-0 checkpoint asks for
-        the foreground share again)."""
+        site models when every site has its own (local-only, scored at every site); the longevity
+        test evaluations of a site that leaves early (its last round and each one after); for a
+        domain with an output prior, one `foreground_share` before round 0; and a few spare of each
+        for work redone after an interruption (a run stopped before its round-0 checkpoint asks for
+        the foreground share again). Every site is asked for the same runs, so the longevity runs
+        are those of the earliest leaver."""
         models = max(n_sites, 1) if STRATEGIES[self.strategy].site_models else 1
+        longevity = max((len(self.longevity_rounds(site)) for site in self.leave_after), default=0)
         budgets = {"local_train": self.rounds + self.spare_runs,
-                   "evaluate": self.rounds + 1 + 2 * models + self.spare_runs}
+                   "evaluate": self.rounds + 1 + 2 * models + longevity + self.spare_runs}
         if has_output_prior(self.domain):
             budgets[PRIOR_TASK] = 1 + self.spare_runs
         return budgets
 
     def trains_in(self, site: str, round_no: int) -> bool:
-        return round_no <= self.leave_after.get(site, self.rounds)
+        """Whether `site` is asked to train in this round: from its joining round to its last."""
+        return self.join_at.get(site, 1) <= round_no <= self.leave_after.get(site, self.rounds)
+
+    def longevity_rounds(self, site: str) -> range:
+        """Rounds whose weights are scored on `site`'s test split to see how long its information
+        lasts: its last training round and every later one (none if it trains to the end)."""
+        last = self.leave_after.get(site, self.rounds)
+        return range(last, self.rounds + 1) if last < self.rounds else range(0)
 
 
 @dataclass
@@ -145,7 +187,7 @@ class RunReport:
         return self.history[0].get("initial_model") if self.history else None
 
     def missed(self) -> dict[str, list[int]]:
-        """site -> rounds it missed (not counting rounds after it left on purpose)."""
+        """site -> rounds it missed (not counting rounds before it joined or after it left on purpose)."""
         out: dict[str, list[int]] = {}
         for record in self.history:
             for site in {**record.get("missed", {}), **record.get("rejected", {})}:
@@ -169,21 +211,98 @@ class RunReport:
                 add(site, record["round"], "train (update rejected)", why)
             for site, why in record.get("eval_missed", {}).items():
                 add(site, record["round"], VALIDATION, why)
+            for site, why in record.get("longevity_missed", {}).items():
+                add(site, record["round"], f"{TEST} (longevity)", why)
         for which, scores in self.test.items():
             for site, why in scores.get("missed", {}).items():
                 add(site, scores["round"], f"{TEST} ({which} weights)", why)
         return out
 
+    def onboarding(self, tolerance: float = ONBOARDING_TOLERANCE) -> dict[str, dict[str, Any]]:
+        """site -> how a clinic that joined at round K > 1 caught up with the federation.
+
+        Per round: its validation metric (before K too: how the federation's model does there before
+        it trains) and the founding sites' pooled value (`founding_pooled`, the sites that train
+        from round 1). `reached_round` is the first round >= K at which its metric is within
+        `tolerance` of that pooled value (relative to it: at least (1 - tolerance) times it when
+        higher is better, at most (1 + tolerance) times it otherwise); `rounds_to_reach` is
+        reached_round - K + 1, the rounds it had trained in by then. Both None when it never got
+        there in this run or gave no validation score."""
+        metric, higher = self.selection["metric"], self.selection["higher_is_better"]
+        out = {}
+        for site, joins in sorted(self.plan.join_at.items()):
+            if joins <= 1:
+                continue
+            rounds = [record["round"] for record in self.history]
+            own = [record.get("site_metrics", {}).get(site, {}).get(metric) for record in self.history]
+            level = [record.get("pooled_founding", {}).get(metric) for record in self.history]
+            reached = next((k for k, value, ref in zip(rounds, own, level) if k >= joins and value is not None
+                            and ref is not None and _within(value, ref, tolerance, higher)), None)
+            out[site] = {"joins_at": joins, "metric": metric, "split": VALIDATION, "tolerance": tolerance,
+                         "rounds": rounds, "site": own, "founding_pooled": level, "reached_round": reached,
+                         "rounds_to_reach": None if reached is None else reached - joins + 1}
+        return out
+
+    def longevity(self, tolerance: float = LONGEVITY_TOLERANCE) -> dict[str, dict[str, Any]]:
+        """site -> how long the information of a site that left after round L lasts.
+
+        The test metric of the weights at round L (`departure_value`: the last weights it trained)
+        and at each later round. `faded_round` is the first round after L whose test metric is
+        worse than the departure value by more than `tolerance` of it (relative, as in
+        `onboarding`); `rounds_until_faded` is faded_round - L. Both None when it never fell that far
+        in this run or gave no test score at its departure (then `missed` says why)."""
+        metric, higher = self.selection["metric"], self.selection["higher_is_better"]
+        out = {}
+        for site, last in sorted(self.plan.leave_after.items()):
+            if not self.plan.longevity_rounds(site):
+                continue
+            scored = [r for r in self.history if site in r.get("longevity", {})]
+            rounds = [r["round"] for r in scored]
+            values = [r["longevity"][site].get(metric) for r in scored]
+            departure = values[rounds.index(last)] if last in rounds else None
+            faded = next((k for k, value in zip(rounds, values) if k > last and departure is not None
+                          and value is not None and not _within(value, departure, tolerance, higher)), None)
+            out[site] = {"leaves_after": last, "metric": metric, "split": TEST, "tolerance": tolerance,
+                         "rounds": rounds, "test": values, "departure_value": departure, "faded_round": faded,
+                         "rounds_until_faded": None if faded is None else faded - last,
+                         "missed": [{"round": r["round"], "reason": r["longevity_missed"][site]} for r in self.history
+                                    if site in r.get("longevity_missed", {})]}
+        return out
+
+    def timing(self) -> dict[str, Any]:
+        """Where the run's time went. Per round: the training phase's wall seconds, the sites'
+        compute seconds and the rest (waiting, transfer, sandbox start) summed over the sites, and
+        the bytes each way. Over the run: `wall_seconds`, every round's wall time (round 0: the
+        output prior and the initial validation; the closing test evaluations are not counted), the
+        number to set against the same training in one process (the centralized simulation)."""
+        rounds = [{"round": r["round"], "train_wall_seconds": r["train_seconds"],
+                   "site_compute_seconds": r["site_compute_seconds"], "site_other_seconds": r["site_other_seconds"],
+                   "bytes_sent": r["payload_bytes_sent"], "bytes_received": r["payload_bytes_received"]}
+                  for r in self.history if "train_calls" in r]
+        return {"wall_seconds": round(sum(r.get("seconds", 0.0) for r in self.history), 3),
+                **{key: round(sum(r[key] for r in rounds), 3)
+                   for key in ("train_wall_seconds", "site_compute_seconds", "site_other_seconds")},
+                **{key: sum(r[key] for r in rounds) for key in ("bytes_sent", "bytes_received")},
+                "rounds": rounds}
+
+
+def _within(value: float, reference: float, tolerance: float, higher_is_better: bool) -> bool:
+    """Whether `value` is no worse than `reference` by more than `tolerance` of it."""
+    slack = tolerance * abs(reference)
+    return value >= reference - slack if higher_is_better else value <= reference + slack
+
 
 @dataclass(frozen=True)
 class TrainingOutcome:
-    """One round's training calls: accepted updates, sites that gave none or a bad one, bytes moved."""
+    """One round's training calls: accepted updates, sites that gave none or a bad one, bytes moved,
+    and per site that answered its call's timing and bytes (`Orchestrator._train`)."""
 
     updates: list[SiteUpdate]
     missed: dict[str, str]
     rejected: dict[str, str]
     bytes_sent: int
     bytes_received: int
+    calls: dict[str, dict[str, float]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -206,6 +325,12 @@ def _reason(exc: BaseException) -> str:
 
 def _nbytes(weights: Weights) -> int:
     return int(sum(np.asarray(v).nbytes for v in weights.values()))
+
+
+def _timed(call: Callable[[], Any]) -> tuple[Any, float]:
+    """The call's answer and its wall seconds, measured here, so they include waiting and transfer."""
+    started = time.perf_counter()
+    return call(), time.perf_counter() - started
 
 
 def has_output_prior(domain: str) -> bool:
@@ -250,6 +375,7 @@ def _copy_state(state: dict[str, Weights]) -> dict[str, Weights]:
 
 class Orchestrator:
     def __init__(self, plan: TrainingPlan, links: list[SiteLink], out_dir: Path, progress: bool = True) -> None:
+        from datasite_setup.model_weights import trainable_shapes
         from domains import get_domain
 
         if plan.rounds < 1:
@@ -260,6 +386,8 @@ class Orchestrator:
         self.progress = progress
         self.domain = get_domain(plan.domain)
         self.strategy: Strategy = make_strategy(plan.strategy, **plan.strategy_options)
+        # the plan's optimiser, for a strategy that depends on how sites step (it may refuse the plan)
+        self.strategy.configure(plan.lr, plan.optimizer, frozenset(trainable_shapes(self.domain.build_model())))
 
     @property
     def checkpoint_dir(self) -> Path:
@@ -371,13 +499,19 @@ class Orchestrator:
         return EvaluationOutcome(per_site, self._pool(per_site), failures, sent, cross, cross_missed)
 
     def _train(self, round_no: int) -> TrainingOutcome:
+        """Every participating site trains at once. For each site that answered, `calls` holds the
+        call's wall seconds here, the seconds the site reports its training took (0 if it reports
+        none or its update was rejected), the rest (wall - compute: waiting, transfer, the sandbox's
+        start), and the bytes of weights sent and of its accepted update received."""
         order = sorted(self.links)
-        calls, sent = {}, 0
+        calls, sent, sent_to = {}, 0, {}
         for site in order:
             if not self.plan.trains_in(site, round_no):
                 continue
             instruction = self.strategy.training_instruction(site)
-            sent += _nbytes(instruction.weights)
+            sent_to[site] = _nbytes(instruction.weights) + sum(
+                _nbytes(value) for value in instruction.params.values() if isinstance(value, dict))  # e.g. SCAFFOLD's control
+            sent += sent_to[site]
             params = {
                 "domain": self.plan.domain,
                 "weights": instruction.weights,
@@ -389,18 +523,47 @@ class Orchestrator:
                 "max_steps": self.plan.max_steps,
                 **instruction.params,
             }
-            calls[site] = lambda link=self.links[site], p=params: link.train(p)
+            calls[site] = lambda link=self.links[site], p=params: _timed(lambda: link.train(p))
         answers, missed = self._call_all(calls, f"round {round_no} train")
-        updates, rejected, received = [], {}, 0
+        updates, rejected, received, timing = [], {}, 0, {}
         for site in sorted(answers):
+            result, wall = answers[site]
+            timing[site] = {"wall_seconds": round(wall, 3), "compute_seconds": 0.0, "other_seconds": round(wall, 3),
+                            "bytes_sent": sent_to[site], "bytes_received": 0}
             try:
-                update = check_update(site, answers[site], self.strategy.expected_update(site))
+                update = check_update(site, result, self.strategy.expected_update(site))
             except RejectedUpdate as exc:
                 rejected[site] = str(exc)
                 continue
             received += _nbytes(update.weights)
+            timing[site].update(compute_seconds=round(update.compute_seconds, 3),
+                                other_seconds=round(wall - update.compute_seconds, 3),
+                                bytes_received=_nbytes(update.weights))
             updates.append(update)
-        return TrainingOutcome(updates, missed, rejected, sent, received)
+        return TrainingOutcome(updates, missed, rejected, sent, received, timing)
+
+    def _longevity(self, round_no: int) -> tuple[dict[str, dict[str, float]], dict[str, str], int]:
+        """The current weights scored on the test split of every site whose `longevity_rounds`
+        include this round (it trained last in it or earlier): (site -> metrics, site -> why it
+        gave none, bytes sent). Recorded apart from validation, never used for selection."""
+        sites = [site for site in sorted(self.links) if round_no in self.plan.longevity_rounds(site)]
+        params = {site: {"domain": self.plan.domain, "weights": self.strategy.weights_for(site), "split": TEST}
+                  for site in sites}
+
+        def score(site: str) -> dict[str, float]:
+            return {k: float(v) for k, v in self.links[site].evaluate(params[site]).items()}
+
+        calls = {site: (lambda site=site: score(site)) for site in sites}
+        scores, missed = self._call_all(calls, f"round {round_no} longevity test")
+        return scores, missed, sum(_nbytes(p["weights"]) for p in params.values())
+
+    def _founding_pool(self, site_metrics: dict[str, dict[str, float]]) -> dict[str, Any]:
+        """With sites joining late: the validation metrics pooled over the founding sites (those that
+        train from round 1), the level a joining clinic is compared with; else nothing."""
+        if not any(k > 1 for k in self.plan.join_at.values()):
+            return {}
+        founding = {site: m for site, m in site_metrics.items() if self.plan.join_at.get(site, 1) <= 1}
+        return {"pooled_founding": self._pool(founding)}
 
     def _round(self, round_no: int) -> dict[str, Any]:
         started = time.perf_counter()
@@ -419,6 +582,10 @@ class Orchestrator:
             self.strategy.aggregate(updates)
         train_seconds = time.perf_counter() - started
         evaluated = self._evaluate(f"round {round_no} validation", VALIDATION)
+        lasting, lasting_missed, lasting_sent = self._longevity(round_no)
+        extra = self._founding_pool(evaluated.site_metrics)
+        if lasting or lasting_missed:
+            extra.update(longevity=lasting, longevity_missed=lasting_missed)
         return {
             "round": round_no,
             "eval_split": VALIDATION,
@@ -431,9 +598,13 @@ class Orchestrator:
             "n_samples": {u.site: u.n_samples for u in updates},
             "site_metrics": evaluated.site_metrics,
             "pooled": evaluated.pooled,
+            **extra,
+            "train_calls": trained.calls,
             "train_seconds": round(train_seconds, 3),
+            "site_compute_seconds": round(sum(c["compute_seconds"] for c in trained.calls.values()), 3),
+            "site_other_seconds": round(sum(c["other_seconds"] for c in trained.calls.values()), 3),
             "seconds": round(time.perf_counter() - started, 3),
-            "payload_bytes_sent": trained.bytes_sent + evaluated.bytes_sent,
+            "payload_bytes_sent": trained.bytes_sent + evaluated.bytes_sent + lasting_sent,
             "payload_bytes_received": trained.bytes_received,
         }
 
@@ -523,12 +694,14 @@ class Orchestrator:
                 best = {"round": checkpoint.best_round, "value": value, "state": checkpoint.best_state}
             test = checkpoint.test
         else:
+            started = time.perf_counter()
             prior = self._output_prior()
             fraction = None if prior is None else prior["foreground_fraction"]
             self.strategy.initialize(initial_weights(self.domain, self.plan.seed, fraction), sorted(self.links))
             evaluated = self._evaluate("initial model validation", VALIDATION)
             history = [{"round": 0, "eval_split": VALIDATION, "site_metrics": evaluated.site_metrics,
-                        "pooled": evaluated.pooled, "eval_missed": evaluated.missed,
+                        "pooled": evaluated.pooled, **self._founding_pool(evaluated.site_metrics),
+                        "eval_missed": evaluated.missed, "seconds": round(time.perf_counter() - started, 3),
                         "payload_bytes_sent": evaluated.bytes_sent, "payload_bytes_received": 0,
                         **({"initial_model": prior} if prior is not None else {})}]
             self._consider(history[0], best)

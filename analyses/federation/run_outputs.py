@@ -1,4 +1,4 @@
-"""What a training run leaves in `--out DIR`: metrics.json, metrics.csv, curves PNG, weights.
+"""What a training run leaves in `--out DIR`: metrics.json, metrics.csv, PNG plots, weights.
 
 The run's results are test-split scores: `best` (the weights of the round selected on pooled
 validation, `selection.best_round`) and `final` (the last round's weights), each per site and
@@ -6,12 +6,21 @@ pooled, with the sites that did not answer and why. Local-only adds `cross_site`
 scored on the other sites' test splits. `left_out` lists every call a site was left out of (round,
 phase, reason); `history` keeps every round's training and validation metrics and the plan;
 `initial_model` says which output prior the initial model started from and which sites' counts it
-pooled (None for a domain without a prior).
+pooled (None for a domain without a prior). `onboarding` and `longevity` summarise the sites that
+joined late or left early (`RunReport.onboarding`, `RunReport.longevity`); `timing` says where the
+run's time went (`RunReport.timing`).
 
 metrics.csv is long-format, one row per (round, site) plus a "pooled" row per round (validation),
+with the training call's timing and bytes on the rows of the sites that trained (round totals on
+the pooled row, its bytes counting every weight set moved that round, evaluations included), then the longevity rows (`split` test, `status` "longevity (left after round L)"),
 then the test rows (`split` test, `status` "test (best, round k)" / "test (final)"), so it loads
 straight into pandas or a spreadsheet. `final_weights.npz` and `best_weights.npz` hold the
 strategy's weight sets ("<set>::<state name>").
+
+Plots: training_curves.png (loss and validation per round), training_time.png (each site's
+training call per round: compute and the rest, stacked), and when the plan has them
+longevity.png (a departed site's test metric per round) and onboarding.png (a joining clinic's
+validation metric against the founding sites').
 """
 
 from __future__ import annotations
@@ -28,7 +37,8 @@ from analyses.federation.orchestrator import RunReport
 
 
 def metric_rows(report: RunReport) -> list[dict[str, Any]]:
-    """Validation rows per round and site (plus pooled), then the test rows of the selected and final weights."""
+    """Validation rows per round and site (plus pooled, with the round's time totals), the longevity
+    test rows, then the test rows of the selected and final weights."""
     rows = []
     strategy = report.plan.strategy
     for record in report.history:
@@ -39,9 +49,21 @@ def metric_rows(report: RunReport) -> list[dict[str, Any]]:
                 "trained" if site in record.get("aggregated", []) else "evaluated")
             rows.append({"strategy": strategy, "round": record["round"], "site": site, "status": status,
                          "train_loss": record.get("train_loss", {}).get(site), "split": split,
-                         **record.get("site_metrics", {}).get(site, {})})
+                         **record.get("site_metrics", {}).get(site, {}),
+                         **record.get("train_calls", {}).get(site, {})})
+        totals = {}
+        if "train_calls" in record:
+            totals = {"wall_seconds": record["train_seconds"], "compute_seconds": record["site_compute_seconds"],
+                      "other_seconds": record["site_other_seconds"], "bytes_sent": record["payload_bytes_sent"],
+                      "bytes_received": record["payload_bytes_received"]}
         rows.append({"strategy": strategy, "round": record["round"], "site": "pooled", "status": "",
-                     "train_loss": None, "split": split, **record.get("pooled", {})})
+                     "train_loss": None, "split": split, **record.get("pooled", {}), **totals})
+    for site, summary in report.longevity().items():
+        for round_no, metrics in ((r["round"], r["longevity"][site]) for r in report.history
+                                  if site in r.get("longevity", {})):
+            rows.append({"strategy": strategy, "round": round_no, "site": site,
+                         "status": f"longevity (left after round {summary['leaves_after']})", "train_loss": None,
+                         "split": summary["split"], **metrics})
     for which in ("best", "final"):
         scores = report.test.get(which)
         if scores is None:
@@ -67,14 +89,19 @@ def write_csv(rows: list[dict[str, Any]], path: Path) -> Path:
     return path
 
 
-def plot_curves(report: RunReport, metric: str, path: Path) -> Path:
-    """Training loss and validation `metric` per round, one line per site and the pooled value,
-    with the round selected on validation marked."""
+def _pyplot() -> Any:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def plot_curves(report: RunReport, metric: str, path: Path) -> Path:
+    """Training loss and validation `metric` per round, one line per site and the pooled value,
+    with the round selected on validation marked."""
+    plt = _pyplot()
     fig, (ax_loss, ax_metric) = plt.subplots(1, 2, figsize=(10, 4))
     sites = sorted({s for r in report.history for s in r.get("site_metrics", {})})
     for site in sites:
@@ -87,6 +114,8 @@ def plot_curves(report: RunReport, metric: str, path: Path) -> Path:
         ax_metric.plot(*zip(*pooled), color="black", linestyle="--", label="pooled")
     for site, last in report.plan.leave_after.items():
         ax_metric.axvline(last + 0.5, color="grey", linestyle=":", label=f"{site} leaves")
+    for site, first in report.plan.join_at.items():
+        ax_metric.axvline(first - 0.5, color="purple", linestyle=":", label=f"{site} joins")
     selected = report.selection.get("best_round")
     if selected is not None:
         ax_metric.axvline(selected, color="green", linestyle="-.", alpha=0.6, label=f"selected round {selected}")
@@ -96,6 +125,100 @@ def plot_curves(report: RunReport, metric: str, path: Path) -> Path:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.suptitle(f"{report.plan.strategy} on {report.plan.domain}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_training_time(report: RunReport, path: Path) -> Path:
+    """Per round, one bar per site that trained: the seconds its training took at the site
+    (compute) under the rest of its call's wall time (waiting, transfer, sandbox start), with the
+    bytes moved per round beside it, so a reader sees whether the federation waits or computes."""
+    plt = _pyplot()
+    timed = [r for r in report.history if "train_calls" in r]
+    sites = sorted({s for r in timed for s in r["train_calls"]})
+    rounds = np.array([r["round"] for r in timed])
+    width = 0.8 / max(len(sites), 1)
+    fig, (ax_time, ax_bytes) = plt.subplots(1, 2, figsize=(11, 4), gridspec_kw={"width_ratios": [2, 1]})
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, site in enumerate(sites):
+        x = rounds + (i - (len(sites) - 1) / 2) * width
+        compute = [r["train_calls"].get(site, {}).get("compute_seconds", 0.0) for r in timed]
+        other = [r["train_calls"].get(site, {}).get("other_seconds", 0.0) for r in timed]
+        colour = colours[i % len(colours)]
+        ax_time.bar(x, compute, width, color=colour, label=f"{site}: compute")
+        ax_time.bar(x, other, width, bottom=compute, color=colour, alpha=0.35, hatch="//",
+                    label=f"{site}: waiting, transfer, start")
+    ax_time.set_xticks(rounds)
+    ax_time.set(xlabel="round", ylabel="seconds",
+                title=f"training call per site (run: {report.timing()['wall_seconds']:.1f} s wall)")
+    ax_time.legend(fontsize=7)
+    mib = 1024 * 1024
+    ax_bytes.bar(rounds - 0.2, [r["payload_bytes_sent"] / mib for r in timed], 0.4, label="sent to sites")
+    ax_bytes.bar(rounds + 0.2, [r["payload_bytes_received"] / mib for r in timed], 0.4, label="received")
+    ax_bytes.set_xticks(rounds)
+    ax_bytes.set(xlabel="round", ylabel="MiB", title="weights moved per round")
+    ax_bytes.legend(fontsize=7)
+    for ax in (ax_time, ax_bytes):
+        ax.grid(axis="y", alpha=0.3)
+    fig.suptitle(f"{report.plan.strategy}: where the training time went")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_longevity(report: RunReport, path: Path) -> Path:
+    """Each departed site's test metric per round from its last training round on, with its
+    departure marked and the line past which its information counts as faded."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 3.8))
+    for site, summary in report.longevity().items():
+        points = [(k, v) for k, v in zip(summary["rounds"], summary["test"]) if v is not None]
+        line = ax.plot(*zip(*points), marker="o", label=f"{site}: test {summary['metric']}")[0] if points else None
+        ax.axvline(summary["leaves_after"] + 0.5, color="grey", linestyle=":", label=f"{site} leaves")
+        departure = summary["departure_value"]
+        if departure is not None and line is not None:
+            sign = -1 if report.selection["higher_is_better"] else 1
+            ax.axhline(departure * (1 + sign * summary["tolerance"]), color=line.get_color(), linestyle="--", alpha=0.5,
+                       label=f"{site}: {summary['tolerance']:.0%} worse than at departure")
+    ax.set(xlabel="round", ylabel=f"test {report.selection['metric']}",
+           title="Longevity: a departed site's test score, round by round")
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_onboarding(report: RunReport, path: Path) -> Path:
+    """Each joining clinic's validation metric per round against the founding sites' pooled value,
+    with its first training round and the round it reached their level marked."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 3.8))
+    drawn_reference = False
+    for site, summary in report.onboarding().items():
+        if not drawn_reference:
+            reference = [(k, v) for k, v in zip(summary["rounds"], summary["founding_pooled"]) if v is not None]
+            if reference:
+                ax.plot(*zip(*reference), color="black", linestyle="--", label="founding sites, pooled")
+            drawn_reference = True
+        points = [(k, v) for k, v in zip(summary["rounds"], summary["site"]) if v is not None]
+        if points:
+            line = ax.plot(*zip(*points), marker="o", label=site)[0]
+            reached = summary["reached_round"]
+            if reached is not None:
+                ax.plot([reached], [dict(points)[reached]], marker="*", markersize=14, color=line.get_color(),
+                        linestyle="none", label=f"{site} at the federation's level (round {reached})")
+        ax.axvline(summary["joins_at"] - 0.5, color="purple", linestyle=":", label=f"{site} joins")
+    metric = report.selection["metric"]
+    ax.set(xlabel="round", ylabel=f"validation {metric}", title="Onboarding: a joining clinic against the federation")
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -121,6 +244,9 @@ def write_run(report: RunReport, out_dir: Path, metric: str) -> dict[str, Path]:
         "final": report.test.get("final"),
         "missed": report.missed(),
         "left_out": report.left_out(),
+        "onboarding": report.onboarding(),
+        "longevity": report.longevity(),
+        "timing": report.timing(),
         "peak_rss_mb": report.peak_rss_mb,
         "history": report.history,
     }
@@ -134,6 +260,11 @@ def write_run(report: RunReport, out_dir: Path, metric: str) -> dict[str, Path]:
     files["metrics_json"].write_text(json.dumps(summary, indent=1))
     write_csv(metric_rows(report), files["metrics_csv"])
     plot_curves(report, metric, files["curves_png"])
+    files["time_png"] = plot_training_time(report, out_dir / "training_time.png")
+    if report.longevity():
+        files["longevity_png"] = plot_longevity(report, out_dir / "longevity.png")
+    if report.onboarding():
+        files["onboarding_png"] = plot_onboarding(report, out_dir / "onboarding.png")
     _save_weights(report.final_state, files["final_weights"])
     _save_weights(report.best_state or report.final_state, files["best_weights"])
     return files

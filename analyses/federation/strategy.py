@@ -1,11 +1,12 @@
 """What a federated strategy is: one small class the orchestrator drives, nothing else.
 
-Each round the orchestrator asks the strategy for each site's `training_instruction` (the weights
-to train from and any extra parameters), checks every answer against the strategy's
-`expected_update`, and hands the accepted ones to `aggregate`. Evaluation uses `weights_for`.
-Everything a strategy must remember between rounds lives in `state()` so a checkpoint can restore
-it exactly. A new strategy (SCAFFOLD, FedAdam, ...) is a new small class with its own options; the
-orchestrator, the command line and the report do not change.
+The orchestrator first tells the strategy the plan's local optimiser (`configure`). Each round it
+asks the strategy for each site's `training_instruction` (the weights to train from and any extra
+parameters), checks every answer against the strategy's `expected_update`, and hands the accepted
+ones to `aggregate`. Evaluation uses `weights_for`. Everything a strategy must remember between
+rounds lives in `state()` so a checkpoint can restore it exactly. A new strategy (SCAFFOLD,
+FedAdam, ...) is a new small class with its own options; the orchestrator, the command line and
+the report do not change.
 """
 
 from __future__ import annotations
@@ -20,12 +21,15 @@ Weights = dict[str, np.ndarray]
 
 @dataclass(frozen=True)
 class SiteUpdate:
-    """What one site returned from `local_train`: its new weights and how many samples it saw."""
+    """What one site returned from `local_train`: its new weights, how many samples it saw, and
+    the optimiser steps and training seconds it reports (0 when it reports none)."""
 
     site: str
     weights: Weights
     n_samples: float
     train_loss: float
+    steps: float = 0.0
+    compute_seconds: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -55,6 +59,12 @@ class Strategy:
     def options(self) -> dict[str, Any]:
         """The options this strategy was built with (empty when it has none)."""
         return {}
+
+    def configure(self, lr: float, optimizer: str, trainable: frozenset[str]) -> None:
+        """The plan's local learning rate and optimiser, and which weights are trainable parameters
+        (the rest are buffers), from the orchestrator before anything else: a strategy whose server
+        maths depends on how sites step (SCAFFOLD) reads them here, so the user gives the learning
+        rate once, and raises ValueError for a plan it cannot serve. Most strategies need none."""
 
     def initialize(self, weights: Weights, sites: list[str]) -> None:
         """Start from the initial model for these sites."""

@@ -42,4 +42,10 @@ def check_update(site: str, result: Any, expected: dict[str, tuple[int, ...]]) -
         raise RejectedUpdate(f"{site}: n_samples must be a positive finite number")
     if not isinstance(loss, (int, float)) or not math.isfinite(loss):
         raise RejectedUpdate(f"{site}: train_loss is not finite")
-    return SiteUpdate(site=site, weights=weights, n_samples=float(n_samples), train_loss=float(loss))
+    optional = {}
+    for key in ("steps", "compute_seconds"):
+        value = result["scalars"].get(key, 0.0)
+        if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+            raise RejectedUpdate(f"{site}: {key} must be a non-negative finite number")
+        optional[key] = float(value)
+    return SiteUpdate(site=site, weights=weights, n_samples=float(n_samples), train_loss=float(loss), **optional)

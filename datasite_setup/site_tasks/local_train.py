@@ -1,11 +1,18 @@
 """Site task `local_train`: a few local epochs from the global weights; returns only new weights.
 
 It trains on the site's `train` split unless the request names another (`split`). The optimiser
-starts fresh each round (its state never leaves the site). With `mu > 0` the loss
-gains FedProx's proximal term mu/2 * ||w - w_global||^2 over the trainable parameters, which
-keeps a site's update close to the global model when sites differ. Returned: the model's own
-weights (names and shapes checked by the site's contract), the number of training samples seen
-per epoch (for sample-weighted averaging) and the mean training loss.
+starts fresh each round, on purpose: its state never leaves the site, and the site keeps nothing
+between rounds. With `mu > 0` the loss gains FedProx's proximal term mu/2 * ||w - w_global||^2
+over the trainable parameters, which keeps a site's update close to the global model when sites
+differ. With `control` (SCAFFOLD's correction c - c_i, computed by the orchestrator: one float
+array per trainable parameter) every step adds it to that parameter's gradient before the
+optimiser steps, w <- w - lr (g - c_i + c). The correction is defined for plain SGD, so `control`
+with Adam is refused, as is one whose names, shapes or values do not fit the model (checked
+before the run). Returned: the model's own weights (names and shapes checked by the site's
+contract), the number of training samples seen per epoch (for sample-weighted averaging), the
+mean training loss, the optimiser steps taken and the seconds the training itself took at the
+site (so a round's time splits into compute and the rest: waiting, transfer, the site's own
+overhead).
 
 Every step averages over at least the site's `min_batch` samples (`[privacy] min_batch`): with one
 slice per step, one step of plain SGD from known weights turns the returned loss and weights into
@@ -15,6 +22,7 @@ epoch joins the batch before it, and a site with fewer training samples than `mi
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -22,7 +30,7 @@ import numpy as np
 
 from datasite_setup.site_tasks.task import Param, SiteFacts, SiteTask, TaskRefusal, between, known_domain
 
-SCALARS = frozenset({"n_samples", "train_loss", "steps"})
+SCALARS = frozenset({"n_samples", "train_loss", "steps", "compute_seconds"})
 
 
 def steps_of_at_least(batches: Iterable[tuple[Any, Any]], min_batch: int) -> Iterator[tuple[Any, Any]]:
@@ -44,12 +52,37 @@ def steps_of_at_least(batches: Iterable[tuple[Any, Any]], min_batch: int) -> Ite
         yield held
 
 
+def control_problem(control: dict[Any, Any], optimizer: str, model: Any) -> str | None:
+    """What keeps SCAFFOLD's `control` from applying to `model` (None when it fits): it corrects
+    SGD steps, and each entry is a finite float array shaped like the trainable parameter it names.
+    The message names the key, never a value."""
+    from datasite_setup.model_weights import trainable_shapes
+
+    if optimizer != "sgd":
+        return f"control (SCAFFOLD) corrects plain SGD steps; it is refused with optimizer {optimizer}"
+    shapes = trainable_shapes(model)
+    for name, value in control.items():
+        if not isinstance(name, str):
+            return "control has a key that is not a parameter name"
+        key = name[:100]
+        if name not in shapes:
+            return f"control['{key}'] is not a trainable parameter of the model"
+        if not isinstance(value, np.ndarray) or value.dtype.kind != "f":
+            return f"control['{key}'] must be a float array"
+        if value.shape != shapes[name]:
+            return f"control['{key}'] has shape {value.shape}, the parameter has {shapes[name]}"
+        if not np.isfinite(value).all():
+            return f"control['{key}'] holds NaN or Inf"
+    return None
+
+
 def run(cases: list[dict[str, Any]], params: dict[str, Any], site: SiteFacts) -> dict[str, Any]:
     import torch
 
     from datasite_setup.model_weights import exchanged_weights, load_weights
     from domains import get_domain
 
+    started = time.perf_counter()
     domain = get_domain(params["domain"])
     torch.manual_seed(params["seed"])
     rng = np.random.default_rng(params["seed"])
@@ -60,6 +93,11 @@ def run(cases: list[dict[str, Any]], params: dict[str, Any], site: SiteFacts) ->
         optimiser = torch.optim.SGD(model.parameters(), lr=params["lr"])
     else:
         optimiser = torch.optim.Adam(model.parameters(), lr=params["lr"])
+    control = params.get("control", {})
+    if "control" in params and (issue := control_problem(control, params["optimizer"], model)):
+        raise ValueError(issue)
+    corrections = [(p, torch.as_tensor(control[name], dtype=p.dtype))
+                   for name, p in model.named_parameters() if name in control]
     mu = params.get("mu", 0.0)
     max_steps = params.get("max_steps", 0)
     model.train()
@@ -71,6 +109,8 @@ def run(cases: list[dict[str, Any]], params: dict[str, Any], site: SiteFacts) ->
             if mu > 0:
                 loss = loss + mu / 2 * sum(((p - a) ** 2).sum() for p, a in zip(model.parameters(), anchor))
             loss.backward()
+            for p, correction in corrections:
+                p.grad = correction.clone() if p.grad is None else p.grad + correction
             optimiser.step()
             losses.append(float(loss.detach()))
             samples += len(x)
@@ -81,7 +121,8 @@ def run(cases: list[dict[str, Any]], params: dict[str, Any], site: SiteFacts) ->
             break
     return {
         "weights": exchanged_weights(model),
-        "scalars": {"n_samples": float(samples / params["epochs"]), "train_loss": float(np.mean(losses)), "steps": float(steps)},
+        "scalars": {"n_samples": float(samples / params["epochs"]), "train_loss": float(np.mean(losses)), "steps": float(steps),
+                    "compute_seconds": round(time.perf_counter() - started, 3)},
     }
 
 
@@ -93,9 +134,15 @@ def contract(params: dict[str, Any], site: SiteFacts) -> Any:
     return WeightsContract(param_shapes=declared_shapes(get_domain(params["domain"]).build_model()), scalar_names=SCALARS)
 
 
-def batch_policy(params: dict[str, Any], site: SiteFacts) -> str | None:
+def site_policy(params: dict[str, Any], site: SiteFacts) -> str | None:
+    """What the site refuses before the run: a batch below its `min_batch`, and a `control` that does
+    not fit the domain's model (so the data scientist learns which key, not just that the run failed)."""
     if params["batch_size"] < site.min_batch:
         return f"batch_size {params['batch_size']} is below this site's minimum of {site.min_batch} samples per step"
+    if "control" in params:
+        from domains import get_domain
+
+        return control_problem(params["control"], params["optimizer"], get_domain(params["domain"]).build_model())
     return None
 
 
@@ -112,9 +159,11 @@ TASK = SiteTask(
         "seed": Param(int, "random seed for shuffling and initialisation", check=between(0, 2**31 - 1)),
         "mu": Param(float, "FedProx proximal weight (0 = FedAvg)", required=False, check=between(0.0, 100.0)),
         "max_steps": Param(int, "stop after this many steps (0 = no cap)", required=False, check=between(0, 10**6)),
+        "control": Param(dict, "SCAFFOLD's correction c - c_i: {trainable parameter name: float array}, added to "
+                               "its gradient every SGD step", required=False),
     },
     run=run,
     contract=contract,
-    policy=batch_policy,
+    policy=site_policy,
     default_split="train",
 )
