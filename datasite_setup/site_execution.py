@@ -166,8 +166,27 @@ def _charge_privacy_budget(config: SiteConfig, params: dict[str, Any], who: str,
                     "remaining": round(remaining, 6)})
 
 
+def _own_inputs(code: Any) -> frozenset[str]:
+    """The inputs a request declares as the data scientist's own (syft's `UserOwned`), as opposed to
+    the site's assets, which only the admin uploads."""
+    declared = next(iter((getattr(code, "input_policy_init_kwargs", None) or {}).values()), {})
+    return frozenset(name for name, kind in declared.items()
+                     if (kind if isinstance(kind, type) else type(kind)).__name__ == "UserOwned")
+
+
 def run_request(config: SiteConfig, code: Any, kwargs: dict[str, Any], who: str) -> Any:
-    """Run one approved request's code (a syft UserCode); return its result or raise SiteRefusal."""
+    """Run one approved request's code (a syft UserCode); return its result or raise SiteRefusal.
+
+    Only an asset of this site is read as a case manifest: a manifest passed as the data
+    scientist's own input (her copy of a reference naming a collection and version, or a document
+    listing case ids) would otherwise have the site read the cases it names, whatever dataset
+    the request was approved on."""
+    forged = sorted(name for name in _own_inputs(code) if is_manifest(kwargs.get(name)))
+    if forged:
+        raise SiteRefusal.withheld(config, "the request", {
+            "action": "refused-run", "code": _code_id(code), "requested_by": who,
+            "why": f"input {', '.join(forged)} is a case manifest the data scientist passed herself, not a dataset of this site",
+        })
     plan_source, plan_function, plan_kwargs, contract, label, params = _plan(config, code, kwargs)
     _charge_privacy_budget(config, params, who, label)
     run_source, run_function = reporting(plan_source, plan_function)

@@ -152,3 +152,49 @@ def test_a_later_ingestion_adds_cases_in_a_new_manifest_version(ingested_ibsi: t
     assert landmarks["n"] == 2
     ran = [json.loads(line) for line in (site.config.data_dir / "audit.log").read_text().splitlines()]
     assert [e for e in ran if e.get("action") == "ran"][-1]["manifest_version"] == v1["manifest_version"]
+
+
+def test_a_manifest_passed_as_her_own_input_reads_no_case(ingested_ibsi: tuple[LiveSite, dict]) -> None:
+    """Attack: the dataset's description names its collection and manifest version, so a data
+    scientist can write the private asset's reference (or a document listing its case ids) herself
+    and pass it as her own `cases` input. syft runs code on inputs she owns, without any approval,
+    once an admin allows her "mock execution" (to try code on her own data), and the site would
+    then read the cases the manifest names. The site reads cases only from its own assets: each run
+    is refused, uniformly, with the reason in the audit log, and nothing runs."""
+    import syft as sy
+    from syft.service.policy.policy import OutputPolicyExecuteCount
+
+    from analyses.site_requests import function_name, thin_function
+    from domains.case_manifest import manifest_document, manifest_reference
+    from tests.conftest import DS_EMAIL, audit_entry
+
+    site, report = ingested_ibsi
+    ds = site.ds_client()
+    code = sy.syft_function(input_policy=sy.MixedInputPolicy(cases=str, params=dict, client=ds),
+                            output_policy=OutputPolicyExecuteCount(limit=2))(thin_function("cohort_summary", "own_manifest"))
+    ds.code.request_code_execution(code)  # never approved
+    name = function_name("cohort_summary", "own_manifest")
+    entries = [e.to_dict() for e in CaseStore(site.config.data_dir).manifest(report["manifest_version"], collection="ibsi-sts")]
+
+    def runs() -> int:
+        log = site.config.data_dir / "audit.log"
+        lines = log.read_text().splitlines() if log.exists() else []
+        return sum(json.loads(line).get("action") == "ran" for line in lines)
+
+    user = next(u for u in site.admin_client().users.get_all() if u.email == DS_EMAIL)
+    user.allow_mock_execution(True)
+    try:
+        ran_before = runs()
+        for forged in (manifest_reference("ibsi-sts", report["manifest_version"]),
+                       manifest_document(entries, "ibsi-sts", report["manifest_version"])):
+            with pytest.raises(Exception) as refused:
+                result = getattr(site.ds_client().code, name)(cases=forged, params={"group_by": "Manufacturer"})
+                if isinstance(result, sy.SyftError):
+                    raise RuntimeError(result.message)
+                result.get()
+            message = str(refused.value)
+            assert "did not complete at the site" in message and "lesion" not in message
+            assert "not a dataset of this site" in audit_entry(site, message)["why"]
+        assert runs() == ran_before
+    finally:
+        user.allow_mock_execution(False)
