@@ -22,6 +22,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from analyses.figures import JOINS, LEAVES, draw_site_rounds, pyplot, save_figure
+
 
 @dataclass(frozen=True)
 class ReportInputs:
@@ -65,42 +67,28 @@ def _copy_png(source: Path, out_dir: Path, name: str) -> str | None:
     return name
 
 
-def _pyplot() -> Any:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def plot_smd_before_after(raw: dict[str, Any], harmonized: dict[str, Any], path: Path) -> Path:
     """Mean |SMD| against the pooled mean, per site, before and after harmonization."""
     import numpy as np
 
-    plt = _pyplot()
     sites = list(raw["site_mean_abs_smd"])
     before = [raw["site_mean_abs_smd"].get(s) or 0.0 for s in sites]
     after = [harmonized["site_mean_abs_smd"].get(s) or 0.0 for s in sites]
     x = np.arange(len(sites))
-    fig, ax = plt.subplots(figsize=(6, 3.6))
+    fig, ax = pyplot().subplots(figsize=(6, 3.6))
     ax.bar(x - 0.2, before, 0.4, label="raw intensities")
     ax.bar(x + 0.2, after, 0.4, label="Nyul-harmonized")
     ax.set_xticks(x, sites)
     ax.set(ylabel="mean |SMD| vs pooled", title="How far each site's features sit from the pool")
     ax.legend()
     ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def plot_pooled_curves(histories: dict[str, list[dict[str, Any]]], metric: str, path: Path) -> Path:
     """Pooled validation `metric` over the sites after each round, one line per method (the
     rounds are chosen on it; the results are the test tables)."""
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6, 3.6))
+    fig, ax = pyplot().subplots(figsize=(6, 3.6))
     for method, history in histories.items():
         points = [(r["round"], r["pooled"][metric]) for r in history if metric in r.get("pooled", {})]
         if points:
@@ -109,61 +97,26 @@ def plot_pooled_curves(histories: dict[str, list[dict[str, Any]]], metric: str, 
            title=f"Pooled validation {metric} per round (round 0: initial model)")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def plot_longevity_by_method(longevity: dict[str, dict[str, Any]], metric: str, path: Path) -> Path:
     """Each departed site's test `metric` per round from its last training round on, one line per
     method and site, departures marked: how long the site's information lasts in each method."""
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6, 3.6))
-    departures = {}
-    for method, sites in longevity.items():
-        for site, lasted in sites.items():
-            points = [(k, v) for k, v in zip(lasted["rounds"], lasted["test"]) if v is not None]
-            if points:
-                ax.plot(*zip(*points), marker="o", label=f"{method}: {site}")
-            departures[site] = lasted["leaves_after"]
-    for site, last in departures.items():
-        ax.axvline(last + 0.5, color="grey", linestyle=":", label=f"{site} leaves")
-    ax.set(xlabel="round", ylabel=f"test {metric}", title=f"Longevity: the departed site's test {metric}")
-    ax.xaxis.get_major_locator().set_params(integer=True)
+    fig, ax, _ = draw_site_rounds(longevity, "test", LEAVES, ylabel=f"test {metric}",
+                                  title=f"Longevity: the departed site's test {metric}")
     ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def plot_onboarding_by_method(onboarding: dict[str, dict[str, Any]], metric: str, path: Path) -> Path:
     """Each joining clinic's validation `metric` per round (solid) against the founding sites'
     pooled value (dashed, same colour), one pair per method, the join marked."""
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6, 3.6))
-    joins = {}
-    for method, sites in onboarding.items():
-        for site, joined in sites.items():
-            own = [(k, v) for k, v in zip(joined["rounds"], joined["site"]) if v is not None]
-            level = [(k, v) for k, v in zip(joined["rounds"], joined["founding_pooled"]) if v is not None]
-            if own:
-                line = ax.plot(*zip(*own), marker="o", label=f"{method}: {site}")[0]
-                if level:
-                    ax.plot(*zip(*level), linestyle="--", color=line.get_color(), label=f"{method}: founding sites")
-            joins[site] = joined["joins_at"]
-    for site, first in joins.items():
-        ax.axvline(first - 0.5, color="purple", linestyle=":", label=f"{site} joins")
-    ax.set(xlabel="round", ylabel=f"validation {metric}", title=f"Onboarding: the joining clinic's validation {metric}")
-    ax.xaxis.get_major_locator().set_params(integer=True)
+    fig, ax, _ = draw_site_rounds(onboarding, "site", JOINS, ylabel=f"validation {metric}",
+                                  title=f"Onboarding: the joining clinic's validation {metric}",
+                                  reference="founding_pooled", reference_label="founding sites, pooled")
     ax.legend(fontsize=7)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def _or_never(round_no: int | None) -> int | str:
@@ -205,7 +158,7 @@ def _time_parts(comparison: dict[str, Any]) -> list[str]:
     if not time_table:
         return []
     mib = 1024 * 1024
-    rows = [[method, t["wall_seconds"], t.get("train_wall_seconds"), t.get("site_compute_seconds", t.get("compute_seconds")),
+    rows = [[method, t["wall_seconds"], t.get("train_wall_seconds"), t.get("site_compute_seconds"),
              t.get("site_other_seconds"), t["bytes_sent"] / mib if "bytes_sent" in t else None,
              t["bytes_received"] / mib if "bytes_received" in t else None]
             for method, t in time_table.items()]

@@ -11,14 +11,14 @@ every size):
    resident memory (`os.wait4`'s rusage of that one child), which should be bounded by one series
    and not grow with the number of cases;
 2. the server's resident memory (the server process alone, from the pid `up` records in the data
-   dir; its warm spare children separately) after ingestion and after the calls;
+   dir; its sandbox zygote separately) after ingestion and after the calls;
 3. the time of one trivial site-task call as the data scientist sees it: `cohort_summary` grouped
    by Manufacturer through an approved thin request, several calls after a warm-up, median.
 
 One datasite per size, all three up at once, so that the calls of the three sizes alternate (4, 32,
 256, then 256, 32, 4, ...) under the same machine load; before each timed call the benchmark waits
-until every site's server and spare children are idle (a spare replaced after a run imports torch
-and pyradiomics, which would otherwise run beside the next call on this 2-core machine).
+until every site's server and its zygote are idle (the zygote imports torch and pyradiomics once
+at start, which would otherwise run beside the first calls on this 2-core machine).
 
 `cohort_summary` reads every case's image and mask (memory-mapped), so its own compute does grow
 with the cases; to tell that apart from the per-call overhead, the same task runs in this process
@@ -127,7 +127,7 @@ def server_pid(config: Any) -> int:
 
 
 def server_memory(config: Any) -> dict[str, Any]:
-    """RSS (MiB) of the server process alone, and of its children (the warm spares) apart."""
+    """RSS (MiB) of the server process alone, and of its children (the sandbox zygote) apart."""
     import psutil
 
     server = psutil.Process(server_pid(config))
@@ -307,10 +307,10 @@ def run(quick: bool) -> dict[str, Any]:
             "phantom": {"profile": PROFILE, "shape_zyx": [N_SLICES, MATRIX, MATRIX], "tumour_prevalence": 1.0,
                         "mask_format": "rtstruct", "seed": SEED, "one_case_in_memory_mb": series_mb()},
             "task": TASK, "params": PARAMS,
-            "sites": "one datasite per size, all up together (default warm_spares); calls alternate between sizes",
+            "sites": "one datasite per size, all up together (default fork server); calls alternate between sizes",
             "call": "wall time of the data scientist's call_site_task of an approved request, after the sites' idle",
             "in_process_task": "run_for_parent over the site's CaseSource in the benchmark process",
-            "server_memory": "RSS of the server process from data_dir/server.pid; its warm spare children apart",
+            "server_memory": "RSS of the server process from data_dir/server.pid; its sandbox zygote apart",
             "ingest_peak_rss": "ru_maxrss of the `datasite_setup ingest` program alone (forked by a small launcher, os.wait4)",
             "targets": {"call_ratio_max": TARGET_CALL_RATIO, "memory_ratio_max": TARGET_MEMORY_RATIO},
         },

@@ -13,14 +13,13 @@ Per repetition, alternating the order (A B C D, then D C B A) on the same inputs
 (a) in-process: the same function source `exec`'d and called here (warm: one untimed call first,
     as in a server that has trained before);
 (b) isolated: `run_isolated` with the server's defaults (`ExecutionLimits()`, DEFAULT_PRELOAD,
-    a warm spare child whose imports were done before the run), timed around the whole call:
+    a warm child forked from the zygote that did the imports), timed around the whole call:
     encode inputs, hand-over to the child, confinement, compute, encode and decode the result;
 (b') isolated cold: the same with `warm=False`, a fresh interpreter that preloads during the run;
 (c) child start: `run_isolated` (warm) of a function that returns None;
 (d) child start + transfer: the same for a function that returns the ~30 MB weights it got.
 
-Every variant starts after a pause of `pause_s` (a server between requests: the spare started
-after the previous run has finished its imports); the pause is not timed.
+Every variant starts after a pause of `pause_s` (a server between requests); the pause is not timed.
 
 Headline: median(b) / median(a) (target <= 1.10 for a >= 5 s task), and median(b') / median(a)
 for the cold path. Fixed overhead: median(c),

@@ -30,13 +30,13 @@ order reversed every other round), because the 2-core machine's load changes fas
     The ledger's cost is the median over rounds of (ledger variant - `filters`), the disclosure
     filters' cost likewise (`filters` - `no_filters`). The ledger's cost is set against today's whole call:
     the data scientist's `call_site_task` of the same approved request with the same parameters
-    through the same datasite (site task in the isolated child with the server's warm spares), median
+    through the same datasite (site task in an isolated child forked from the server's zygote), median
     of `call_repetitions`. Ratio = (call + ledger cost) / call; the measured call already contains
     one ledger check (its ledger is on), so this slightly overstates the ledger's share. A `--quick`
     run skips the whole call and sets the ledger's cost against the in-process task time instead (a
     smaller denominator, so a stricter ratio) and says so.
 
-Before the door's calls and before each whole call the benchmark waits until the site's spare children have
+Before the door's calls and before each whole call the benchmark waits until the site's zygote has
 finished importing (their CPU use stops), so that they do not run beside what is timed.
 """
 
@@ -66,10 +66,10 @@ TARGET_RATIO = 1.05
 TASK = "radiomics_aggregates"
 DS_WHO = "ds@uni.example"
 FULL = {"door_calls_per_repetition": 30, "door_repetitions": 5, "sizes": (8, 32), "releases_per_repetition": 10,
-        "release_repetitions": 5, "ledger_history": 100, "call_repetitions": 3, "warm_spares": 2,
+        "release_repetitions": 5, "ledger_history": 100, "call_repetitions": 3, "fork_server": True,
         "idle_timeout_s": 120.0}
 QUICK = {"door_calls_per_repetition": 10, "door_repetitions": 2, "sizes": (8,), "releases_per_repetition": 3,
-         "release_repetitions": 2, "ledger_history": 10, "call_repetitions": 0, "warm_spares": 0,
+         "release_repetitions": 2, "ledger_history": 10, "call_repetitions": 0, "fork_server": False,
          "idle_timeout_s": 20.0}
 FEATURE_BINS = 10
 INTENSITY_EDGES = [float(v) for v in np.linspace(0, 4000, 41)]
@@ -85,7 +85,7 @@ def _median_ms(values: list[float]) -> float:
 
 
 def _my_children() -> list[Any]:
-    """This process's children: the site's spares, importing torch and pyradiomics after a run."""
+    """This process's children: the site's zygote and the runs it forks."""
     import psutil
 
     return psutil.Process().children(recursive=True)
@@ -248,7 +248,7 @@ def _site(work: Path, plan: dict[str, Any]) -> tuple[Any, Any, Any, Any]:
     from datasite_setup.site_config import PrivacySettings, load_site_config
 
     path = write_site_config(work, "bench-privacy", free_port(), min_cohort=PrivacySettings().min_cohort,
-                             ds_email=DS_WHO, extra=f"[execution]\nwarm_spares = {plan['warm_spares']}\n")
+                             ds_email=DS_WHO, extra=f"[execution]\nfork_server = {str(plan['fork_server']).lower()}\n")
     config = load_site_config(path)
     with quiet_syft():
         datasite = build_datasite(config)
@@ -305,7 +305,7 @@ def run(quick: bool) -> dict[str, Any]:
     from analyses.commands.radiomics import read_params
     from datasite_setup.credentials import pseudonym_key
     from datasite_setup.ingest import read_cases
-    from datasite_setup.isolation import discard_spares
+    from datasite_setup.isolation import stop_fork_servers
     from datasite_setup.site_tasks import run_for_parent
 
     plan = QUICK if quick else FULL
@@ -353,7 +353,7 @@ def run(quick: bool) -> dict[str, Any]:
     finally:
         if datasite is not None:
             datasite.stop()
-        discard_spares()
+        stop_fork_servers()
         shutil.rmtree(work, ignore_errors=True)
 
     call_kind = "whole_call_median_s" if plan["call_repetitions"] else "in_process_task_s"

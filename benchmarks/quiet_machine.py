@@ -1,6 +1,6 @@
 """Waiting for the processes a benchmark started to go quiet before it times anything.
 
-On a 2-core machine a site's spare child importing torch and pyradiomics, or a store syncing,
+On a 2-core machine a site's zygote importing torch and pyradiomics, or a store syncing,
 would run beside what is timed; every benchmark waits for its processes to settle first.
 """
 
@@ -36,7 +36,7 @@ def wait_until_idle(processes: Callable[[], Iterable[Any]], timeout_s: float, wi
 
 
 def with_children(pids: Iterable[int]) -> Callable[[], list[Any]]:
-    """These processes and all their descendants, looked up each time (spares come and go)."""
+    """These processes and all their descendants, looked up each time (sandbox children come and go)."""
     import psutil
 
     def processes() -> list[Any]:

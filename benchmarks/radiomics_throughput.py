@@ -18,7 +18,7 @@ manifest (no pixels). With the example parameter file `analyses/radiomics_params
     child: (a) - (c) is the remote path's own cost, (c) - (b) the task's aggregation.
 
 Alternating (a b c, c b a, ...) per size; each remote call follows an untimed pause (a site between
-requests, whose warm spare child has finished its imports). Reported: cases/s both ways and the
+requests, whose zygote has finished its imports). Reported: cases/s both ways and the
 ratio remote / direct throughput (target >= 0.95), per size: the fixed cost of a run (request
 handling, hand-over to the child) matters less the more cases a run covers.
 """
@@ -108,7 +108,7 @@ def run(quick: bool) -> dict[str, Any]:
                 task: list[float] = []
 
                 def time_remote() -> None:
-                    time.sleep(plan["pause_s"])  # a site between requests: its warm spare child is ready
+                    time.sleep(plan["pause_s"])  # a site between requests
                     with quiet_syft():
                         started = time.perf_counter()
                         result = call_site_task(ds, asset, "radiomics_aggregates", f"bench{n}", {"settings": settings})

@@ -355,6 +355,10 @@ def _email(server: Any, credentials: Any) -> str:
 _this_call = threading.local()  # (credentials, role) of the call this thread is handling
 
 
+def _api_call_text(api_call: Any) -> str:
+    return f"SyftAPICall(path={api_call.path}, {len(api_call.args)} args, kwargs {sorted(api_call.kwargs)})"
+
+
 def install(server: Any, data_dir: Path) -> None:
     """Put the door in front of `server`'s API-call handler (call before the HTTP app is built).
 
@@ -363,13 +367,18 @@ def install(server: Any, data_dir: Path) -> None:
     call, on its thread and for the same key, the answer is the door's. So the door costs no
     extra query on the way in. syft's own handler and role lookup stay reachable as the
     replacements' `__wrapped__`, so the door's cost can be measured against them."""
-    from syft.client.api import SignedSyftAPICall
+    from syft.client.api import SignedSyftAPICall, SyftAPICall
     from syft.service.response import SyftError
     from syft.service.user.user_roles import ServiceRole
 
     original = server.handle_api_call_with_unsigned_result
     if getattr(original, "_medfed_door", False):
         return
+    # syft formats every call into its log line (`logger.info(f"API Call: {api_call}")`) whatever
+    # the log level: the text of its arguments, which can be private data, and which for a weight
+    # dict was the largest part of a training round's overhead (numpy's array2string). The
+    # call's text names its path and argument names only.
+    SyftAPICall.__repr__ = _api_call_text
     lookup_role = server.get_role_for_credentials
 
     @functools.wraps(lookup_role)

@@ -41,9 +41,9 @@ Example::
     max_threads = 64                    # live threads of a run, counted by the kernel (root too)
     max_open_files = 256                # RLIMIT_NOFILE
     max_result_mb = 256                 # largest result a run may send back
-    warm_spares = 2                     # children kept with their imports done for the next runs
-                                        # (~450 MB idle each; a run starts in ~0.1 s instead of
-                                        # 2-9 s); 0 turns them off
+    fork_server = true                  # runs forked from one process that did their imports
+                                        # (~450 MB once; a run starts in ~0.1 s instead of
+                                        # 2-9 s); false starts every run cold
 """
 
 from __future__ import annotations
@@ -110,7 +110,7 @@ class SiteConfig:
     privacy: PrivacySettings = field(default_factory=PrivacySettings)
     limits: ExecutionLimits = field(default_factory=ExecutionLimits)
     enabled_tasks: tuple[str, ...] | None = None  # None: every site task this install provides
-    warm_spares: int = 2
+    fork_server: bool = True
     split_fractions: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_FRACTIONS))
 
     @property
@@ -233,9 +233,10 @@ def load_site_config(path: str | Path) -> SiteConfig:
         memory_mb=_typed(execution.get("memory_mb", defaults.memory_mb), int, "execution.memory_mb", path),
         **caps,
     )
-    warm_spares = _typed(execution.get("warm_spares", 2), int, "execution.warm_spares", path)
-    if not 0 <= warm_spares <= 4:
-        raise SiteConfigError(f"{path}: 'execution.warm_spares' must be 0 (off) to 4, got {warm_spares}")
+    if "warm_spares" in execution:
+        raise SiteConfigError(f"{path}: 'execution.warm_spares' is no longer read: runs are forked from one process "
+                              "that did their imports; write 'fork_server = true' (or false to start every run cold)")
+    fork_server = _typed(execution.get("fork_server", True), bool, "execution.fork_server", path)
     cases = _typed(raw.get("cases", {}), dict, "cases", path)
     fractions = _typed(cases.get("split_fractions", DEFAULT_FRACTIONS), dict, "cases.split_fractions", path)
     try:
@@ -261,7 +262,7 @@ def load_site_config(path: str | Path) -> SiteConfig:
         data_scientists=tuple(scientists),
         privacy=privacy,
         limits=limits,
-        warm_spares=warm_spares,
+        fork_server=fork_server,
         split_fractions=fractions,
         enabled_tasks=None if tasks is None else tuple(tasks),
     )

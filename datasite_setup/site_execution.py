@@ -43,7 +43,7 @@ from datasite_setup.case_store import STORE_DIR, CaseSource, cases_of_manifest
 from datasite_setup.disclosure import (
     BudgetExhausted, Policy, PrivacyBudget, Released, ReleaseRefused, dp_epsilon, read_task_release,
 )
-from datasite_setup.isolation import Limits, prewarm, run_isolated
+from datasite_setup.isolation import Limits, run_isolated, start_fork_server
 from datasite_setup.output_contracts import AggregatesContract, ContractViolation, ScalarsContract
 from datasite_setup.return_flow import read_returns
 from datasite_setup.run_failures import failure_reason, failure_report, reporting
@@ -193,7 +193,7 @@ def run_request(config: SiteConfig, code: Any, kwargs: dict[str, Any], who: str)
     run_kwargs, granted, manifest_version = _with_case_sources(config, plan_kwargs)
     outcome = run_isolated(
         run_source, run_function, run_kwargs, Limits(**asdict(config.limits)), forbidden_paths=[config.data_dir],
-        granted_paths=granted, warm=config.warm_spares > 0, spares=config.warm_spares,
+        granted_paths=granted, warm=config.fork_server,
     )
     about = {"what": label, "code": _code_id(code), "requested_by": who}
     if manifest_version is not None:
@@ -230,8 +230,8 @@ def run_request(config: SiteConfig, code: Any, kwargs: dict[str, Any], who: str)
 
 def install(config: SiteConfig) -> None:
     """Route every syft user-code execution in this server process through `run_request`, and
-    (unless `[execution] warm_spares = 0`) start the first warm children so that the first run
-    does not pay for its imports either."""
+    (unless `[execution] fork_server = false`) start the fork server, so that the first run does
+    not pay for its imports either."""
     from syft.service.action import action_service
     from syft.service.code.user_code import UserCodeExecutionOutput
 
@@ -261,5 +261,5 @@ def install(config: SiteConfig) -> None:
         )
 
     action_service.execute_byte_code = execute
-    if config.warm_spares:
-        prewarm(Limits(**asdict(config.limits)), spares=config.warm_spares)
+    if config.fork_server:
+        start_fork_server()

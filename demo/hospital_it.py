@@ -19,11 +19,6 @@ from demo.data_scientist import ds_password
 from demo.layout import DS_EMAIL, DS_PASSWORD_ENV, SITES, DemoSize, Layout
 
 SITE_CONFIG_HEADER = "# Written by `python -m demo`: one hospital's datasite."
-SITE_CONFIG_EXTRA = """
-[execution]
-# three hospitals share this machine: one warm child each, not two, so spares importing beside
-# the other sites' training take less of the CPU
-warm_spares = 1"""
 
 
 def generate_exports(layout: Layout, size: DemoSize) -> dict[str, Path]:
@@ -97,7 +92,7 @@ def write_site_config(layout: Layout, site: str, size: DemoSize) -> Path:
         if status(config).running or not _port_in_use(config.host, config.port):
             return path
     return loopback_site.write_site_config(
-        layout.sites, site, loopback_site.free_port(), min_cohort=size.min_cohort, extra=SITE_CONFIG_EXTRA,
+        layout.sites, site, loopback_site.free_port(), min_cohort=size.min_cohort,
         ds_email=DS_EMAIL, password_env=DS_PASSWORD_ENV, header=SITE_CONFIG_HEADER,
     )
 

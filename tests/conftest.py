@@ -13,7 +13,8 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from types import SimpleNamespace
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import pytest
 
@@ -21,6 +22,10 @@ from datasite_setup import loopback_site
 from datasite_setup.credentials import data_scientist_password
 from datasite_setup.loopback_site import free_port
 from datasite_setup.site_config import SiteConfig, load_site_config
+
+if TYPE_CHECKING:
+    from analyses.federation.orchestrator import RunReport, TrainingPlan
+    from analyses.federation.site_link import SiteLink
 
 REPO = Path(__file__).resolve().parents[1]
 DS_EMAIL = "ds@uni.example"
@@ -122,3 +127,26 @@ def shared_site(site_pool: dict[str, LiveSite], tmp_path_factory: pytest.TempPat
             extra=SHARED_SITE_LIMITS,
         )
     return site_pool["shared"]
+
+
+@pytest.fixture
+def federate_in_process(monkeypatch: pytest.MonkeyPatch) -> Callable[[list[SiteLink]], None]:
+    """Point `federate train` at in-process sites (e.g. `SimulatedSite`s) instead of datasites: the
+    federation file names them, their requests count as approved and every plan runs through the
+    real orchestrator against them. The command's own code, the outputs and the comparison run as
+    they do against live sites (tests/test_federated_training.py), in seconds and without a server."""
+    from analyses import federation_file
+    from analyses.federation import experiment
+    from analyses.federation.orchestrator import Orchestrator
+
+    def federate(links: list[SiteLink]) -> None:
+        federation = SimpleNamespace(datasites=[SimpleNamespace(name=link.name) for link in links])
+
+        def train(federation: Any, plan: TrainingPlan, out_dir: Path, progress: bool = True) -> RunReport:
+            return Orchestrator(plan, links, out_dir, progress=False).run()
+
+        monkeypatch.setattr(federation_file, "load_federation", lambda path: federation)
+        monkeypatch.setattr(experiment, "submit", lambda federation, plans: {})
+        monkeypatch.setattr(experiment, "train", train)
+
+    return federate

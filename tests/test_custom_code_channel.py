@@ -126,7 +126,7 @@ def test_only_the_site_assets_are_private_inputs() -> None:
 
 
 def unit_config(tmp_path: Path):
-    path = write_site_config(tmp_path, "site-channel", 8081, allow_custom_code=True, extra="[execution]\nwarm_spares = 0\n")
+    path = write_site_config(tmp_path, "site-channel", 8081, allow_custom_code=True, extra="[execution]\nfork_server = false\n")
     config = load_site_config(path)
     config.data_dir.mkdir(parents=True)
     return config

@@ -88,8 +88,7 @@ def upload(site: LiveSite, name: str, cases: list[dict[str, Any]]) -> None:
 
 @pytest.fixture(scope="module")
 def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveSite]:
-    live = start_site(tmp_path_factory.mktemp("ledger-site"), "hospital-ledger", min_cohort=MIN_COHORT,
-                      extra="[execution]\nwarm_spares = 1\n")
+    live = start_site(tmp_path_factory.mktemp("ledger-site"), "hospital-ledger", min_cohort=MIN_COHORT)
     try:
         upload(live, "scanners", scanner_cases())
         upload(live, "scanners-v2", scanner_cases()[1:])  # the same study re-uploaded with one case withdrawn

@@ -368,5 +368,6 @@ def test_compare_reports_test_scores_of_the_selected_and_final_rounds(three_site
     assert tables["split"] == "test" and set(tables["best"]) == {"fedavg", "local", "centralized (simulation)"}
     assert tables["final"]["fedavg"]["pooled"] == pytest.approx(reports["fedavg"].test["final"]["pooled"]["rmse_cm2"])
     assert set(tables["cross_site"]) == {"local"}
+    assert all(t["site_compute_seconds"] > 0 for t in tables["time"].values())  # one key, federated or not
     saved = json.loads((tmp_path / "cmp" / "comparison.json").read_text())
     assert saved["best_round"] == tables["best_round"] and (tmp_path / "cmp" / "comparison_cross_site.csv").is_file()

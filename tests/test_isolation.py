@@ -1,9 +1,9 @@
 """Approved code run through `run_isolated`: escape attempts fail and leak nothing, real work comes back exact.
 
-Every test runs twice, against a cold child and a warm spare (imports done before the run).
-Cold: all runs of the module happen once, concurrently from a thread pool (which is also the
-thread-safety test), and each test reads its outcome. Warm: one after the other, each taking a
-spare started for it. The secret is planted where a hostile
+Every test runs twice, against a cold child and a warm one (forked from the zygote that did the
+imports before the run). Cold: all runs of the module happen once, concurrently from a thread
+pool (which is also the thread-safety test), and each test reads its outcome. Warm: one after the
+other, each forked from the zygote of its preloads. The secret is planted where a hostile
 function would look: the server's environment, a file in the site's data dir, an exception
 message, an exception's class name, an audit event name and a forged protocol frame.
 
@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 import socket
 import textwrap
+import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -28,7 +29,7 @@ import pytest
 
 import psutil
 
-from datasite_setup.isolation import REQUIRED_LAYERS, IsolatedOutcome, Limits, discard_spares, prewarm, run_isolated
+from datasite_setup.isolation import REQUIRED_LAYERS, IsolatedOutcome, Limits, run_isolated, start_fork_server, stop_fork_servers
 from datasite_setup.sandbox.audit_hook import REFUSABLE_EVENTS, exit_status, refused_event
 from datasite_setup.sandbox.grants import carve
 
@@ -331,7 +332,7 @@ def _children_running_sandbox() -> list[psutil.Process]:
     found = []
     for child in psutil.Process().children(recursive=True):
         try:
-            if "datasite_setup.sandbox.child_main" in child.cmdline():
+            if any(module in child.cmdline() for module in ("datasite_setup.sandbox.child_main", "datasite_setup.sandbox.zygote")):
                 found.append(child)
         except psutil.NoSuchProcess:
             continue
@@ -361,9 +362,8 @@ def site(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactor
                 outcomes = {name: future.result() for name, future in futures.items()}
         else:
             for name, (src, kwargs, limits, preload) in sorted(probes.items(), key=lambda item: repr(item[1][2:])):
-                prewarm(limits, preload)
                 outcomes[name] = run_isolated(src, "f", kwargs, limits, [data_dir], preload)
-            discard_spares()
+            stop_fork_servers()
     yield {"mode": request.param, "outcomes": outcomes, "listener": listener, "outside": base / "escaped.txt"}
     listener.close()
 
@@ -420,7 +420,7 @@ def test_each_run_used_the_child_of_its_mode(site: dict[str, Any]) -> None:
 
 
 def test_no_sandbox_child_is_left_running(site: dict[str, Any]) -> None:
-    discard_spares()  # other modules' runs may have left spares for later runs; runs leave nothing
+    stop_fork_servers()  # other modules' runs may have left a zygote for later runs; runs leave nothing
     assert _children_running_sandbox() == []
 
 
@@ -521,49 +521,83 @@ def test_carve_grants_around_a_forbidden_dir_below_a_readable_root(tmp_path: Pat
     assert carve([site_dir, str(tmp_path / "data" / "site" / "x")], [site_dir]) == []
 
 
-def test_site_config_keeps_two_warm_spares_by_default_and_none_on_request(tmp_path: Path) -> None:
+def test_site_config_runs_the_fork_server_by_default_and_not_on_request(tmp_path: Path) -> None:
     from datasite_setup.site_config import SiteConfigError, load_site_config
     from tests.conftest import write_site_config
 
-    assert load_site_config(write_site_config(tmp_path / "a", "site-a", 8081)).warm_spares == 2
-    off = write_site_config(tmp_path / "b", "site-b", 8081, extra="\n[execution]\nwarm_spares = 0\n")
-    assert load_site_config(off).warm_spares == 0
-    for bad in ('"yes"', "true", "9"):
-        path = write_site_config(tmp_path / "c", "site-c", 8081, extra=f"\n[execution]\nwarm_spares = {bad}\n")
-        with pytest.raises(SiteConfigError, match="execution.warm_spares"):
+    assert load_site_config(write_site_config(tmp_path / "a", "site-a", 8081)).fork_server is True
+    off = write_site_config(tmp_path / "b", "site-b", 8081, extra="\n[execution]\nfork_server = false\n")
+    assert load_site_config(off).fork_server is False
+    for key, bad in (("fork_server", '"yes"'), ("fork_server", "1"), ("warm_spares", "2")):
+        path = write_site_config(tmp_path / "c", "site-c", 8081, extra=f"\n[execution]\n{key} = {bad}\n")
+        with pytest.raises(SiteConfigError, match=f"execution.{key}"):
             load_site_config(path)
 
 
-def test_back_to_back_runs_each_find_a_spare_that_finished_importing() -> None:
-    """Training then evaluation then training, with no pause: two spares keep every run warm."""
-    discard_spares()
-    prewarm(LIMITS, TORCH)
-    source = _code("import torch\nreturn {'v': float(torch.ones(3).sum())}")
+def test_back_to_back_runs_are_all_forked_warm_from_one_zygote() -> None:
+    """Training then evaluation then training, with no pause: every run is forked from the zygote,
+    which is the only process importing; each child draws its own random numbers and looks for
+    modules and temp files in its own scratch dir, never in the zygote's start dir."""
+    stop_fork_servers()
+    start_fork_server(TORCH)
+    source = _code("import os, random, sys, tempfile\nimport numpy as np\nimport torch\n"
+                   "here = os.getcwd()\n"
+                   "return {'v': float(torch.ones(3).sum()), 'draws': [random.random(), float(np.random.rand()), float(torch.rand(1))],"
+                   " 'in_scratch': [sys.path[0] == here, tempfile.gettempdir() == here, os.environ['HOME'] == here]}")
     outcomes = [run_isolated(source, "f", {}, LIMITS, preload=TORCH) for _ in range(4)]
-    discard_spares()
-    assert all(o.ok and o.warm and o.result == {"v": 3.0} for o in outcomes), outcomes
+    zygotes = [p for p in _children_running_sandbox() if "datasite_setup.sandbox.zygote" in p.cmdline()]
+    stop_fork_servers()
+    assert all(o.ok and o.warm and o.result["v"] == 3.0 and all(o.result["in_scratch"]) for o in outcomes), outcomes
+    assert len(zygotes) == 1
+    for source_index in range(3):
+        assert len({o.result["draws"][source_index] for o in outcomes}) == len(outcomes)
     assert _children_running_sandbox() == []
+
+
+def test_a_forked_child_holds_nothing_of_the_zygote_or_of_a_concurrent_run() -> None:
+    """The zygote holds the descriptors of every run it forked and is the forked child's parent:
+    a run started while another is running finds no descriptor beyond its own channel, cannot
+    signal the zygote, and the zygote goes on forking."""
+    stop_fork_servers()
+    start_fork_server(NUMPY)
+    open_fds = _code("import os\nfound = []\nfor fd in range(1024):\n    try:\n        os.fstat(fd)\n"
+                     "    except OSError:\n        continue\n    found.append(fd)\nreturn {'fds': found}")
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        holding = pool.submit(run_isolated, _code("import time\ntime.sleep(3)\nreturn {'v': 1.0}"), "f", {}, LIMITS, preload=NUMPY)
+        while not any("datasite_setup.sandbox.zygote" in p.cmdline() and p.children() for p in _children_running_sandbox()):
+            time.sleep(0.05)
+        listed = run_isolated(open_fds, "f", {}, LIMITS, preload=NUMPY)
+        assert holding.result().ok
+    zygote_pids = {p.pid for p in _children_running_sandbox()}
+    signalled = run_isolated(_code("import os, signal\nos.kill(os.getppid(), signal.SIGKILL)\nreturn {'v': 1.0}"),
+                             "f", {}, LIMITS, preload=NUMPY)
+    after = run_isolated(_code("return {'v': 2.0}"), "f", {}, LIMITS, preload=NUMPY)
+    still = {p.pid for p in _children_running_sandbox() if "datasite_setup.sandbox.zygote" in p.cmdline()}
+    stop_fork_servers()
+    assert listed.ok and listed.warm and set(listed.result["fds"]) <= {0, 1, 2, 3}, listed
+    assert not signalled.ok and signalled.failure in ("refused:os.kill", "error:PermissionError"), signalled
+    assert after.ok and after.warm and still == zygote_pids
 
 
 @pytest.mark.parametrize("warm", [True, False])
 def test_the_site_preloads_run_monai_warm_and_cold_without_a_user_name(warm: bool) -> None:
     """MONAI at import asks for the user's name and tries pandas (whose pyarrow starts a thread):
-    a warm spare with the site's preloads must still confine itself and run MONAI code."""
+    a child forked from the zygote of the site's preloads must still confine itself and run MONAI code."""
     from datasite_setup.isolation.spawn import DEFAULT_PRELOAD
 
-    discard_spares()
+    stop_fork_servers()
     if warm:
-        prewarm(LIMITS, DEFAULT_PRELOAD, spares=1)
+        start_fork_server(DEFAULT_PRELOAD)
     source = _code("import torch\nfrom monai.losses import DiceCELoss\n"
                    "return {'loss': float(DiceCELoss(sigmoid=True)(torch.zeros(1, 1, 4, 4), torch.ones(1, 1, 4, 4)))}")
-    outcome = run_isolated(source, "f", {}, LIMITS, preload=DEFAULT_PRELOAD, warm=warm, spares=1)
-    discard_spares()
+    outcome = run_isolated(source, "f", {}, LIMITS, preload=DEFAULT_PRELOAD, warm=warm)
+    stop_fork_servers()
     assert outcome.ok and outcome.warm == warm, outcome.stderr_tail[-2000:]
     assert outcome.result["loss"] > 0
 
 
-def test_a_cold_run_starts_no_spare() -> None:
-    discard_spares()
+def test_a_cold_run_starts_no_fork_server() -> None:
+    stop_fork_servers()
     outcome = run_isolated(_code("return {'v': 2.0}"), "f", {}, LIMITS, preload=NUMPY, warm=False)
     assert outcome.ok and not outcome.warm
     assert _children_running_sandbox() == []

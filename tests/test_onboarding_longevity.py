@@ -11,12 +11,10 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import pytest
 
-from analyses.federation import experiment
 from analyses.federation.orchestrator import Orchestrator, RunReport, TrainingPlan
 from analyses.federation.simulated_site import SimulatedSite, with_splits
 from tests.test_federation_strategies import phantom_cases
@@ -157,19 +155,10 @@ def test_a_plan_refuses_a_schedule_no_site_can_follow() -> None:
 
 
 @pytest.fixture
-def simulated_federation(fleet_cases, monkeypatch: pytest.MonkeyPatch) -> dict[str, SimulatedSite]:
-    """`federate train` reaching in-process sites instead of datasites (as in test_train_command)."""
-    from analyses import federation_file
-
+def simulated_federation(fleet_cases, federate_in_process) -> dict[str, SimulatedSite]:
+    """`federate train` reaching in-process sites instead of datasites."""
     links = {name: SimulatedSite(name, cases) for name, cases in fleet_cases.items()}
-    federation = SimpleNamespace(datasites=[SimpleNamespace(name=name) for name in SITES])
-
-    def train(federation: Any, plan: TrainingPlan, out_dir: Path, progress: bool = True) -> RunReport:
-        return Orchestrator(plan, list(links.values()), out_dir, progress=False).run()
-
-    monkeypatch.setattr(federation_file, "load_federation", lambda path: federation)
-    monkeypatch.setattr(experiment, "submit", lambda federation, plans: {})
-    monkeypatch.setattr(experiment, "train", train)
+    federate_in_process(list(links.values()))
     return links
 
 

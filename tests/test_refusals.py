@@ -150,7 +150,7 @@ def test_admin_cli_errors_are_json_with_json(shared_site: LiveSite, capsys: pyte
 
 
 def unit_site_config(tmp_path: Path):
-    path = write_site_config(tmp_path, "site-refusals", 8081, min_cohort=5, extra="[execution]\nwarm_spares = 0\n")
+    path = write_site_config(tmp_path, "site-refusals", 8081, min_cohort=5, extra="[execution]\nfork_server = false\n")
     config = load_site_config(path)
     config.data_dir.mkdir(parents=True)
     return config

@@ -209,7 +209,7 @@ def test_a_plan_that_does_not_use_sgd_is_refused_naming_the_option(tmp_path) -> 
     with pytest.raises(ValueError, match="optimizer 'adam' \\(run with --optimizer sgd\\)"):
         Orchestrator(TrainingPlan(domain=DOMAIN, strategy="scaffold", rounds=1, optimizer="adam"), [], tmp_path)
     with pytest.raises(ValueError, match="--optimizer sgd"):
-        make_strategy("scaffold").configure(0.1, "adam", frozenset({"w"}))
+        make_strategy("scaffold").check_plan(TrainingPlan(domain=DOMAIN, strategy="scaffold", rounds=1, optimizer="adam"))
     orchestrator = Orchestrator(TrainingPlan(domain=DOMAIN, strategy="scaffold", rounds=1, optimizer="sgd", lr=0.02),
                                 [], tmp_path)
     model = get_domain(DOMAIN).build_model()

@@ -179,3 +179,21 @@ def test_parameters_and_results_of_a_megabyte_and_more_go_through_blob_storage(d
     assert np.array_equal(back.syft_action_data, weights)
     assert refusals_since(door_site, mark) == []
 
+
+
+def test_a_calls_text_in_syfts_log_names_no_argument_value(tmp_path: Any) -> None:
+    """syft formats every call into a log line whatever the log level; with the door installed
+    that text names the path and argument names, never a value (private data, or a weight dict
+    whose text alone cost a large part of a training round)."""
+    from types import SimpleNamespace
+
+    from syft.client.api import SyftAPICall
+    from syft.types.uid import UID
+
+    server = SimpleNamespace(handle_api_call_with_unsigned_result=lambda *a, **k: None,
+                             get_role_for_credentials=lambda credentials: None)
+    server_door.install(server, tmp_path)
+    call = SyftAPICall(server_uid=UID(), path="code.call", args=[np.arange(4242.0)], kwargs={"weights": np.full(3, 7.5)})
+    text = f"API Call: {call}"
+    assert "code.call" in text and "weights" in text
+    assert "4241" not in text and "7.5" not in text

@@ -1,22 +1,21 @@
 """`federate train` end to end over simulated sites: what it prints and writes about held-out scores
 and about a site it had to leave out.
 
-Only the federation's transport is replaced (`experiment.submit` and `experiment.train` reach
-`SimulatedSite`s instead of datasites); the command's own code, the orchestrator, the outputs and
-the comparison run as they do against live sites (tests/test_federated_training.py).
+Only the federation's transport is replaced (conftest's `federate_in_process`: `experiment.submit`
+and `experiment.train` reach `SimulatedSite`s instead of datasites); the command's own code, the
+orchestrator, the outputs and the comparison run as they do against live sites
+(tests/test_federated_training.py).
 """
 
 from __future__ import annotations
 
 import json
-from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import pytest
 
 from analyses.federation import experiment
-from analyses.federation.orchestrator import Orchestrator, TrainingPlan
+from analyses.federation.orchestrator import TrainingPlan
 from analyses.federation.simulated_site import SimulatedSite, with_splits
 from tests.test_federation_strategies import phantom_cases
 
@@ -24,19 +23,11 @@ SITES = ("hospital-a", "hospital-b", "hospital-c")
 
 
 @pytest.fixture
-def simulated_federation(monkeypatch: pytest.MonkeyPatch) -> dict[str, SimulatedSite]:
-    from analyses import federation_file
-
+def simulated_federation(federate_in_process) -> dict[str, SimulatedSite]:
+    """Three sites, hospital-c holding fewer cases than its minimum cohort: it refuses every call."""
     links = {name: SimulatedSite(name, with_splits(phantom_cases(name, 4, seed))) for seed, name in enumerate(SITES)}
     links["hospital-c"] = SimulatedSite("hospital-c", links["hospital-c"].cases[:2], min_cohort=5)
-    federation = SimpleNamespace(datasites=[SimpleNamespace(name=name) for name in SITES])
-
-    def train(federation: Any, plan: TrainingPlan, out_dir: Path, progress: bool = True) -> Any:
-        return Orchestrator(plan, list(links.values()), out_dir, progress=False).run()
-
-    monkeypatch.setattr(federation_file, "load_federation", lambda path: federation)
-    monkeypatch.setattr(experiment, "submit", lambda federation, plans: {})
-    monkeypatch.setattr(experiment, "train", train)
+    federate_in_process(list(links.values()))
     return links
 
 

@@ -233,8 +233,8 @@ def run(args: argparse.Namespace) -> int:
                      else "held within the tolerance")
             lines.append(f" {method}: {site} left after round {lasted['leaves_after']}, test {metric} {values} ({faded})")
     for method, spent in tables["time"].items():
-        compute = spent.get("site_compute_seconds", spent.get("compute_seconds"))
-        lines.append(f" {method}: {spent['wall_seconds']:.1f} s wall, {compute:.1f} s training compute")
+        lines.append(f" {method}: {spent['wall_seconds']:.1f} s wall, "
+                     f"{spent['site_compute_seconds']:.1f} s training compute")
     for name, sites in tables["left_out"].items():
         for site, entries in sites.items():
             reasons = sorted({e["reason"] for e in entries})

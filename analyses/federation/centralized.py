@@ -78,7 +78,8 @@ def train_centralized(plan: TrainingPlan, cases_by_site: dict[str, list[dict[str
     being test scores per site and pooled, shaped like a federated run's metrics.json, and
     `initial_model`: how `initial` was chosen (the federated run's record), so the comparison shows
     that both started from the same prior; and `time`: the wall seconds of its rounds (training and
-    validation, as a federated run's `RunReport.timing` counts them) and the training's own seconds."""
+    validation, as a federated run's `RunReport.timing` counts them) and the training's own seconds
+    under the key a federated run gives them (`site_compute_seconds`), so one table reads both."""
     from datasite_setup.site_tasks import run_installed_task
     from domains import get_domain
 
@@ -112,7 +113,7 @@ def train_centralized(plan: TrainingPlan, cases_by_site: dict[str, list[dict[str
         weights = result["weights"]
         compute += result["scalars"].get("compute_seconds", 0.0)
         score(round_no, {"train_loss": {"pooled": result["scalars"]["train_loss"]}})
-    seconds = {"wall_seconds": round(time.perf_counter() - started, 3), "compute_seconds": round(compute, 3)}
+    seconds = {"wall_seconds": round(time.perf_counter() - started, 3), "site_compute_seconds": round(compute, 3)}
     if best["value"] is None:
         best.update(round=plan.rounds, weights=weights)
     selection = {"metric": domain.primary_metric, "split": VALIDATION, "higher_is_better": bool(domain.higher_is_better),

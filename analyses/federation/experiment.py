@@ -23,10 +23,12 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from analyses.federation import make_strategy
 from analyses.federation.orchestrator import PRIOR_TASK, TEST, VALIDATION, Orchestrator, RunReport, TrainingPlan
 from analyses.federation.run_outputs import write_csv
 from analyses.federation.site_link import DatasiteLink, LeftOutLink, SiteLink, WithoutPriorLink
 from analyses.federation_file import Federation, FederationFileError
+from analyses.figures import pyplot, save_figure
 
 OPTIONAL_TASKS = (PRIOR_TASK,)  # a site that denies only these still trains and evaluates
 
@@ -47,14 +49,17 @@ def links_for(federation: Federation, plan: TrainingPlan) -> list[DatasiteLink]:
 
 def submit(federation: Federation, plans: list[TrainingPlan]) -> dict[str, dict[str, str]]:
     """Send every plan's requests to every site (idempotent); returns "<site>" -> "<task>@<label>" -> status.
-    A plan the orchestrator would refuse (e.g. SCAFFOLD with Adam) raises ValueError before anything
-    is sent, so no admin approves requests that cannot run."""
+    A plan that cannot run (its strategy refuses it, `Strategy.check_plan`: e.g. SCAFFOLD with Adam;
+    or its domain is unknown) raises ValueError before anything is sent, so no admin approves
+    requests that cannot run."""
+    budgets = []
     for plan in plans:
-        Orchestrator(plan, [], Path(), progress=False)
+        make_strategy(plan.strategy, **plan.strategy_options).check_plan(plan)
+        budgets.append(plan.budgets(len(federation.datasites)))
     statuses: dict[str, dict[str, str]] = {}
-    for plan in plans:
+    for plan, budget in zip(plans, budgets):
         for link in links_for(federation, plan):
-            for task, status in link.ensure_requests(plan.budgets(len(federation.datasites))).items():
+            for task, status in link.ensure_requests(budget).items():
                 statuses.setdefault(link.name, {})[f"{task}@{plan.label}"] = status
     return statuses
 
@@ -183,23 +188,16 @@ def compare(reports: dict[str, RunReport], out_dir: Path, metric: str,
 
 
 def _plot_comparison(table: dict[str, dict[str, float]], metric: str, path: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import numpy as np
 
     methods = list(table)
     sites = sorted({s for values in table.values() for s in values}, key=lambda s: (s == "pooled", s))
     width = 0.8 / max(len(methods), 1)
-    fig, ax = plt.subplots(figsize=(max(6, 1.5 * len(sites)), 4))
+    fig, ax = pyplot().subplots(figsize=(max(6, 1.5 * len(sites)), 4))
     for i, method in enumerate(methods):
         ax.bar(np.arange(len(sites)) + i * width, [table[method].get(s, np.nan) for s in sites], width, label=method)
     ax.set_xticks(np.arange(len(sites)) + width * (len(methods) - 1) / 2, sites)
     ax.set(ylabel=f"test {metric}", title=f"test {metric} per site and method (round selected on validation)")
     ax.legend(fontsize=8)
     ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

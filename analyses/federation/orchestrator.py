@@ -116,6 +116,8 @@ class TrainingPlan:
 
     def __post_init__(self) -> None:
         """Refuse a schedule no site could follow, before any request is sent."""
+        if self.rounds < 1:
+            raise ValueError(f"rounds must be at least 1, got {self.rounds}")
         for flag, rounds in (("leave_after", self.leave_after), ("join_at", self.join_at)):
             outside = {site: k for site, k in rounds.items() if not 1 <= k <= self.rounds}
             if outside:
@@ -378,15 +380,13 @@ class Orchestrator:
         from datasite_setup.model_weights import trainable_shapes
         from domains import get_domain
 
-        if plan.rounds < 1:
-            raise ValueError(f"rounds must be at least 1, got {plan.rounds}")
         self.plan = plan
         self.links = {link.name: link for link in links}
         self.out_dir = Path(out_dir)
         self.progress = progress
         self.domain = get_domain(plan.domain)
         self.strategy: Strategy = make_strategy(plan.strategy, **plan.strategy_options)
-        # the plan's optimiser, for a strategy that depends on how sites step (it may refuse the plan)
+        self.strategy.check_plan(plan)
         self.strategy.configure(plan.lr, plan.optimizer, frozenset(trainable_shapes(self.domain.build_model())))
 
     @property

@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 
 from analyses.federation.orchestrator import RunReport
+from analyses.figures import JOINS, LEAVES, draw_site_rounds, mark_membership_change, pyplot, save_figure
 
 
 def metric_rows(report: RunReport) -> list[dict[str, Any]]:
@@ -89,20 +90,10 @@ def write_csv(rows: list[dict[str, Any]], path: Path) -> Path:
     return path
 
 
-def _pyplot() -> Any:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def plot_curves(report: RunReport, metric: str, path: Path) -> Path:
     """Training loss and validation `metric` per round, one line per site and the pooled value,
     with the round selected on validation marked."""
-    plt = _pyplot()
-    fig, (ax_loss, ax_metric) = plt.subplots(1, 2, figsize=(10, 4))
+    fig, (ax_loss, ax_metric) = pyplot().subplots(1, 2, figsize=(10, 4))
     sites = sorted({s for r in report.history for s in r.get("site_metrics", {})})
     for site in sites:
         rounds = [r["round"] for r in report.history if site in r.get("train_loss", {})]
@@ -113,9 +104,9 @@ def plot_curves(report: RunReport, metric: str, path: Path) -> Path:
     if pooled:
         ax_metric.plot(*zip(*pooled), color="black", linestyle="--", label="pooled")
     for site, last in report.plan.leave_after.items():
-        ax_metric.axvline(last + 0.5, color="grey", linestyle=":", label=f"{site} leaves")
+        mark_membership_change(ax_metric, site, last, LEAVES)
     for site, first in report.plan.join_at.items():
-        ax_metric.axvline(first - 0.5, color="purple", linestyle=":", label=f"{site} joins")
+        mark_membership_change(ax_metric, site, first, JOINS)
     selected = report.selection.get("best_round")
     if selected is not None:
         ax_metric.axvline(selected, color="green", linestyle="-.", alpha=0.6, label=f"selected round {selected}")
@@ -125,17 +116,14 @@ def plot_curves(report: RunReport, metric: str, path: Path) -> Path:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.suptitle(f"{report.plan.strategy} on {report.plan.domain}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def plot_training_time(report: RunReport, path: Path) -> Path:
     """Per round, one bar per site that trained: the seconds its training took at the site
     (compute) under the rest of its call's wall time (waiting, transfer, sandbox start), with the
     bytes moved per round beside it, so a reader sees whether the federation waits or computes."""
-    plt = _pyplot()
+    plt = pyplot()
     timed = [r for r in report.history if "train_calls" in r]
     sites = sorted({s for r in timed for s in r["train_calls"]})
     rounds = np.array([r["round"] for r in timed])
@@ -163,66 +151,41 @@ def plot_training_time(report: RunReport, path: Path) -> Path:
     for ax in (ax_time, ax_bytes):
         ax.grid(axis="y", alpha=0.3)
     fig.suptitle(f"{report.plan.strategy}: where the training time went")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def plot_longevity(report: RunReport, path: Path) -> Path:
     """Each departed site's test metric per round from its last training round on, with its
     departure marked and the line past which its information counts as faded."""
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6, 3.8))
-    for site, summary in report.longevity().items():
-        points = [(k, v) for k, v in zip(summary["rounds"], summary["test"]) if v is not None]
-        line = ax.plot(*zip(*points), marker="o", label=f"{site}: test {summary['metric']}")[0] if points else None
-        ax.axvline(summary["leaves_after"] + 0.5, color="grey", linestyle=":", label=f"{site} leaves")
-        departure = summary["departure_value"]
-        if departure is not None and line is not None:
-            sign = -1 if report.selection["higher_is_better"] else 1
-            ax.axhline(departure * (1 + sign * summary["tolerance"]), color=line.get_color(), linestyle="--", alpha=0.5,
-                       label=f"{site}: {summary['tolerance']:.0%} worse than at departure")
-    ax.set(xlabel="round", ylabel=f"test {report.selection['metric']}",
-           title="Longevity: a departed site's test score, round by round")
-    ax.xaxis.get_major_locator().set_params(integer=True)
-    ax.grid(alpha=0.3)
+    metric, longevity = report.selection["metric"], report.longevity()
+    fig, ax, curves = draw_site_rounds({report.plan.strategy: longevity}, "test", LEAVES, ylabel=f"test {metric}",
+                                       title="Longevity: a departed site's test score, round by round")
+    sign = -1 if report.selection["higher_is_better"] else 1
+    for (_, site), line in curves.items():
+        summary = longevity[site]
+        if summary["departure_value"] is not None:
+            ax.axhline(summary["departure_value"] * (1 + sign * summary["tolerance"]), color=line.get_color(),
+                       linestyle="--", alpha=0.5, label=f"{site}: {summary['tolerance']:.0%} worse than at departure")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def plot_onboarding(report: RunReport, path: Path) -> Path:
     """Each joining clinic's validation metric per round against the founding sites' pooled value,
     with its first training round and the round it reached their level marked."""
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6, 3.8))
-    drawn_reference = False
-    for site, summary in report.onboarding().items():
-        if not drawn_reference:
-            reference = [(k, v) for k, v in zip(summary["rounds"], summary["founding_pooled"]) if v is not None]
-            if reference:
-                ax.plot(*zip(*reference), color="black", linestyle="--", label="founding sites, pooled")
-            drawn_reference = True
-        points = [(k, v) for k, v in zip(summary["rounds"], summary["site"]) if v is not None]
-        if points:
-            line = ax.plot(*zip(*points), marker="o", label=site)[0]
-            reached = summary["reached_round"]
-            if reached is not None:
-                ax.plot([reached], [dict(points)[reached]], marker="*", markersize=14, color=line.get_color(),
-                        linestyle="none", label=f"{site} at the federation's level (round {reached})")
-        ax.axvline(summary["joins_at"] - 0.5, color="purple", linestyle=":", label=f"{site} joins")
-    metric = report.selection["metric"]
-    ax.set(xlabel="round", ylabel=f"validation {metric}", title="Onboarding: a joining clinic against the federation")
-    ax.xaxis.get_major_locator().set_params(integer=True)
-    ax.grid(alpha=0.3)
+    metric, onboarding = report.selection["metric"], report.onboarding()
+    fig, ax, curves = draw_site_rounds({report.plan.strategy: onboarding}, "site", JOINS, ylabel=f"validation {metric}",
+                                       title="Onboarding: a joining clinic against the federation",
+                                       reference="founding_pooled", reference_label="founding sites, pooled")
+    for (_, site), line in curves.items():
+        summary = onboarding[site]
+        reached = summary["reached_round"]
+        if reached is not None:
+            value = summary["site"][summary["rounds"].index(reached)]
+            ax.plot([reached], [value], marker="*", markersize=14, color=line.get_color(), linestyle="none",
+                    label=f"{site} at the federation's level (round {reached})")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def _save_weights(state: dict[str, Any], path: Path) -> Path:

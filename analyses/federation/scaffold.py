@@ -16,19 +16,22 @@ so c stays the plain mean of all N sites' c_i, and a site that misses a round ke
 control variates start at zero: the first round is FedAvg's (with server_lr 1). K_i is the `steps`
 the site reports; eta_l and the optimiser come from the plan through `configure`, so the learning
 rate is given once. The correction is defined for plain SGD steps (Adam would rescale it), so a
-plan with another optimiser is refused. Control variates exist for trainable parameters only;
-buffers (batch-norm running statistics) are averaged as FedAvg would and carry none. They are kept
-in float64; a site receives c - c_i as float32. Nothing new leaves a hospital: c_i is computed here
-from the weights the site returns anyway.
+plan with another optimiser is refused (`check_plan`). Control variates exist for trainable
+parameters only; buffers (batch-norm running statistics) are averaged as FedAvg would and carry
+none. They are kept in float64; a site receives c - c_i as float32. Nothing new leaves a hospital:
+c_i is computed here from the weights the site returns anyway.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from analyses.federation.strategy import SiteUpdate, Strategy, Weights, weighted_average
+
+if TYPE_CHECKING:
+    from analyses.federation.orchestrator import TrainingPlan
 
 _SITE = "control/site/"  # state group prefix of each site's control variate
 
@@ -49,10 +52,12 @@ class Scaffold(Strategy):
     def options(self) -> dict[str, Any]:
         return {"server_lr": self.server_lr}
 
-    def configure(self, lr: float, optimizer: str, trainable: frozenset[str]) -> None:
-        if optimizer != "sgd":
-            raise ValueError(f"scaffold corrects plain SGD steps; this plan uses optimizer {optimizer!r} "
+    def check_plan(self, plan: TrainingPlan) -> None:
+        if plan.optimizer != "sgd":
+            raise ValueError(f"scaffold corrects plain SGD steps; this plan uses optimizer {plan.optimizer!r} "
                              "(run with --optimizer sgd)")
+
+    def configure(self, lr: float, optimizer: str, trainable: frozenset[str]) -> None:
         self.local_lr = float(lr)
         self.trainable = frozenset(trainable)
 

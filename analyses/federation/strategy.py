@@ -1,20 +1,23 @@
 """What a federated strategy is: one small class the orchestrator drives, nothing else.
 
-The orchestrator first tells the strategy the plan's local optimiser (`configure`). Each round it
-asks the strategy for each site's `training_instruction` (the weights to train from and any extra
-parameters), checks every answer against the strategy's `expected_update`, and hands the accepted
-ones to `aggregate`. Evaluation uses `weights_for`. Everything a strategy must remember between
-rounds lives in `state()` so a checkpoint can restore it exactly. A new strategy (SCAFFOLD,
-FedAdam, ...) is a new small class with its own options; the orchestrator, the command line and
-the report do not change.
+The strategy first says whether it can serve the plan (`check_plan`), then the orchestrator tells
+it the plan's local optimiser (`configure`). Each round it asks the strategy for each site's
+`training_instruction` (the weights to train from and any extra parameters), checks every answer
+against the strategy's `expected_update`, and hands the accepted ones to `aggregate`. Evaluation
+uses `weights_for`. Everything a strategy must remember between rounds lives in `state()` so a
+checkpoint can restore it exactly. A new strategy (SCAFFOLD, FedAdam, ...) is a new small class
+with its own options; the orchestrator, the command line and the report do not change.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from analyses.federation.orchestrator import TrainingPlan
 
 Weights = dict[str, np.ndarray]
 
@@ -46,9 +49,9 @@ class Strategy:
     """Base of every strategy: the orchestrator calls only these methods.
 
     A strategy owns its options (constructor keywords, reported by `options()` so they are part of
-    a run's identity), its messages (`training_instruction`), what it accepts back
-    (`expected_update`, names and shapes checked before `aggregate`) and how many answers a round
-    needs (`required_updates`).
+    a run's identity), the plans it refuses (`check_plan`), its messages (`training_instruction`),
+    what it accepts back (`expected_update`, names and shapes checked before `aggregate`) and how
+    many answers a round needs (`required_updates`).
     """
 
     name: ClassVar[str]
@@ -60,11 +63,17 @@ class Strategy:
         """The options this strategy was built with (empty when it has none)."""
         return {}
 
+    def check_plan(self, plan: TrainingPlan) -> None:
+        """Raise ValueError, saying what to change, for a plan this strategy cannot serve (SCAFFOLD:
+        an optimiser other than SGD). `experiment.submit` asks before it sends any request, so no
+        admin approves requests for a run that would be refused, and the orchestrator asks before
+        it runs. Most strategies serve every plan."""
+
     def configure(self, lr: float, optimizer: str, trainable: frozenset[str]) -> None:
         """The plan's local learning rate and optimiser, and which weights are trainable parameters
-        (the rest are buffers), from the orchestrator before anything else: a strategy whose server
-        maths depends on how sites step (SCAFFOLD) reads them here, so the user gives the learning
-        rate once, and raises ValueError for a plan it cannot serve. Most strategies need none."""
+        (the rest are buffers), from the orchestrator once the plan is checked (`check_plan`): a
+        strategy whose server maths depends on how sites step (SCAFFOLD) reads them here, so the
+        user gives the learning rate once. Most strategies need none."""
 
     def initialize(self, weights: Weights, sites: list[str]) -> None:
         """Start from the initial model for these sites."""

@@ -8,35 +8,34 @@ and result size, and reads back frames in the `result_codec` format, never a pic
 child is hostile. What the parent believes of them is set out in `datasite_setup.sandbox.frames`:
 a refusal is final, and a result counts as no more than what the code could have returned.
 
-- `spawn`: starting a child (environment, resource limits, scratch dir, its socket channel);
-- `spare_pool`: warm spares, children whose imports are done before their run;
+- `spawn`: starting a cold child (environment, resource limits, scratch dir, its socket channel);
+- `fork_server`: warm children, forked from a zygote that did their imports once;
 - `exchange`: the I/O loop of one run; `thread_cap`: approving the child's threads;
 - `run`: `run_isolated`, from payload to checked outcome;
 - `limits`, `outcome`: the budget of a run, and what comes back.
 
 Linux only (Landlock >= 5.13, seccomp user notification >= 5.7, pidfd). Safe to call from
-several threads at once: each run has its own process, channel and scratch dir, and the spare
-pool is the only shared state (locked).
+several threads at once: each run has its own process, channel and scratch dir, and the fork
+servers are the only shared state (locked).
 
 Child start overhead on the 2-core dev VM (median of 5 runs of a trivial function): 0.10 s with
 `preload=("numpy",)`, 1.07 s with numpy+torch (almost all of it `import torch`), 1.33 s with the
-full DEFAULT_PRELOAD; passing a 30 MB dict of arrays adds 0.12-0.18 s. A warm spare starts a run
-in ~0.1 s whatever its preloads.
+full DEFAULT_PRELOAD; passing a 30 MB dict of arrays adds 0.12-0.18 s. A warm child forked from
+the zygote starts a run in ~0.1 s whatever its preloads.
 """
 
 from datasite_setup.isolation.limits import Limits
 from datasite_setup.isolation.outcome import IsolatedOutcome
 from datasite_setup.isolation.run import REQUIRED_LAYERS, run_isolated
-from datasite_setup.isolation.spare_pool import SPARES_PER_KIND, discard_spares, prewarm
+from datasite_setup.isolation.fork_server import start_fork_server, stop_fork_servers
 from datasite_setup.isolation.spawn import DEFAULT_PRELOAD
 
 __all__ = [
     "DEFAULT_PRELOAD",
     "REQUIRED_LAYERS",
-    "SPARES_PER_KIND",
     "IsolatedOutcome",
     "Limits",
-    "discard_spares",
-    "prewarm",
     "run_isolated",
+    "start_fork_server",
+    "stop_fork_servers",
 ]

@@ -38,17 +38,15 @@ def exchange(child: Child, payload: bytes, deadline: float, max_out: int, max_th
     """Send the payload (then shut the channel for writing), collect what the child sends, answer
     its thread requests, until it exits (plus a grace period for the channel to drain), the
     deadline passes, it sends more than `max_out` bytes or asks for a thread beyond `max_threads`."""
-    assert child.proc.stderr is not None
     got = Exchanged(bytearray(), bytearray())
     channel, cap = child.channel, None
     pending = memoryview(payload)
-    pidfd = os.pidfd_open(child.proc.pid)
     exited_at: float | None = None
     channel.setblocking(False)
     with selectors.DefaultSelector() as selector:
         selector.register(channel, selectors.EVENT_READ | selectors.EVENT_WRITE, "channel")
-        selector.register(child.proc.stderr, selectors.EVENT_READ, "err")
-        selector.register(pidfd, selectors.EVENT_READ, "exit")
+        selector.register(child.stderr, selectors.EVENT_READ, "err")
+        selector.register(child.pidfd, selectors.EVENT_READ, "exit")
         try:
             while selector.get_map():
                 now = time.monotonic()
@@ -59,7 +57,7 @@ def exchange(child: Child, payload: bytes, deadline: float, max_out: int, max_th
                     break
                 for key, events in selector.select(min(deadline - now, EXIT_GRACE_SECONDS)):
                     if key.data == "exit":
-                        selector.unregister(pidfd)
+                        selector.unregister(child.pidfd)
                         exited_at = time.monotonic()
                     elif key.data == "threads":
                         assert cap is not None
@@ -71,7 +69,7 @@ def exchange(child: Child, payload: bytes, deadline: float, max_out: int, max_th
                     elif key.data == "err":
                         chunk = os.read(key.fd, _CHUNK)
                         if not chunk:
-                            selector.unregister(key.fileobj)
+                            selector.unregister(key.fd)
                         got.err += chunk
                         del got.err[:-STDERR_TAIL]
                     else:
@@ -84,7 +82,7 @@ def exchange(child: Child, payload: bytes, deadline: float, max_out: int, max_th
                             data, fds = _receive(channel)
                             for fd in fds:
                                 if cap is None and not got.out:
-                                    cap = ThreadCap(child.proc.pid, fd, max_threads)
+                                    cap = ThreadCap(child.pid, fd, max_threads)
                                     selector.register(fd, selectors.EVENT_READ, "threads")
                                 else:
                                     os.close(fd)
@@ -97,7 +95,6 @@ def exchange(child: Child, payload: bytes, deadline: float, max_out: int, max_th
                                 got.overflowed = True
                                 return got
         finally:
-            os.close(pidfd)
             if cap is not None:
                 cap.close()
     return got

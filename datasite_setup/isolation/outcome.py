@@ -7,12 +7,12 @@ data values.
 from __future__ import annotations
 
 import os
-import resource
 import signal
 from dataclasses import dataclass
 from typing import Any
 
 from datasite_setup.isolation.limits import Limits
+from datasite_setup.isolation.spawn import ChildUsage
 
 _ALLOCATION_FAILURE = (b"MemoryError", b"bad_alloc", b"Cannot allocate memory", b"cannot allocate memory", b"can't allocate memory", b"out of memory")
 
@@ -28,7 +28,7 @@ class IsolatedOutcome:
     contract has checked. `stderr_tail` is the child's raw fd 2 (interpreter crashes, native
     library messages) for the site's own logs only: code can write anything there, so it must
     never be forwarded to the data scientist. `confinement` names the layers that were in force;
-    `warm` says the run used a spare child whose imports were done before the run.
+    `warm` says the run's child was forked from a zygote whose imports were done before the run.
     """
 
     ok: bool
@@ -51,15 +51,14 @@ def failure_from_frame(frame: dict[str, Any]) -> str | None:
     return _LIMIT_FAILURES.get(error, f"error:{error}")
 
 
-def failure_from_exit(status: int, usage: resource.struct_rusage, limits: Limits, stderr: bytes) -> str:
+def failure_from_exit(status: int, usage: ChildUsage, limits: Limits, stderr: bytes) -> str:
     """Why a child that sent no frame died: SIGXCPU (or SIGKILL at the hard limit) is the CPU budget;
     an allocation failure (RLIMIT_AS makes mmap fail, native code may then abort) is memory."""
     code = os.waitstatus_to_exitcode(status)
-    cpu = usage.ru_utime + usage.ru_stime
-    if code == -signal.SIGXCPU or (code == -signal.SIGKILL and cpu >= limits.cpu_seconds):
+    if code == -signal.SIGXCPU or (code == -signal.SIGKILL and usage.cpu_seconds >= limits.cpu_seconds):
         return "cpu"
     if any(marker in stderr for marker in _ALLOCATION_FAILURE):
         return "memory"
-    if usage.ru_maxrss * 1024 >= 0.9 * limits.memory_mb * 1024 * 1024:
+    if usage.max_rss_kb * 1024 >= 0.9 * limits.memory_mb * 1024 * 1024:
         return "memory"
     return "crashed"

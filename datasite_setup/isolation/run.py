@@ -18,7 +18,7 @@ from typing import Any
 from datasite_setup.isolation.exchange import exchange
 from datasite_setup.isolation.limits import Limits
 from datasite_setup.isolation.outcome import IsolatedOutcome, failure_from_exit, failure_from_frame
-from datasite_setup.isolation.spare_pool import SPARES, SPARES_PER_KIND
+from datasite_setup.isolation.fork_server import FORK_SERVERS
 from datasite_setup.isolation.spawn import DEFAULT_PRELOAD, run_threads, spawn
 from datasite_setup.sandbox.audit_hook import refused_event
 from datasite_setup.sandbox.frames import FRAME_LENGTH, READY_MAX_BYTES, ProtocolError, read_ready, read_result
@@ -39,7 +39,6 @@ def run_isolated(
     granted_paths: list[Path] | tuple[Path, ...] = (),
     required_layers: frozenset[str] = REQUIRED_LAYERS,
     warm: bool = True,
-    spares: int = SPARES_PER_KIND,
 ) -> IsolatedOutcome:
     """Run `function(**kwargs)` from `source` in a confined child and return its checked outcome.
 
@@ -49,16 +48,14 @@ def run_isolated(
     child may read and nothing more (the site's case store inside its data dir). The result is only decoded here; apply
     an `output_contracts` contract before handing it to anyone. If a `required_layers` layer is
     unavailable the code is not run and the failure is "crashed", with the reason in `stderr_tail`.
-    `warm` takes the oldest spare child if there is one and tops the spares of this kind up to
-    `spares` after the run (to one at once if it took the last).
+    `warm` forks the child from the zygote for `preload` (`fork_server`), starting it if needed;
+    the run starts cold where that zygote cannot serve.
     """
     started = time.monotonic()
     deadline = started + limits.wall_seconds
-    child = SPARES.take(preload, limits) if warm else None
+    child = FORK_SERVERS.fork(preload, limits, limits.wall_seconds) if warm else None
     if child is None:
-        child = spawn(preload, limits, warm=False)
-    if warm:  # keep one spare importing for a run that follows at once; top up after this run
-        SPARES.refill(preload, limits, min(spares, 1))
+        child = spawn(limits)
     payload = pickle.dumps(
         {
             "source": source,
@@ -79,11 +76,8 @@ def run_isolated(
         got = exchange(child, payload, deadline, max_out, limits.max_threads)
     finally:
         child.kill()
-        _, status, usage = os.wait4(child.proc.pid, 0)
-        child.proc.returncode = os.waitstatus_to_exitcode(status)
+        status, usage = child.reap()
         child.release()
-        if warm:
-            SPARES.refill(preload, limits, spares)
     seconds = time.monotonic() - started
     stderr_tail = bytes(got.err).decode("utf-8", "replace")
     exit_code = os.waitstatus_to_exitcode(status)

@@ -1,6 +1,7 @@
-"""Starting a sandboxed child: a fresh interpreter with a scrubbed environment, its own scratch
-dir and process group, the run's resource limits already in force, and a Unix socket pair as
-its only channel to the parent (the child's stdin; stdout goes to /dev/null).
+"""Starting a sandboxed child cold: a fresh interpreter with a scrubbed environment, its own scratch
+dir and session, the run's resource limits already in force, and a Unix socket pair as its only
+channel to the parent (the child's stdin; stdout goes to /dev/null). `fork_server` starts warm
+children with the same environment.
 
 The resource limits are set by `preexec_fn`, which runs Python between fork and exec, a known
 hazard in threaded programs; it is kept to `setrlimit` calls on pre-built arguments (no imports,
@@ -18,6 +19,7 @@ import subprocess
 import sys
 import tempfile
 from dataclasses import dataclass
+from typing import Callable, NamedTuple
 
 from datasite_setup.isolation.limits import Limits
 from datasite_setup.sandbox.grants import PROJECT_ROOT
@@ -44,7 +46,7 @@ def _project_import_path() -> str | None:
     return None if probe.returncode == 0 else str(PROJECT_ROOT)
 
 
-def _child_env(scratch: str, threads: int) -> dict[str, str]:
+def child_env(scratch: str, threads: int) -> dict[str, str]:
     """Nothing of the server's environment (its secrets live there) beyond what the child needs;
     its BLAS/OpenMP pools sized to `threads`. A fixed user name, because libraries ask for one at
     import (MONAI's `getpass.getuser()`) and the child may have no passwd entry to find."""
@@ -71,63 +73,70 @@ def run_threads(limits: Limits) -> int:
     return max(1, min(wanted, limits.max_threads // 2))
 
 
+class ChildUsage(NamedTuple):
+    """What the kernel counted for a reaped child: CPU seconds (user + system) and peak RSS (KiB)."""
+
+    cpu_seconds: float
+    max_rss_kb: int
+
+
 @dataclass
 class Child:
-    """A started child, cold or a warm spare: its process, the parent's end of its channel and
-    the scratch dir it owns."""
+    """A started child, cold or forked warm from the zygote: its pid and a pidfd (signals and exit
+    notice that cannot reach a reused pid), the parent's ends of its channel and stderr pipe, the
+    scratch dir it owns, and how to collect its exit status once it is gone."""
 
-    proc: subprocess.Popen
+    pid: int
+    pidfd: int
     channel: socket.socket
+    stderr: int
     scratch: tempfile.TemporaryDirectory
     warm: bool
+    reap: Callable[[], tuple[int, ChildUsage]]
 
     def kill(self) -> None:
-        """Kill the child's whole process group (it still exists: its leader is not reaped yet)."""
         try:
-            os.killpg(self.proc.pid, signal.SIGKILL)
+            signal.pidfd_send_signal(self.pidfd, signal.SIGKILL)
         except ProcessLookupError:
             pass
 
     def release(self) -> None:
-        """Close the channel and the stderr pipe and remove the scratch dir (the child is reaped)."""
+        """Close the channel, the stderr pipe and the pidfd and remove the scratch dir (the child is reaped)."""
         self.channel.close()
-        if self.proc.stderr is not None:
-            self.proc.stderr.close()
+        os.close(self.stderr)
+        os.close(self.pidfd)
         self.scratch.cleanup()
 
-    def discard(self) -> None:
-        self.kill()
-        self.proc.wait()
-        self.release()
+
+def _wait(proc: subprocess.Popen) -> tuple[int, ChildUsage]:
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    return status, ChildUsage(usage.ru_utime + usage.ru_stime, usage.ru_maxrss)
 
 
-def spawn(preload: tuple[str, ...], limits: Limits, warm: bool) -> Child:
-    """Start a child; a warm one (`--warm`) imports `preload` at once and then waits for its payload.
-
-    A warm spare imports numpy/torch before Landlock, which binds only the thread that applies it,
-    so its BLAS/OpenMP pools are single-threaded; torch gets the run's thread count once the
-    child is confined."""
+def spawn(limits: Limits) -> Child:
+    """Start a cold child: a fresh interpreter that imports the run's preloads once it is confined."""
     scratch = tempfile.TemporaryDirectory(prefix="medfed-sandbox-", ignore_cleanup_errors=True)
-    argv = [sys.executable, "-B", "-m", CHILD_MODULE]
-    env = _child_env(scratch.name, 1 if warm else run_threads(limits))
-    if warm:
-        argv += ["--warm", ",".join(preload)]
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    err_read, err_write = os.pipe2(os.O_CLOEXEC)
     try:
         with theirs:
             proc = subprocess.Popen(
-                argv,
+                [sys.executable, "-B", "-m", CHILD_MODULE],
                 stdin=theirs,
                 stdout=subprocess.DEVNULL,
-                stderr=subprocess.PIPE,
+                stderr=err_write,
                 cwd=scratch.name,
-                env=env,
+                env=child_env(scratch.name, run_threads(limits)),
                 preexec_fn=functools.partial(_apply_limits, limits.rlimits()),
                 start_new_session=True,
                 close_fds=True,
             )
     except BaseException:
         ours.close()
+        os.close(err_read)
         scratch.cleanup()
         raise
-    return Child(proc, ours, scratch, warm)
+    finally:
+        os.close(err_write)
+    return Child(proc.pid, os.pidfd_open(proc.pid), ours, err_read, scratch, False, functools.partial(_wait, proc))

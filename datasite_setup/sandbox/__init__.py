@@ -1,9 +1,9 @@
 """The sandboxed child that runs one approved function on private data.
 
 syft 0.9.5 `exec`s approved code inside the server, where it could read any file, open sockets
-and reach the server's secrets. Here it runs in a child (`python -m datasite_setup.sandbox.child_main`)
-that the parent (`datasite_setup.isolation`) started with a scrubbed environment and resource
-limits, and the child confines itself before the untrusted code runs:
+and reach the server's secrets. Here it runs in a child (`python -m datasite_setup.sandbox.child_main`, or forked from the
+`zygote` that did the imports once) that the parent (`datasite_setup.isolation`) started with a
+scrubbed environment and resource limits, and the child confines itself before the untrusted code runs:
 
 1. Landlock (`landlock`, grants from `grants`): reads only the Python installation, the
    project's own packages and the system library dirs; writes only the scratch dir; the site's

@@ -1,4 +1,5 @@
-"""The child's entry point: `python -m datasite_setup.sandbox.child_main [--warm MODULES]`.
+"""The child's entry point: `python -m datasite_setup.sandbox.child_main` (a cold start), or
+`confine_and_run` in a child the fork server (`zygote`) forked with its imports already done.
 
 stdin is the child's end of a Unix socket pair, the channel; it is moved aside at start and
 fds 0 and 1 point at /dev/null, so neither prints nor native writes reach it by accident. The
@@ -9,8 +10,8 @@ side for writing; `kwargs` is itself a pickle so it can be loaded after Landlock
 (with the seccomp listener attached) and, after the code ran, the result frame (`frames`).
 
 Exit status 0: the harness finished. 70: a layer the parent requires could not be put in place
-(an old kernel), nothing ran. 71: a warm spare's imports left a thread or an open file; the
-parent starts runs cold. 121 and up: the audit hook refused an event (`audit_hook.exit_status`).
+(an old kernel), nothing ran. 71: the zygote's imports left a thread or an open
+file; the parent starts runs cold (`zygote`). 121 and up: the audit hook refused an event (`audit_hook.exit_status`).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import os
 import pickle
 import socket
 import sys
+from typing import NoReturn
 
 from datasite_setup.sandbox import landlock, seccomp
 from datasite_setup.sandbox.audit_hook import make_audit_hook
@@ -28,31 +30,9 @@ from datasite_setup.sandbox.harness import run
 from datasite_setup.sandbox.preload import preload
 
 
-def _threads() -> int:
+def threads() -> int:
+    """The live threads of this process: a child confines itself only while this is 1."""
     return len(os.listdir("/proc/self/task"))
-
-
-def _unexpected_fds(expected: set[int]) -> list[int]:
-    return sorted(fd for fd in map(int, os.listdir("/proc/self/fd")) if fd not in expected and _is_open(fd))
-
-
-def _is_open(fd: int) -> bool:
-    try:
-        os.fstat(fd)
-    except OSError:
-        return False
-    return True
-
-
-def _warm_up(modules: list[str], expected_fds: set[int]) -> None:
-    """A warm child imports before it knows its run: that is only as safe as a cold start if the
-    imports left nothing behind that Landlock cannot reach - no second thread (Landlock binds only
-    the calling thread and those it starts later) and no open file. Otherwise exit 71 and the
-    parent falls back to a cold start."""
-    preload(modules, optimiser=True)
-    if _threads() != 1 or _unexpected_fds(expected_fds):
-        os.write(2, b"sandbox: preloading left a thread or an open file; this child cannot run code warm\n")
-        os._exit(71)
 
 
 def _read_payload(channel: int) -> bytes:
@@ -74,26 +54,17 @@ def _send_ready(channel: int, layers: list[str], listener: int | None) -> None:
     write_all(channel, data[sent:])
 
 
-def main() -> None:
+def confine_and_run(channel: int, warm: bool) -> NoReturn:
     """Order matters: Landlock before anything can start a thread (unpickling kwargs imports numpy,
     whose BLAS starts threads), seccomp and the audit hook only after the preloads they would slow,
     the ready frame once every layer is in force, and the audit hook last: it refuses the socket
     call that hands the listener over, and from then on nothing but the code and the harness runs.
 
-    `--warm MODULES` (a spare the parent starts ahead of its run, with one-thread BLAS/OpenMP
-    settings): preload first, check the process is still single-threaded with no open file, then
-    wait for the payload and confine as a cold child does; torch gets the run's thread count back
-    once Landlock is in force, so its new threads inherit it."""
-    warm = sys.argv[1:2] == ["--warm"]
-    channel = os.dup(0)
-    devnull = os.open(os.devnull, os.O_RDWR)
-    os.dup2(devnull, 0)
-    os.dup2(devnull, 1)
-    os.close(devnull)
-    if warm:
-        _warm_up([m for m in sys.argv[2].split(",") if m], {0, 1, 2, channel})
+    `warm` (a child forked from the zygote, whose imports ran with one-thread BLAS/OpenMP): the
+    preloads are in already, and torch gets the run's thread count back once Landlock is in
+    force, so its new threads inherit it."""
     data = _read_payload(channel)
-    if not data:  # a spare the parent discarded
+    if not data:  # the parent gave up on this child before its run
         os._exit(0)
     payload = pickle.loads(data)
     scratch = os.path.realpath(payload["scratch"])
@@ -101,7 +72,7 @@ def main() -> None:
     granted = [os.path.realpath(p) for p in payload["granted_paths"]]
     os.chdir(scratch)
     read_roots = readable_roots(forbidden)
-    if warm and _threads() != 1:
+    if warm and threads() != 1:
         os.write(2, b"sandbox: a thread started before Landlock; not running the code\n")
         os._exit(70)
     layers = landlock.restrict(carve(read_roots + list(SYSTEM_LIBRARY_DIRS), forbidden) + granted, [scratch], list(DEVICES_RW))
@@ -124,6 +95,16 @@ def main() -> None:
     sys.addaudithook(make_audit_hook(scratch, read_roots, forbidden, granted))
     write_all(channel, run(payload, kwargs))
     os._exit(0)
+
+
+def main() -> None:
+    """A cold start: move the channel off stdin, point fds 0 and 1 at /dev/null, then confine."""
+    channel = os.dup(0)
+    devnull = os.open(os.devnull, os.O_RDWR)
+    os.dup2(devnull, 0)
+    os.dup2(devnull, 1)
+    os.close(devnull)
+    confine_and_run(channel, warm=False)
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ def preload(modules: list[str], optimiser: bool = False) -> None:
     """Import what approved code usually needs and exercise torch once, before the audit hook and
     seccomp, so that lazily loaded files and libraries are already in.
 
-    An optimiser step only with `optimiser` (warm spares, which do it before their run):
+    An optimiser step only with `optimiser` (the zygote, which does it once for every run it forks):
     constructing one imports torch._dynamo (~1 s), a cost a cold child should pay only if its code
     trains; it still loads fine later, as reads under site-packages stay allowed.
     """
