@@ -367,6 +367,7 @@ def install(server: Any, data_dir: Path) -> None:
     call, on its thread and for the same key, the answer is the door's. So the door costs no
     extra query on the way in. syft's own handler and role lookup stay reachable as the
     replacements' `__wrapped__`, so the door's cost can be measured against them."""
+    import numpy
     from syft.client.api import SignedSyftAPICall, SyftAPICall
     from syft.service.response import SyftError
     from syft.service.user.user_roles import ServiceRole
@@ -375,10 +376,13 @@ def install(server: Any, data_dir: Path) -> None:
     if getattr(original, "_medfed_door", False):
         return
     # syft formats every call into its log line (`logger.info(f"API Call: {api_call}")`) whatever
-    # the log level: the text of its arguments, which can be private data, and which for a weight
-    # dict was the largest part of a training round's overhead (numpy's array2string). The
-    # call's text names its path and argument names only.
+    # the log level: the text of its arguments, which can be private data. The call's text names
+    # its path and argument names only.
     SyftAPICall.__repr__ = _api_call_text
+    # syft also builds the text of every ActionObject's data each time it validates one (a weight
+    # dict: ~50 arrays, several times per call; a third of a site's busy time in a training round)
+    # and keeps only its first characters: a few items per array say as much for half the cost.
+    numpy.set_printoptions(threshold=16, edgeitems=2)
     lookup_role = server.get_role_for_credentials
 
     @functools.wraps(lookup_role)

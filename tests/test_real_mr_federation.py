@@ -86,7 +86,7 @@ def real_fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, A
     root = tmp_path_factory.mktemp("real-mr")
     names = {site_name(vendor): vendor for vendor in sorted(vendors)}
     ports = dict(zip(names, distinct_free_ports(len(names))))
-    sites = {name: LiveSite(write_site_config(root / "sites", name, ports[name], min_cohort=1)
+    sites = {name: LiveSite(write_site_config(root / "sites", name, ports[name], min_cohort=1))
              for name in names}
     exports: dict[str, Path] = {}
     patients: dict[str, dict[str, str]] = {}

@@ -192,8 +192,14 @@ def test_a_calls_text_in_syfts_log_names_no_argument_value(tmp_path: Any) -> Non
 
     server = SimpleNamespace(handle_api_call_with_unsigned_result=lambda *a, **k: None,
                              get_role_for_credentials=lambda credentials: None)
-    server_door.install(server, tmp_path)
-    call = SyftAPICall(server_uid=UID(), path="code.call", args=[np.arange(4242.0)], kwargs={"weights": np.full(3, 7.5)})
-    text = f"API Call: {call}"
+    printing = np.get_printoptions()
+    try:
+        server_door.install(server, tmp_path)
+        call = SyftAPICall(server_uid=UID(), path="code.call", args=[np.arange(4242.0)], kwargs={"weights": np.full(3, 7.5)})
+        text = f"API Call: {call}"
+        summarised = repr(np.arange(100.0))
+    finally:
+        np.set_printoptions(**printing)
     assert "code.call" in text and "weights" in text
     assert "4241" not in text and "7.5" not in text
+    assert "..." in summarised and "50." not in summarised
