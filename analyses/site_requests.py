@@ -12,6 +12,8 @@ import linecache
 import re
 from typing import Any
 
+from datasite_setup.array_texts import arrays_printed_by_shape
+
 _TEMPLATE = '''def {name}(cases, params):
     return site_task("{task}", cases, params)
 '''
@@ -57,10 +59,11 @@ def call_site_task(client: Any, asset: Any, task: str, label: str, params: dict[
     import syft as sy
 
     name = function_name(task, label)
-    result = getattr(client.code, name)(cases=asset, params=params)
-    if isinstance(result, sy.SyftError):
-        raise RuntimeError(result.message)
-    value = result.get() if hasattr(result, "get") else result
+    with arrays_printed_by_shape():
+        result = getattr(client.code, name)(cases=asset, params=params)
+        if isinstance(result, sy.SyftError):
+            raise RuntimeError(result.message)
+        value = result.get() if hasattr(result, "get") else result
     if isinstance(value, sy.SyftError):
         raise RuntimeError(value.message)
     return value

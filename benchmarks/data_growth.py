@@ -23,8 +23,10 @@ at start, which would otherwise run beside the first calls on this 2-core machin
 `cohort_summary` reads every case's image and mask (memory-mapped), so its own compute does grow
 with the cases; to tell that apart from the per-call overhead, the same task runs in this process
 over the same `CaseSource` at each size (`in_process_task_s`), and the call's remainder is reported.
-Targets: call time largest / smallest <= 1.2; memory largest / smallest <= 1.1 (server RSS,
-ingestion peak RSS).
+Targets: call time largest / smallest <= 1.2, judged both on the whole call and on the call beyond
+the task's own compute (what a call costs for being a call: the data plane's part, which the
+issue's baseline of 7.7 s -> 58.6 s against a task of 0.37 s -> 2.5 s was about); memory largest /
+smallest <= 1.1 (server RSS, ingestion peak RSS).
 """
 
 from __future__ import annotations
@@ -284,6 +286,7 @@ def run(quick: bool) -> dict[str, Any]:
     ingest_peak_growth_mb = round(peak[big] - peak[small], 1)
     meets = {
         "call": ratios["call"] <= TARGET_CALL_RATIO,
+        "call_beyond_the_task": ratios["call_minus_task"] <= TARGET_CALL_RATIO,
         "server_rss": max(ratios["server_rss_after_ingest"], ratios["server_rss_after_calls"]) <= TARGET_MEMORY_RATIO,
         "ingest_peak_rss": ratios["ingest_peak_rss"] <= TARGET_MEMORY_RATIO,
     }
@@ -296,7 +299,8 @@ def run(quick: bool) -> dict[str, Any]:
     print("\n".join("  " + line for line in table), file=sys.stderr, flush=True)
     summary = (f"{small} -> {big} cases: {TASK} call {call_median[small]:.2f} -> {call_median[big]:.2f} s, "
                f"ratio {ratios['call']:.2f} ({'meets' if meets['call'] else 'misses'} <= {TARGET_CALL_RATIO}; "
-               f"in-process task {ratios['in_process_task']:.2f}x, call minus task {ratios['call_minus_task']:.2f}x); "
+               f"in-process task {ratios['in_process_task']:.2f}x; call minus task {ratios['call_minus_task']:.2f}x: "
+               f"{'meets' if meets['call_beyond_the_task'] else 'misses'}); "
                f"server RSS after calls {ratios['server_rss_after_calls']:.2f}x, ingest peak RSS "
                f"{ratios['ingest_peak_rss']:.2f}x ({ingest_peak_growth_mb:+.0f} MiB, one case {series_mb():.1f} MiB; {'meet' if meets['server_rss'] and meets['ingest_peak_rss'] else 'miss'} "
                f"<= {TARGET_MEMORY_RATIO}); ingestion {per_size[big]['ingestion']['cases_per_s']:.2f} cases/s at {big} "

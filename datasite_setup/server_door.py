@@ -47,6 +47,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from datasite_setup import audit_log
+from datasite_setup.array_texts import print_arrays_by_shape
 
 REFUSAL = (
     "refused by this datasite: data scientists may only list datasets and mocks, request approved "
@@ -367,7 +368,6 @@ def install(server: Any, data_dir: Path) -> None:
     call, on its thread and for the same key, the answer is the door's. So the door costs no
     extra query on the way in. syft's own handler and role lookup stay reachable as the
     replacements' `__wrapped__`, so the door's cost can be measured against them."""
-    import numpy
     from syft.client.api import SignedSyftAPICall, SyftAPICall
     from syft.service.response import SyftError
     from syft.service.user.user_roles import ServiceRole
@@ -379,10 +379,9 @@ def install(server: Any, data_dir: Path) -> None:
     # the log level: the text of its arguments, which can be private data. The call's text names
     # its path and argument names only.
     SyftAPICall.__repr__ = _api_call_text
-    # syft also builds the text of every ActionObject's data each time it validates one (a weight
-    # dict: ~50 arrays, several times per call; a third of a site's busy time in a training round)
-    # and keeps only its first characters: a few items per array say as much for half the cost.
-    numpy.set_printoptions(threshold=16, edgeitems=2)
+    # syft also builds and stores a text of every object it validates: in this process an
+    # array's text is its shape and type (no value, no formatting cost).
+    print_arrays_by_shape()
     lookup_role = server.get_role_for_credentials
 
     @functools.wraps(lookup_role)

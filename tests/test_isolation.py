@@ -554,6 +554,19 @@ def test_back_to_back_runs_are_all_forked_warm_from_one_zygote() -> None:
     assert _children_running_sandbox() == []
 
 
+def test_itk_filters_in_a_child_take_their_threads_from_one_pool() -> None:
+    """Every thread a confined child starts waits for the parent's approval: ITK's default threader
+    starts new ones for every filter call (pyradiomics makes several per case), the pool once."""
+    itk = ("SimpleITK",)
+    source = _code("import SimpleITK as sitk\nimage = sitk.Image(32, 32, 32, sitk.sitkFloat32)\n"
+                   "for _ in range(5):\n    image = sitk.SmoothingRecursiveGaussian(image, 1.0)\n"
+                   "return {'threader': sitk.ProcessObject.GetGlobalDefaultThreader(), 'v': float(sitk.GetArrayViewFromImage(image).sum())}")
+    outcome = run_isolated(source, "f", {}, LIMITS, preload=itk)
+    stop_fork_servers()
+    assert outcome.ok and outcome.warm, outcome
+    assert outcome.result == {"threader": "Pool", "v": 0.0}
+
+
 def test_a_forked_child_holds_nothing_of_the_zygote_or_of_a_concurrent_run() -> None:
     """The zygote holds the descriptors of every run it forked and is the forked child's parent:
     a run started while another is running finds no descriptor beyond its own channel, cannot

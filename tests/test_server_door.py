@@ -184,7 +184,8 @@ def test_parameters_and_results_of_a_megabyte_and_more_go_through_blob_storage(d
 def test_a_calls_text_in_syfts_log_names_no_argument_value(tmp_path: Any) -> None:
     """syft formats every call into a log line whatever the log level; with the door installed
     that text names the path and argument names, never a value (private data, or a weight dict
-    whose text alone cost a large part of a training round)."""
+    whose text alone cost a large part of a training round); an array's text in the site server
+    (which syft builds and stores for every object it validates) is its shape and type."""
     from types import SimpleNamespace
 
     from syft.client.api import SyftAPICall
@@ -192,14 +193,27 @@ def test_a_calls_text_in_syfts_log_names_no_argument_value(tmp_path: Any) -> Non
 
     server = SimpleNamespace(handle_api_call_with_unsigned_result=lambda *a, **k: None,
                              get_role_for_credentials=lambda credentials: None)
-    printing = np.get_printoptions()
     try:
         server_door.install(server, tmp_path)
         call = SyftAPICall(server_uid=UID(), path="code.call", args=[np.arange(4242.0)], kwargs={"weights": np.full(3, 7.5)})
         text = f"API Call: {call}"
-        summarised = repr(np.arange(100.0))
+        array_texts = repr(np.arange(100.0)), str(np.full((2, 3), 7.5, np.float32))
     finally:
-        np.set_printoptions(**printing)
+        np.set_string_function(None, repr=True)
+        np.set_string_function(None, repr=False)
     assert "code.call" in text and "weights" in text
     assert "4241" not in text and "7.5" not in text
-    assert "..." in summarised and "50." not in summarised
+    assert array_texts == ("array(shape=(100,), dtype=float64)", "array(shape=(2, 3), dtype=float32)")
+
+
+def test_the_data_scientists_arrays_print_by_shape_only_while_her_calls_run() -> None:
+    """In her process numpy's own texts are hers: shape-only texts last as long as the calls."""
+    from datasite_setup.array_texts import arrays_printed_by_shape
+
+    values = np.array([1.5, 2.5])
+    with arrays_printed_by_shape():
+        with arrays_printed_by_shape():
+            inner = repr(values)
+        still_in_a_call = str(values)
+    assert inner == "array(shape=(2,), dtype=float64)" and still_in_a_call == inner
+    assert repr(values) == "array([1.5, 2.5])" and str(values) == "[1.5 2.5]"

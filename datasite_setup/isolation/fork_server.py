@@ -17,6 +17,7 @@ import atexit
 import functools
 import os
 import pickle
+import signal
 import socket
 import subprocess
 import sys
@@ -31,7 +32,7 @@ ZYGOTE_MODULE = "datasite_setup.sandbox.zygote"
 MAX_FORK_SERVERS = 2
 REAP_TIMEOUT_S = 30.0
 # A child the zygote could not report (it died first) counts as killed: the run fails "crashed".
-_UNREPORTED = (9, ChildUsage(0.0, 0))
+_UNREPORTED = (int(signal.SIGKILL), ChildUsage(0.0, 0))
 
 
 class ForkServer:
@@ -149,10 +150,11 @@ class ForkServers:
             with self._lock:
                 if self._servers.get(preload) is server:
                     del self._servers[preload]
-                if server.unwarmable():
-                    self._unwarmable.add(preload)
             server.proc.kill()
             server.stop()
+            if server.unwarmable():
+                with self._lock:
+                    self._unwarmable.add(preload)
         return child
 
     def stop_all(self) -> None:
