@@ -21,6 +21,7 @@ import textwrap
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -607,6 +608,29 @@ def test_the_site_preloads_run_monai_warm_and_cold_without_a_user_name(warm: boo
     stop_fork_servers()
     assert outcome.ok and outcome.warm == warm, outcome.stderr_tail[-2000:]
     assert outcome.result["loss"] > 0
+
+
+def test_a_stuck_zygote_costs_a_run_seconds_not_its_wall_clock(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A zygote that has forked before and then stops answering: the next run starts cold after
+    FORK_REPLY_S, not after its wall clock, and the stuck zygote is replaced."""
+    from datasite_setup.isolation import fork_server
+
+    monkeypatch.setattr(fork_server, "FORK_REPLY_S", 1.0)
+    stop_fork_servers()
+    start_fork_server(NUMPY)
+    first = run_isolated(_code("return {'v': 1.0}"), "f", {}, LIMITS, preload=NUMPY)
+    (stuck,) = [p for p in _children_running_sandbox() if "datasite_setup.sandbox.zygote" in p.cmdline()]
+    stuck.suspend()
+    started = time.monotonic()
+    fallback = run_isolated(_code("return {'v': 2.0}"), "f", {}, replace(LIMITS, wall_seconds=120), preload=NUMPY)
+    elapsed = time.monotonic() - started
+    replaced = run_isolated(_code("return {'v': 3.0}"), "f", {}, LIMITS, preload=NUMPY)
+    stop_fork_servers()
+    assert first.ok and first.warm
+    assert fallback.ok and not fallback.warm and fallback.result == {"v": 2.0}, fallback
+    assert elapsed < 30, elapsed
+    assert replaced.ok and replaced.warm and not stuck.is_running()
+    assert _children_running_sandbox() == []
 
 
 def test_a_cold_run_starts_no_fork_server() -> None:

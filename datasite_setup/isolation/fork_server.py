@@ -8,7 +8,9 @@ pages are shared with the children it forks).
 
 A run falls back to a cold child when the zygote cannot serve: it found its imports left a thread
 or an open file (exit 71: that preload tuple is never tried warm again), it died (the next run
-starts a new one), or it did not answer within the run's wall clock.
+starts a new one), or it did not answer in time: within the run's wall clock while it may still be importing (its
+first fork), within FORK_REPLY_S once it has forked before, since forking takes milliseconds and a
+stuck zygote should cost a run seconds, not its whole wall clock.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from datasite_setup.sandbox.zygote import PID, REPORT, UNWARMABLE
 ZYGOTE_MODULE = "datasite_setup.sandbox.zygote"
 MAX_FORK_SERVERS = 2
 REAP_TIMEOUT_S = 30.0
+FORK_REPLY_S = 10.0
 # A child the zygote could not report (it died first) counts as killed: the run fails "crashed".
 _UNREPORTED = (int(signal.SIGKILL), ChildUsage(0.0, 0))
 
@@ -43,6 +46,7 @@ class ForkServer:
         self._home = tempfile.TemporaryDirectory(prefix="medfed-zygote-", ignore_cleanup_errors=True)
         self._control, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         self._lock = threading.Lock()
+        self._has_forked = False
         with theirs:
             self.proc = subprocess.Popen(
                 [sys.executable, "-B", "-m", ZYGOTE_MODULE, ",".join(preload)],
@@ -55,7 +59,10 @@ class ForkServer:
             )
 
     def fork(self, limits: Limits, timeout: float) -> Child | None:
-        """A child forked for a run with `limits`, or None when the zygote cannot serve."""
+        """A child forked for a run with `limits`, or None when the zygote cannot serve: it did not
+        answer within `timeout` (within FORK_REPLY_S once it has forked a child before)."""
+        if self._has_forked:
+            timeout = min(timeout, FORK_REPLY_S)
         scratch = tempfile.TemporaryDirectory(prefix="medfed-sandbox-", ignore_cleanup_errors=True)
         channel, channel_theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         report, report_theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -81,6 +88,7 @@ class ForkServer:
             scratch.cleanup()
             return None
         (pid,) = PID.unpack(data)
+        self._has_forked = True
         return Child(pid, fds[0], channel, err_read, scratch, True, functools.partial(_reported_exit, report))
 
     def unwarmable(self) -> bool:
