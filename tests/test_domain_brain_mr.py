@@ -14,7 +14,9 @@ from skimage.filters import threshold_otsu
 
 import domains
 from analyses.federation.fedbn import is_normalisation
-from domains.brain_mr_segmentation import DOMAIN, PROFILES, PreprocessingSettings, UNet2D, generate_case, preprocess_case
+from domains.brain_mr_segmentation import (
+    DOMAIN, PROFILES, BrainMRSegmentation, PreprocessingSettings, ScannerAugmentation, UNet2D, augment_slices, generate_case, preprocess_case,
+)
 from domains.brain_mr_segmentation.cases import check_segmentation_case, foreground_mask, normalise_volume, slices_for_training
 from domains.brain_mr_segmentation.loss import dice_bce_loss
 from domains.brain_mr_segmentation.metrics import add_counts, confusion_counts, hd95_mm, metrics_from_counts
@@ -174,6 +176,27 @@ def test_batches_balance_tumour_slices_and_are_reproducible(tumour_cases, ge_cas
     assert (drawn.flatten(1).amax(dim=1) > 0).float().mean() >= 0.5
     again = list(DOMAIN.batches(cases, 10, np.random.default_rng(0)))
     assert all(torch.equal(x1, x2) for (x1, _), (x2, _) in zip(batches, again))
+
+
+def test_augmentation_changes_the_look_of_slices_but_not_their_scale_or_tumour(tumour_cases):
+    x, y = next(iter(BrainMRSegmentation(augmentation=None).batches(tumour_cases, 8, np.random.default_rng(0))))
+    x_before, y_before = x.clone(), y.clone()
+    ax, ay = augment_slices(x, y, np.random.default_rng(1))
+    again_x, again_y = augment_slices(x, y, np.random.default_rng(1))
+    other_x, _ = augment_slices(x, y, np.random.default_rng(2))
+    assert torch.equal(x, x_before) and torch.equal(y, y_before)  # inputs untouched
+    assert torch.equal(ax, again_x) and torch.equal(ay, again_y) and not torch.equal(ax, other_x)
+    assert ax.shape == x.shape and ax.dtype == x.dtype and type(ax) is torch.Tensor
+    assert not torch.equal(ax, x)
+    for i in range(len(x)):
+        flipped = torch.equal(ay[i], y[i].flip(-1)) and not torch.equal(ay[i], y[i])
+        assert torch.equal(ay[i], y[i]) or flipped  # masks only follow the flips
+        assert torch.allclose(ax[i].mean(), x[i].mean(), atol=1e-4) and torch.allclose(ax[i].std(), x[i].std(), rtol=1e-3)
+    unchanged = ScannerAugmentation(gamma_prob=0, bias_prob=0, noise_prob=0, flip_prob=0)
+    same_x, same_y = augment_slices(x, y, np.random.default_rng(1), unchanged)
+    assert torch.allclose(same_x, x, atol=1e-5) and torch.equal(same_y, y)
+    with pytest.raises(ValueError, match="gamma_prob"):
+        ScannerAugmentation(gamma_prob=1.5)
 
 
 def test_counts_cover_the_original_voxels_only(ge_case, tumour_cases):

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from domains.brain_mr_segmentation.augmentation import DEFAULT_AUGMENTATION, ScannerAugmentation, augment_slices
 from domains.brain_mr_segmentation.cases import (
     SiteSlices, check_segmentation_case, fit_centre, foreground_mask, normalise_volume, preprocessed_cases, site_slices, slices_for_training,
     training_size,
@@ -27,6 +28,7 @@ from domains.brain_mr_segmentation.unet2d import UNet2D
 from domains.shuffled_batches import balanced_batches
 
 __all__ = [
+    "DEFAULT_AUGMENTATION",
     "DEFAULT_FOREGROUND_PRIOR",
     "DEFAULT_SETTINGS",
     "DOMAIN",
@@ -36,10 +38,12 @@ __all__ = [
     "PhantomCase",
     "PreprocessedCase",
     "PreprocessingSettings",
+    "ScannerAugmentation",
     "ScannerProfile",
     "SiteSlices",
     "UNet2D",
     "add_counts",
+    "augment_slices",
     "check_segmentation_case",
     "confusion_counts",
     "dice_bce_loss",
@@ -73,7 +77,8 @@ PRIOR_RANGE = (1e-3, 0.5)
 
 class BrainMRSegmentation:
     """2D U-Net (GroupNorm) on preprocessed axial slices (`preprocessing.py`), trained with Dice +
-    BCE on class-balanced slices, evaluated voxel-wise on the original grid of each case (what
+    BCE on class-balanced slices with scanner augmentation (`augmentation.py`; None trains on the
+    slices as they are), evaluated voxel-wise on the original grid of each case (what
     preprocessing cropped, resampled or padded is mapped back and never counted twice)."""
 
     name = "brain_mr_segmentation"
@@ -81,10 +86,12 @@ class BrainMRSegmentation:
     primary_metric = "dice"
     higher_is_better = True
 
-    def __init__(self, base_channels: int = 8, eval_batch_size: int = 32, preprocessing: PreprocessingSettings = DEFAULT_SETTINGS) -> None:
+    def __init__(self, base_channels: int = 8, eval_batch_size: int = 32, preprocessing: PreprocessingSettings = DEFAULT_SETTINGS,
+                 augmentation: ScannerAugmentation | None = DEFAULT_AUGMENTATION) -> None:
         self.base_channels = base_channels
         self.eval_batch_size = eval_batch_size
         self.preprocessing = preprocessing
+        self.augmentation = augmentation
 
     def build_model(self, foreground_fraction: float | None = None) -> torch.nn.Module:
         """U-Net whose output bias starts at the logit of the tumour share of voxels
@@ -120,10 +127,14 @@ class BrainMRSegmentation:
 
     def batches(self, cases: Sequence[dict[str, Any]], batch_size: int, rng: np.random.Generator) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """One epoch of preprocessed slices, x and y both [B, 1, H, W], as many as the site has
-        slices, at least half of them holding tumour when the site has any (`balanced_batches`);
-        the last batch may be smaller."""
+        slices, at least half of them holding tumour when the site has any (`balanced_batches`),
+        each batch augmented (`augment_slices`) unless the domain was built without; the last batch
+        may be smaller."""
         slices = site_slices(preprocessed_cases(cases, self.preprocessing))
-        return balanced_batches(slices.x, slices.y, slices.has_tumour, batch_size, rng)
+        batches = balanced_batches(slices.x, slices.y, slices.has_tumour, batch_size, rng)
+        if self.augmentation is None:
+            return batches
+        return (augment_slices(x, y, rng, self.augmentation) for x, y in batches)
 
     def predict_probabilities(self, model: torch.nn.Module, case: dict[str, Any]) -> np.ndarray:
         """Tumour probability float32 [Z, Y, X] on the case's own grid; 0 where preprocessing
