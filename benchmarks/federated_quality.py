@@ -12,7 +12,8 @@ measure learning, not transport; benchmarks/federated_round_overhead.py measures
 
 Every method gets the same schedule (rounds x epochs x step cap per site, same seed and initial
 model) and trains on the domain's batches as the sites do, scanner augmentation included
-(`domains/brain_mr_segmentation/augmentation.py`; runs before 2026-12-03 had none). Centralized (simulation only) trains on the pooled training cases with the step cap
+(`domains/brain_mr_segmentation/augmentation.py`; runs before 2026-12-03 had none). Centralized
+(simulation only) trains on the pooled training cases with the step cap
 scaled by the number of sites, so it does as many optimisation steps as the federation does in
 total, and selects its round on the pooled validation cases too. Local-only: each site's own model
 on its own test cases (and, reported apart, on the other sites').

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from domains.brain_mr_segmentation.augmentation import DEFAULT_AUGMENTATION, ScannerAugmentation, augment_slices
+from domains.brain_mr_segmentation.augmentation import DEFAULT_AUGMENTATION, ScannerAugmentation, augment_slices, intensity_transforms
 from domains.brain_mr_segmentation.cases import (
     SiteSlices, check_segmentation_case, fit_centre, foreground_mask, normalise_volume, preprocessed_cases, site_slices, slices_for_training,
     training_size,
@@ -52,6 +52,7 @@ __all__ = [
     "generate_case",
     "hd95_counts",
     "hd95_mm",
+    "intensity_transforms",
     "metrics_from_counts",
     "mock_cases",
     "normalise_volume",
@@ -134,7 +135,8 @@ class BrainMRSegmentation:
         batches = balanced_batches(slices.x, slices.y, slices.has_tumour, batch_size, rng)
         if self.augmentation is None:
             return batches
-        return (augment_slices(x, y, rng, self.augmentation) for x, y in batches)
+        intensity = intensity_transforms(self.augmentation)
+        return (augment_slices(x, y, rng, self.augmentation, intensity) for x, y in batches)
 
     def predict_probabilities(self, model: torch.nn.Module, case: dict[str, Any]) -> np.ndarray:
         """Tumour probability float32 [Z, Y, X] on the case's own grid; 0 where preprocessing

@@ -17,17 +17,21 @@ augmented, never evaluation.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
+if TYPE_CHECKING:
+    from monai.transforms import Compose
+
 
 @dataclass(frozen=True)
 class ScannerAugmentation:
-    """Probabilities and ranges, each step drawn independently (per batch, flips per slice). `gamma` is the range of
-    the contrast exponent, `bias_coefficients` the range of each coefficient of the degree-3
-    polynomial whose exponential multiplies the slice, `noise_std` the largest Gaussian noise
-    standard deviation as a share of the slice's intensity range."""
+    """Probabilities and ranges, each step drawn independently (per batch, flips per slice).
+    `gamma` is the range of the contrast exponent, `bias_coefficients` the range of each
+    coefficient of the degree-3 polynomial whose exponential multiplies the slice, `noise_std` the
+    largest Gaussian noise standard deviation as a share of the slice's intensity range."""
 
     gamma_prob: float = 0.5
     gamma: tuple[float, float] = (0.5, 1.6)
@@ -50,23 +54,33 @@ class ScannerAugmentation:
 DEFAULT_AUGMENTATION = ScannerAugmentation()
 
 
+def intensity_transforms(settings: ScannerAugmentation = DEFAULT_AUGMENTATION) -> Compose:
+    """The intensity steps of `settings` as one MONAI Compose: build it once per epoch and hand it
+    to every `augment_slices` call of that epoch, which reseeds it per batch."""
+    from monai.transforms import Compose, RandAdjustContrast, RandBiasField, RandGaussianNoise
+
+    return Compose([
+        RandBiasField(prob=settings.bias_prob, degree=3, coeff_range=settings.bias_coefficients),
+        RandAdjustContrast(prob=settings.gamma_prob, gamma=settings.gamma),
+        RandGaussianNoise(prob=settings.noise_prob, std=settings.noise_std),
+    ])
+
+
 def augment_slices(x: torch.Tensor, y: torch.Tensor, rng: np.random.Generator,
-                   settings: ScannerAugmentation = DEFAULT_AUGMENTATION) -> tuple[torch.Tensor, torch.Tensor]:
+                   settings: ScannerAugmentation = DEFAULT_AUGMENTATION,
+                   intensity: Compose | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """A batch of slices x and masks y, both [B, 1, H, W], augmented: new tensors, the inputs are
-    left as they were. Masks only follow the flips.
+    left as they were. Masks only follow the flips. `intensity` is `intensity_transforms(settings)`,
+    built here when not given.
 
     One draw of contrast curve, bias field and noise level serves the whole batch (its slices are
     the transforms' channels), as one scanner would; flips are drawn per slice. A batch costs three
     transform calls, not three per slice: MONAI's transforms carry metadata on every call (about
     1 ms per call), and switching that off is process-wide, which sites training in threads share."""
-    from monai.transforms import Compose, RandAdjustContrast, RandBiasField, RandGaussianNoise
     from monai.utils import convert_to_tensor
 
-    intensity = Compose([
-        RandBiasField(prob=settings.bias_prob, degree=3, coeff_range=settings.bias_coefficients),
-        RandAdjustContrast(prob=settings.gamma_prob, gamma=settings.gamma),
-        RandGaussianNoise(prob=settings.noise_prob, std=settings.noise_std),
-    ])
+    if intensity is None:
+        intensity = intensity_transforms(settings)
     intensity.set_random_state(seed=int(rng.integers(2**31)))
     low = x.amin(dim=(1, 2, 3), keepdim=True)
     span = x.amax(dim=(1, 2, 3), keepdim=True) - low
