@@ -83,6 +83,8 @@ class ManifestEntry:
 
     `images` names the extra images stored beside the primary one; `split` is train, validation or
     test (see `case_splits`), and `labelled` is False for a case kept for semi-supervised training.
+    `mask_labels` names the mask's label values 1, 2, ... when it is a label map of several
+    structures (liver, lesion); empty for a binary mask, whose one label is 1.
     """
 
     case_id: str
@@ -99,11 +101,12 @@ class ManifestEntry:
     has_mask: bool = True
     content_hash: str = ""
     added_in: int = 0
+    mask_labels: tuple[str, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-able values: what the syft asset holds for this case."""
         out = asdict(self)
-        for key in ("shape", "spacing", "origin", "direction", "images"):
+        for key in ("shape", "spacing", "origin", "direction", "images", "mask_labels"):
             out[key] = list(out[key])
         return out
 
@@ -117,11 +120,16 @@ class ManifestEntry:
             labels={str(k): float(v) for k, v in (data.get("labels") or {}).items()},
             images=tuple(str(v) for v in data.get("images") or ()), has_mask=bool(data.get("has_mask", True)),
             content_hash=str(data.get("content_hash", "")), added_in=int(data.get("added_in", 0)),
+            mask_labels=tuple(str(v) for v in data.get("mask_labels") or ()),
         )
 
 
-def content_hash(record: Mapping[str, Any]) -> str:
-    """SHA-256 over the pixels, masks, labels and grid of a case record: equal for a re-ingested series."""
+def content_hash(record: Mapping[str, Any], mask_labels: Sequence[str] = ()) -> str:
+    """SHA-256 over the pixels, masks, labels and grid of a case record: equal for a re-ingested series.
+
+    The names of a label map's values are part of its content (the same voxels read as other
+    structures are another case); a binary mask (no names) hashes as it always has.
+    """
     digest = hashlib.sha256()
     arrays = [("image", record["image"])]
     if record.get("mask") is not None:
@@ -132,7 +140,10 @@ def content_hash(record: Mapping[str, Any]) -> str:
         digest.update(f"{name}|{array.dtype.str}|{array.shape}|".encode())
         digest.update(array.tobytes())
     grid = {k: [float(v) for v in record[k]] for k in ("spacing", "origin", "direction")}
-    digest.update(json.dumps({"grid": grid, "labels": record.get("labels") or {}}, sort_keys=True).encode())
+    described: dict[str, Any] = {"grid": grid, "labels": record.get("labels") or {}}
+    if mask_labels:
+        described["mask_labels"] = [str(name) for name in mask_labels]
+    digest.update(json.dumps(described, sort_keys=True).encode())
     return digest.hexdigest()
 
 
@@ -271,12 +282,16 @@ class CaseStore:
         return str(row[0])
 
     def put(self, record: Mapping[str, Any], patient: str, split: str, labelled: bool = True,
-            version: int | None = None) -> ManifestEntry | None:
+            version: int | None = None, mask_labels: Sequence[str] = ()) -> ManifestEntry | None:
         """Write one case and list it in manifest `version` (see `new_version`) of that version's collection.
 
-        Returns the entry, or None when the collection already lists the case with the same content.
+        `mask_labels` names the values 1, 2, ... of a label-map mask (see `ManifestEntry`). Returns
+        the entry, or None when the collection already lists the case with the same content.
         """
         check_case_record(record)
+        mask_labels = tuple(str(name) for name in mask_labels)
+        if mask_labels:
+            _check_label_map(record, mask_labels)
         case_id = str(record["case_id"])
         if not case_id or "/" in case_id or case_id.startswith("."):
             raise CaseStoreError(f"case id {case_id!r} cannot name a folder; case ids come from de-identification")
@@ -284,7 +299,7 @@ class CaseStore:
         if version < 1:
             raise CaseStoreError("start a manifest version (CaseStore.new_version) before adding cases")
         collection = self._version_collection(version)
-        digest = content_hash(record)
+        digest = content_hash(record, mask_labels)
         existing = self.stored_hash(case_id)
         if existing is not None and existing != digest:
             raise CaseStoreError(
@@ -300,7 +315,7 @@ class CaseStore:
             direction=tuple(float(v) for v in record["direction"]), metadata=dict(record["metadata"]),
             labels={str(k): float(v) for k, v in (record.get("labels") or {}).items()},
             images=tuple(sorted(record.get("images") or {})), has_mask=record.get("mask") is not None,
-            content_hash=digest, added_in=version,
+            content_hash=digest, added_in=version, mask_labels=mask_labels,
         )
         if existing is None:
             self._write_files(record, entry)
@@ -364,6 +379,18 @@ class CaseStore:
         with self._db() as db:
             db.execute("DELETE FROM versions WHERE version = ? AND NOT EXISTS "
                        "(SELECT 1 FROM cases WHERE added_in = ?)", (version, version))
+
+
+def _check_label_map(record: Mapping[str, Any], mask_labels: tuple[str, ...]) -> None:
+    """A label map's values must each have a name, or the manifest would misdescribe the mask."""
+    mask = record.get("mask")
+    if mask is None:
+        raise CaseStoreError(f"case {record['case_id']}: mask label names {list(mask_labels)} given for a case "
+                             "without a mask")
+    highest = int(np.max(mask)) if np.size(mask) else 0
+    if highest > len(mask_labels):
+        raise CaseStoreError(f"case {record['case_id']}: its mask has label value {highest}, but only "
+                             f"{len(mask_labels)} label name(s) were given ({', '.join(mask_labels)})")
 
 
 def published_manifest(store_root: Path, collection: str, version: int) -> list[ManifestEntry]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections import Counter
 from pathlib import Path
 
 from datasite_setup.site_config import SiteConfig, SiteConfigError, load_site_config
@@ -76,6 +77,7 @@ def _cmd_ingest(config: SiteConfig, args: argparse.Namespace) -> int:
         dicom_dir=Path(args.dicom_dir),
         masks_dir=Path(args.masks) if args.masks else None,
         roi=args.roi,
+        structures=args.structures or (),
         dataset_name=args.dataset,
         domain=args.domain,
         primary_modality=args.primary_modality,
@@ -92,11 +94,30 @@ def _cmd_ingest(config: SiteConfig, args: argparse.Namespace) -> int:
         for item in report["rejected"]:
             files = f" ({len(item['files'])} files)" if len(item["files"]) > 1 else ""
             print(f"  rejected {item['path']}{files}: {item['reason']}")
+        if report.get("mask_labels"):
+            found = {name: sum(bool(item["structure_voxels"].get(name)) for item in report["accepted"])
+                     for name in report["mask_labels"]}
+            print("  label map " + ", ".join(f"{value} {name} (in {found[name]} case(s))"
+                                             for value, name in enumerate(report["mask_labels"], start=1)))
+            left_out = Counter(other for item in report["accepted"] for other in item["not_in_structures"])
+            if left_out:
+                print("  left out, as no --structures name matches: " + ", ".join(
+                    f"{other} (in {count} case(s))" for other, count in sorted(left_out.items())))
         print(f"  {report['added']} new case(s) written to the case store ({config.data_dir / 'case_store'})")
         if report.get("dataset"):
             print(f"  dataset '{report['dataset']}' serves manifest version {report['manifest_version']} "
                   "(private manifest + mock manifest)")
     return EXIT_REJECTED if report["rejected"] else EXIT_OK
+
+
+def structure_list(text: str) -> tuple[str, ...]:
+    """`--structures liver,lesion` as its names in label order (liver 1, lesion 2)."""
+    from datasite_setup.mask_files import check_structures
+
+    try:
+        return check_structures(text.split(","))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -120,7 +141,12 @@ def build_parser() -> argparse.ArgumentParser:
     cmd = with_site("ingest", "de-identify a DICOM folder and upload it as the site's private dataset + mock")
     cmd.add_argument("dicom_dir", help="folder tree with the DICOM series (and RTSTRUCTs)")
     cmd.add_argument("--masks", help="folder of NIfTI/NRRD/SEG masks named after each series")
-    cmd.add_argument("--roi", help="RTSTRUCT ROI name to use when a structure set has several")
+    masks = cmd.add_mutually_exclusive_group()
+    masks.add_argument("--roi", help="RTSTRUCT ROI name to use when a structure set has several")
+    masks.add_argument("--structures", type=structure_list, metavar="NAME[,NAME...]",
+                       help="read masks as label maps of these structures, value = position (e.g. liver,lesion: 1 "
+                            "liver, 2 lesion, later ones painted over earlier ones): RTSTRUCT ROIs and SEG segments "
+                            "by name (case-insensitive), mask files whose values are 0..N; excludes --roi")
     cmd.add_argument("--dataset", default=None, help="dataset name (default: <site>-cases)")
     cmd.add_argument("--report", help="write the accepted/rejected report as JSON to this file")
     cmd.add_argument("--splits", default=None, metavar="CSV",

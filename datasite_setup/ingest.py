@@ -19,6 +19,13 @@ Where a series' mask comes from, first match wins: a file in `--masks` named aft
 references the series; else a DICOM SEG in the tree that references it. Several candidates of the
 same kind (two RTSTRUCTs with the asked ROI, two SEGs) are an error rather than a guess.
 
+Masks of several structures: with `structures` (`--structures liver,lesion`) every mask is read as
+a label map, 0 background and v the v-th structure (`mask_files`, `rtstruct.rasterize_structures`),
+and each case carries the names in that order (`IngestedCase.mask_labels`, which the manifest
+lists). An RTSTRUCT or SEG holding none of the structures is not the case's mask (the series is
+rejected with the names it has); the report lists per case the voxels of each structure, so a
+case without lesion shows as such, and what the mask's source held besides the structures.
+
 The records hold pixels, grid and de-identified metadata only (see `deidentify`). `accepted`,
 `rejected` and `ignored` hold local file paths, which may carry patient names: they are for the
 site's operator and stay at the site.
@@ -26,7 +33,7 @@ site's operator and stay at the site.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,8 +43,27 @@ from pydicom.dataset import Dataset
 
 from datasite_setup.deidentify import acquisition_metadata, case_id, check_secret, patient_pseudonym, pseudonymous_uids
 from datasite_setup.dicom_series import DicomSeries, read_dicom, scan_folder
-from datasite_setup.mask_files import MaskError, find_mask, mask_keys, read_mask, read_seg, seg_referenced_series_uids
-from datasite_setup.rtstruct import RTStructError, rasterize_roi, read_rtstruct, referenced_series_uids, select_roi
+from datasite_setup.mask_files import (
+    LabelMap,
+    MaskError,
+    check_structures,
+    find_mask,
+    mask_keys,
+    read_label_map,
+    read_mask,
+    read_seg,
+    read_seg_structures,
+    seg_referenced_series_uids,
+)
+from datasite_setup.rtstruct import (
+    RTStructError,
+    has_any_roi,
+    rasterize_roi,
+    rasterize_structures,
+    read_rtstruct,
+    referenced_series_uids,
+    select_roi,
+)
 from datasite_setup.series_alignment import frame_of_reference, resample_onto
 from domains.case_record import make_case_record
 
@@ -71,10 +97,12 @@ class IngestResult:
 
 @dataclass(frozen=True)
 class IngestedCase:
-    """One accepted case: its de-identified record and its patient's pseudonym (which fixes its split)."""
+    """One accepted case: its de-identified record, its patient's pseudonym (which fixes its split)
+    and the names of its mask's label values 1, 2, ... (empty for a binary mask)."""
 
     record: dict[str, Any]
     patient: str
+    mask_labels: tuple[str, ...] = ()
 
 
 class Ingestion:
@@ -86,8 +114,13 @@ class Ingestion:
     """
 
     def __init__(self, dicom_dir: Path, masks_dir: Path | None, secret: bytes, roi: str | None = None,
-                 progress: bool = True, primary_modality: str | None = None) -> None:
+                 progress: bool = True, primary_modality: str | None = None, structures: Sequence[str] = ()) -> None:
         check_secret(secret)
+        if roi is not None and structures:
+            raise ValueError(f"--roi {roi!r} and --structures {','.join(structures)} exclude each other: --roi picks "
+                             "one ROI for a binary mask, --structures names every structure of a label map; give "
+                             "the ROI as one of the structures instead")
+        self.structures = check_structures(structures) if structures else ()
         if masks_dir is not None and not Path(masks_dir).is_dir():
             raise NotADirectoryError(f"{masks_dir}: the --masks folder does not exist or is not a folder")
         self.masks_dir, self.secret, self.roi, self.progress = masks_dir, secret, roi, progress
@@ -137,7 +170,7 @@ class Ingestion:
         for series in self.scan.each_series(self.progress, [u for u in self.scan.series_uids if u not in secondary]):
             candidates = [path for index in (self.structure_sets, self.segs) for path in index.get(series.series_uid, [])]
             try:
-                found = _find_mask(series, self.masks_dir, self.structure_sets, self.segs, self.roi)
+                found = _find_mask(series, self.masks_dir, self.structure_sets, self.segs, self.roi, self.structures)
             except (RTStructError, MaskError) as exc:
                 failed.append((series, f"{exc}; the series was rejected", candidates))
                 continue
@@ -148,7 +181,7 @@ class Ingestion:
             mask_of[series.series_uid] = source
             images = self._further_images(series, joined)
             yield _add_case(self.result, series, mask, source, self.secret, source_in_tree=source in in_tree,
-                            images=images)
+                            images=images, structures=self.structures)
         self._account(failed, mask_of, in_tree, joined, secondary)
 
     def _account(self, failed: list[tuple[DicomSeries, str, list[Path]]], mask_of: dict[str, Path],
@@ -174,10 +207,12 @@ class Ingestion:
 
 
 def read_cases(dicom_dir: Path, masks_dir: Path | None, secret: bytes, roi: str | None = None,
-               progress: bool = True, primary_modality: str | None = None) -> IngestResult:
+               progress: bool = True, primary_modality: str | None = None,
+               structures: Sequence[str] = ()) -> IngestResult:
     """Read, pair with masks, validate and de-identify every case under `dicom_dir`, all in memory
     (a dry run or a small export; `Ingestion` streams them)."""
-    ingestion = Ingestion(dicom_dir, masks_dir, secret, roi=roi, progress=progress, primary_modality=primary_modality)
+    ingestion = Ingestion(dicom_dir, masks_dir, secret, roi=roi, progress=progress, primary_modality=primary_modality,
+                          structures=structures)
     ingestion.result.cases = [case.record for case in ingestion.cases()]
     return ingestion.result
 
@@ -202,7 +237,8 @@ def _unused_mask_reason(kind: str, uids: list[str], mask_of: dict[str, Path], jo
     taken = [uid for uid in uids if uid in mask_of]
     if taken:
         return (f"{kind} not used: series {taken[0]} took its mask from {mask_of[taken[0]]} (a file in --masks "
-                "comes first, then an RTSTRUCT with the --roi, then a SEG); remove it if it is a stale copy")
+                "comes first, then an RTSTRUCT with the --roi or --structures, then a SEG); remove it if it is a "
+                "stale copy")
     return (f"{kind} references series UID {', '.join(uids)}, which is not among the accepted image series "
             "(absent from the tree, or rejected: see its entry)")
 
@@ -238,26 +274,35 @@ def _by_series(paths: list[Path], read: Callable[[Path], Dataset], referenced: C
 
 
 def _find_mask(series: DicomSeries, masks_dir: Path | None, structure_sets: dict[str, list[Path]],
-               segs: dict[str, list[Path]], roi: str | None) -> tuple[np.ndarray, Path] | None:
+               segs: dict[str, list[Path]], roi: str | None,
+               structures: tuple[str, ...]) -> tuple[LabelMap, Path] | None:
+    """The series' mask and the file it came from (a binary mask is a label map of one structure)."""
     if masks_dir is not None:
         path = find_mask(Path(masks_dir), series)
         if path is not None:
-            return read_mask(path, series), path
+            mask = read_label_map(path, series, structures) if structures else LabelMap(read_mask(path, series))
+            return mask, path
     candidates = [(path, read_rtstruct(path)) for path in structure_sets.get(series.series_uid, [])]
-    if len(candidates) > 1 and roi is not None:
+    if len(candidates) > 1 and structures:
+        candidates = [(path, ds) for path, ds in candidates if has_any_roi(ds, structures)] or candidates[:1]
+    elif len(candidates) > 1 and roi is not None:
         candidates = [(path, ds) for path, ds in candidates if _has_roi(ds, roi)] or candidates[:1]
     if len(candidates) > 1:
         raise RTStructError(f"several RTSTRUCTs reference this series ({', '.join(str(p) for p, _ in candidates)}); "
-                            "keep one in the tree, or pass --roi with a name only one of them has")
+                            "keep one in the tree, or pass --roi (or --structures) with names only one of them has")
     if candidates:
         path, ds = candidates[0]
-        return rasterize_roi(ds, series, roi, source=str(path)), path
+        if structures:
+            return rasterize_structures(ds, series, structures, source=str(path)), path
+        return LabelMap(rasterize_roi(ds, series, roi, source=str(path))), path
     seg_candidates = segs.get(series.series_uid, [])
     if len(seg_candidates) > 1:
         raise MaskError(f"several DICOM SEGs reference this series ({', '.join(str(p) for p in seg_candidates)}); "
                         "keep one in the tree")
     if seg_candidates:
-        return read_seg(seg_candidates[0], series), seg_candidates[0]
+        path = seg_candidates[0]
+        mask = read_seg_structures(path, series, structures) if structures else LabelMap(read_seg(path, series))
+        return mask, path
     return None
 
 
@@ -276,25 +321,31 @@ def _no_mask_reason(series: DicomSeries, masks_dir: Path | None) -> str:
             f"{series.series_uid} in the tree or a mask named {names} {where}")
 
 
-def _add_case(result: IngestResult, series: DicomSeries, mask: np.ndarray, source: Path, secret: bytes,
-              source_in_tree: bool, images: dict[str, tuple[np.ndarray, DicomSeries]]) -> IngestedCase:
+def _add_case(result: IngestResult, series: DicomSeries, mask: LabelMap, source: Path, secret: bytes,
+              source_in_tree: bool, images: dict[str, tuple[np.ndarray, DicomSeries]],
+              structures: tuple[str, ...]) -> IngestedCase:
     header = series.header
     record = make_case_record(
-        case_id(header, secret), series.volume, mask, series.spacing, series.origin, series.direction,
+        case_id(header, secret), series.volume, mask.values, series.spacing, series.origin, series.direction,
         {**acquisition_metadata(header), **pseudonymous_uids(header, secret)},
         images={key: volume for key, (volume, _) in images.items()},
     )
     further = [path for _, other in images.values() for path in other.files]
     result.n_cases += 1
-    result.accepted.append({
+    accepted = {
         "case_id": record["case_id"],
         "folder": str(series.folder),
         "n_slices": int(series.volume.shape[0]),
         "shape": [int(n) for n in series.volume.shape],
         "mask": str(source),
-        "mask_voxels": int(mask.sum()),
+        "mask_voxels": int(np.count_nonzero(mask.values)),
         "files": [str(p) for p in [*series.files, *([source] if source_in_tree else []), *further]],
         "images": {key: {"folder": str(other.folder), "resampled_from": other.geometry.describe()}
                    for key, (_, other) in images.items()},
-    })
-    return IngestedCase(record, patient_pseudonym(header, secret))
+    }
+    if structures:
+        counts = np.bincount(mask.values.ravel(), minlength=len(structures) + 1)
+        accepted["structure_voxels"] = {name: int(counts[value]) for value, name in enumerate(structures, start=1)}
+        accepted["not_in_structures"] = list(mask.other)
+    result.accepted.append(accepted)
+    return IngestedCase(record, patient_pseudonym(header, secret), structures)

@@ -1,4 +1,4 @@
-"""Rasterise one ROI of an RTSTRUCT onto the voxel grid of its image series.
+"""Rasterise one ROI of an RTSTRUCT, or several as one label map, onto the voxel grid of its image series.
 
 Contours are placed by their patient coordinates, not by their per-contour image references
 (ContourImageSequence): real structure sets often reference SOP Instance UIDs that no longer exist
@@ -14,10 +14,16 @@ no longer be the structure that was drawn.
 
 An RTSTRUCT is paired with its series through ReferencedFrameOfReferenceSequence >
 RTReferencedStudySequence > RTReferencedSeriesSequence > SeriesInstanceUID.
+
+Several structures (`rasterize_structures`, liver then lesion) become one label map: each ROI is
+rasterised as above and painted with its structure's value, later structures over earlier ones.
+A structure set without one of the ROIs has no voxels of it (a liver without lesion is a valid
+case); one with none of them is not the mask asked for, and is an error naming the ROIs it has.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +31,7 @@ from pydicom.dataset import Dataset
 from skimage.measure import points_in_poly
 
 from datasite_setup.dicom_series import DicomSeries, decimal_values, read_dicom
+from datasite_setup.mask_files import LabelMap, matching_names
 
 _EDGE_TOLERANCE = 1e-3  # voxels: points exactly on the outer edge of the image are inside it
 # Margin of the scanline fill, per squared coordinate scale: pixel centres this near an outline
@@ -72,20 +79,57 @@ def select_roi(rtstruct: Dataset, roi: str | None, source: str = "RTSTRUCT") -> 
         if len(rois) == 1:
             return rois[0]
         raise RTStructError(f"{source}: {len(rois)} ROIs ({listing}); choose one with --roi NAME")
-    exact = [item for item in rois if item[1] == roi]
-    loose = [item for item in rois if item[1].strip().casefold() == roi.strip().casefold()]
-    for matches in (exact, loose):
-        if len(matches) == 1:
-            return matches[0]
-        if len(matches) > 1:
-            raise RTStructError(f"{source}: several ROIs are named {roi!r}; rename them so the name is unique")
+    matches = matching_names([name for _, name in rois], roi)
+    if len(matches) > 1:
+        raise RTStructError(f"{source}: several ROIs are named {roi!r}; rename them so the name is unique")
+    if matches:
+        return rois[matches[0]]
     raise RTStructError(f"{source}: no ROI named {roi!r}; its ROIs are: {listing}")
+
+
+def has_any_roi(rtstruct: Dataset, names: Sequence[str]) -> bool:
+    """Whether the structure set has an ROI of one of these names (matched as `select_roi` does)."""
+    rois = roi_names(rtstruct)
+    return any(matching_names(rois, name) for name in names)
 
 
 def rasterize_roi(rtstruct: Dataset, series: DicomSeries, roi: str | None = None,
                   source: str = "RTSTRUCT") -> np.ndarray:
     """The ROI as a uint8 [Z, Y, X] mask on the series grid (`source` names the file in errors)."""
-    number, name = select_roi(rtstruct, roi, source)
+    return _rasterize(rtstruct, series, *select_roi(rtstruct, roi, source), source)
+
+
+def rasterize_structures(rtstruct: Dataset, series: DicomSeries, structures: Sequence[str],
+                         source: str = "RTSTRUCT") -> LabelMap:
+    """The ROIs named `structures` as one uint8 label map: ROI of the v-th structure -> value v.
+
+    A structure whose ROI is absent has no voxels; the ROIs none of the structures names are
+    listed in `other`. Where ROIs overlap the later structure wins, so a lesion drawn inside the
+    liver stays lesion.
+    """
+    rois = [(int(item.ROINumber), str(item.get("ROIName", ""))) for item in rtstruct.StructureSetROISequence]
+    names = [name for _, name in rois]
+    chosen: list[tuple[int, tuple[int, str]]] = []
+    for value, structure in enumerate(structures, start=1):
+        matches = matching_names(names, structure)
+        if len(matches) > 1:
+            raise RTStructError(f"{source}: several ROIs are named {structure!r} "
+                                f"({', '.join(repr(names[i]) for i in matches)}); rename them so the name is unique")
+        if matches:
+            chosen.append((value, rois[matches[0]]))
+    if not chosen:
+        listing = ", ".join(repr(name) for name in names) or "none"
+        raise RTStructError(f"{source}: none of the structures {', '.join(map(repr, structures))} is an ROI of this "
+                            f"structure set (StructureSetROISequence (3006,0020) ROIName: {listing}); name the "
+                            "structures in --structures as the structure set names its ROIs")
+    labels = np.zeros(series.geometry.shape, dtype=np.uint8)
+    for value, (number, name) in chosen:
+        labels[_rasterize(rtstruct, series, number, name, source).astype(bool)] = value
+    used = {number for _, (number, _) in chosen}
+    return LabelMap(labels, tuple(f"ROI {name!r}" for number, name in rois if number not in used))
+
+
+def _rasterize(rtstruct: Dataset, series: DicomSeries, number: int, name: str, source: str) -> np.ndarray:
     where = f"{source}, ROI {name!r}"
     _check_frame_of_reference(rtstruct, number, series, where)
     contours = _closed_contours(rtstruct, number, where)

@@ -25,6 +25,7 @@ change as the site grows.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -56,8 +57,9 @@ def describe(config: SiteConfig, entries: list[ManifestEntry], version: int) -> 
         f"{len(entries)} de-identified cases at {config.name} (manifest version {version}); scanners: "
         f"{', '.join(vendors)}; splits: " + ", ".join(f"{n} {c}" for n, c in splits.items()) + ". "
         "The asset is the site's manifest: one entry per case (case_id, split, shape [Z,Y,X], spacing [z,y,x] mm, "
-        "origin, direction, acquisition metadata, label names); approved site tasks read the images "
-        "(float32) and masks (uint8) at the site."
+        "origin, direction, acquisition metadata, label names, mask_labels: the structure of each mask value 1, "
+        "2, ... when masks are label maps); approved site tasks read the images (float32) and masks (uint8) at "
+        "the site."
     )
 
 
@@ -96,7 +98,8 @@ def store_cases(config: SiteConfig, ingestion: Ingestion, collection: str,
         else:
             split, labelled = assign_split(case.patient, key, config.split_fractions), True
         known[case.patient] = (split, labelled)
-        outcome.added += store.put(case.record, case.patient, split, labelled, version=version) is not None
+        outcome.added += store.put(case.record, case.patient, split, labelled, version=version,
+                                   mask_labels=case.mask_labels) is not None
     return outcome
 
 
@@ -136,14 +139,17 @@ def ingest_to_datasite(
     progress: bool = True,
     primary_modality: str | None = None,
     split_file: Path | None = None,
+    structures: Sequence[str] = (),
 ) -> dict[str, Any]:
     """Read, de-identify, store and publish; return the report of every file (JSON-serialisable).
 
     `domain` names the learning task the cases serve; its mock-case generator renders the mock's cases.
     With `primary_modality`, series of other modalities in a primary series' frame of reference join
     its case as further images (`ingest`). `split_file` (CSV: PatientID,split) fixes the split of the
-    patients it lists (`case_splits`). The report says how many cases this run added, which manifest
-    version the dataset serves, and which patients kept a stored split the file contradicts.
+    patients it lists (`case_splits`). With `structures` (liver, lesion) masks are label maps of
+    those structures, in order, and the report lists them as `mask_labels`. The report says how many
+    cases this run added, which manifest version the dataset serves, and which patients kept a
+    stored split the file contradicts.
     """
     if not dicom_dir.is_dir():
         raise ValueError(f"{dicom_dir}: not a folder; give the folder that holds the DICOM series")
@@ -154,11 +160,13 @@ def ingest_to_datasite(
     name = dataset_name or default_dataset_name(config)
     listed = read_split_file(split_file) if split_file is not None else None
     ingestion = Ingestion(dicom_dir, masks_dir, pseudonym_key(config), roi=roi, progress=progress,
-                          primary_modality=primary_modality)
+                          primary_modality=primary_modality, structures=structures)
     stored = store_cases(config, ingestion, name, listed)
     store = stored.store
     report = ingestion.result.to_report()
     report.update(dataset=None, added=stored.added, manifest_version=None, split_conflicts=stored.split_conflicts)
+    if ingestion.structures:
+        report["mask_labels"] = list(ingestion.structures)
     if not stored.added:
         store.drop_empty_version(stored.version)
     if store.unpublished_version(name) is not None and store.manifest(collection=name):

@@ -62,12 +62,13 @@ def read_manifest(value: Any) -> dict[str, Any]:
 
 
 def mock_manifest(entries: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
-    """Mock entries for a site's manifest: one per case with its shape, grid, split and metadata
-    schema, and no patient value (ids, pseudonyms, hashes and labels replaced)."""
+    """Mock entries for a site's manifest: one per case with its shape, grid, split, metadata schema
+    and mask label names (what the mask's values mean, as the ingestion named them, not what a case
+    holds), and no patient value (ids, pseudonyms, hashes and labels replaced)."""
     mocks = []
     for index, entry in enumerate(entries):
         mock = {key: entry[key] for key in ("split", "labelled", "shape", "spacing", "origin", "direction",
-                                            "images", "has_mask") if key in entry}
+                                            "images", "has_mask", "mask_labels") if key in entry}
         mock.update(case_id=mock_case_id(index), patient=f"{MOCK_CASE_PREFIX}patient-{index:04d}",
                     metadata=mock_metadata(entry.get("metadata") or {}), content_hash="", added_in=0,
                     labels={name: float("nan") for name in entry.get("labels") or {}})
