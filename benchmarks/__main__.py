@@ -29,6 +29,8 @@ REGISTRY: dict[str, str] = {
     "radiomics_throughput": "benchmarks.radiomics_throughput",
     "privacy_overhead": "benchmarks.privacy_overhead",
     "data_growth": "benchmarks.data_growth",
+    "liver_ct_quality": "benchmarks.liver_ct_quality",
+    "liver_ct_patch_throughput": "benchmarks.liver_ct_patch_throughput",
 }
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"

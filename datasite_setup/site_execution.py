@@ -224,7 +224,8 @@ def run_request(config: SiteConfig, code: Any, kwargs: dict[str, Any], who: str)
         }) from None
     if isinstance(contract, ScalarsContract):
         result = contract.as_floats(result)
-    _audit(config, {"action": "ran", **about, "seconds": round(outcome.seconds, 2), **released.audit_fields()})
+    _audit(config, {"action": "ran", **about, "seconds": round(outcome.seconds, 2), "peak_rss_mb": outcome.peak_rss_mb,
+                    "cpu_seconds": outcome.cpu_seconds, **released.audit_fields()})
     return result
 
 

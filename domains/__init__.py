@@ -12,6 +12,7 @@ from domains.domain import Domain
 _MODULES = {
     "brain_mr_segmentation": "domains.brain_mr_segmentation",
     "brain_mr_tumour_burden": "domains.brain_mr_tumour_burden",
+    "liver_ct_segmentation": "domains.liver_ct_segmentation",
 }
 DOMAINS: tuple[str, ...] = tuple(_MODULES)
 

@@ -30,6 +30,7 @@ OPTIONAL_KEYS = ("mask", "images", "labels")
 MOCK_CASE_PREFIX = "mock-"
 
 # Patient-level metadata is blanked in mock cases; scanner settings stay (they describe the site).
+_LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 PATIENT_LEVEL_METADATA = frozenset({"PatientAge", "PatientSex", "PatientWeight", "PatientSize"})
 
 
@@ -109,3 +110,18 @@ def template_shape(template: Mapping[str, Any]) -> tuple[int, int, int]:
 def mock_metadata(metadata: Mapping[str, Any]) -> dict[str, Any]:
     """The metadata schema of a real case with its patient-level values blanked."""
     return {k: ("" if k in PATIENT_LEVEL_METADATA else v) for k, v in metadata.items()}
+
+
+def record_affine(record: dict[str, Any]) -> np.ndarray:
+    """4x4 voxel-to-world matrix (RAS, as MONAI expects) of a record's [Z, Y, X] array.
+
+    The record states spacing in array order and origin/direction in patient (LPS) order, so the
+    array's axis 0 runs along the direction's third column, axis 2 along its first."""
+    direction = np.asarray(record["direction"], dtype=float).reshape(3, 3)
+    spacing_z, spacing_y, spacing_x = (float(v) for v in record["spacing"])
+    affine = np.eye(4)
+    affine[:3, 0] = direction[:, 2] * spacing_z
+    affine[:3, 1] = direction[:, 1] * spacing_y
+    affine[:3, 2] = direction[:, 0] * spacing_x
+    affine[:3, 3] = np.asarray(record["origin"], dtype=float)
+    return _LPS_TO_RAS @ affine

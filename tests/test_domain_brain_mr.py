@@ -19,7 +19,7 @@ from domains.brain_mr_segmentation import (
 )
 from domains.brain_mr_segmentation.cases import check_segmentation_case, foreground_mask, normalise_volume, slices_for_training
 from domains.brain_mr_segmentation.loss import dice_bce_loss
-from domains.brain_mr_segmentation.metrics import add_counts, confusion_counts, hd95_mm, metrics_from_counts
+from domains.segmentation_metrics import add_counts, confusion_counts, hd95_mm, metrics_from_counts
 from domains.case_record import make_case_record
 
 

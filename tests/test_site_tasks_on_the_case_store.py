@@ -78,4 +78,4 @@ def test_a_run_on_one_split_reports_its_cohorts_in_the_site_case_positions(cases
     assert run_for_parent("cohort_summary", lazy, {"group_by": "Manufacturer", "split": "validation"}, min_cohort=2,
                           min_batch=1) == {"refused": "0 cases in split 'validation' is below the site's minimum cohort of 2"}
     assert TASKS["cohort_summary"].problems({"group_by": "Manufacturer", "split": "holdout"}) == [
-        "parameter 'split' must be one of train, validation, test, unlabelled, all, got 'holdout'"]
+        "parameter 'split' must be one of train, validation, test, unlabelled, train+unlabelled, all, got 'holdout'"]

@@ -22,7 +22,9 @@ round L, for every method of the call alike: the outputs say how many rounds the
 reach the founding sites' level (`onboarding`) and how the departed site's test score holds up
 on the later weights (`longevity`), with plots. Every training call is timed (compute at the site
 against waiting and transfer; training_time.png), and `time` sets each method's wall time beside
-the centralized simulation's.
+the centralized simulation's. `--semi-supervised-from K` makes rounds K on teacher-student: the
+sites add their unlabelled cases (`--splits` marks them at ingestion), pseudo-labelled by the
+round's global model at the site.
 """
 
 from __future__ import annotations
@@ -92,6 +94,10 @@ def register(subparsers: Any) -> None:
                      help="the site trains from this round on (a clinic onboarded mid-run); it is evaluated on "
                           "validation from round 0, and the outputs say how many rounds it needs to reach the "
                           "founding sites' level")
+    cmd.add_argument("--semi-supervised-from", type=int, default=0, metavar="ROUND",
+                     help="teacher-student from this round on: each site also trains on its unlabelled cases, "
+                          "pseudo-labelled at the site by the round's global model (pseudo-labels never leave); "
+                          "0 = never")
     cmd.add_argument("--baselines", action="store_true",
                      help="also train local-only models at each site (scored on their own and the other sites' test splits)")
     cmd.add_argument("--centralized-data", action="append", default=[], metavar="SITE=DIR",
@@ -134,7 +140,7 @@ def run(args: argparse.Namespace) -> int:
             TrainingPlan(domain=args.domain, strategy=name, strategy_options=options[name], rounds=args.rounds,
                          epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, optimizer=args.optimizer,
                          max_steps=args.max_steps, seed=args.seed, leave_after=leave_after, join_at=join_at,
-                         min_sites=args.min_sites,
+                         semi_supervised_from=args.semi_supervised_from, min_sites=args.min_sites,
                          call_timeout_s=args.timeout, name=f"{args.name}_{name}" if args.name else "")
             for name in names
         ]

@@ -107,7 +107,7 @@ def train_centralized(plan: TrainingPlan, cases_by_site: dict[str, list[dict[str
         params = {
             "domain": plan.domain, "weights": weights, "epochs": plan.epochs, "batch_size": plan.batch_size,
             "lr": float(plan.lr), "optimizer": plan.optimizer, "seed": plan.seed * 100_003 + round_no * 101,
-            "max_steps": plan.max_steps * len(cases_by_site), "split": "train",
+            "max_steps": plan.max_steps * len(cases_by_site), "split": plan.training_split(round_no),
         }
         result = run_installed_task("local_train", pooled_cases, params, min_cohort=1)
         weights = result["weights"]

@@ -80,13 +80,16 @@ class PlanMismatch(RuntimeError):
 
 VALIDATION = "validation"  # the split each round is scored on, to select a round
 TEST = "test"  # the held-out split the selected and the final weights are scored on
+TRAIN = "train"
+TRAIN_AND_UNLABELLED = "train+unlabelled"  # teacher-student rounds (see datasite_setup.site_tasks.pseudo_labels)
 PRIOR_TASK = "foreground_share"  # the site task behind the initial model's output prior
 PRIOR_SPLIT = "train"  # the prior is the tumour share of the cases the model trains on
 
 
 # Fields that change what is trained (and therefore the requests' label); the rest are how to run.
 _IDENTITY = ("domain", "strategy", "strategy_options", "rounds", "epochs", "batch_size", "lr", "optimizer", "max_steps",
-             "seed", "leave_after", "join_at")
+             "seed", "leave_after", "join_at", "semi_supervised_from")
+_OPTIONAL_IDENTITY = ("semi_supervised_from",)
 # How close a site must come to a reference before it counts as there, relative to the reference:
 # a joining clinic has reached the federation's level when its validation metric is within this
 # share of the founding sites' pooled value; a departed site's information has faded when its test
@@ -109,6 +112,7 @@ class TrainingPlan:
     seed: int = 0
     leave_after: dict[str, int] = field(default_factory=dict)  # site -> last round it trains in
     join_at: dict[str, int] = field(default_factory=dict)  # site -> first round it trains in
+    semi_supervised_from: int = 0  # from this round on, sites also train on pseudo-labelled unlabelled cases (0: never)
     min_sites: int = 2
     call_timeout_s: float = 600.0
     spare_runs: int = 2  # extra approved runs per task, for rounds redone after a crash
@@ -118,6 +122,8 @@ class TrainingPlan:
         """Refuse a schedule no site could follow, before any request is sent."""
         if self.rounds < 1:
             raise ValueError(f"rounds must be at least 1, got {self.rounds}")
+        if not 0 <= self.semi_supervised_from <= self.rounds:
+            raise ValueError(f"semi_supervised_from must be 0 (never) or a round from 1 to {self.rounds}, got {self.semi_supervised_from}")
         for flag, rounds in (("leave_after", self.leave_after), ("join_at", self.join_at)):
             outside = {site: k for site, k in rounds.items() if not 1 <= k <= self.rounds}
             if outside:
@@ -128,7 +134,9 @@ class TrainingPlan:
             raise ValueError("a site cannot join after it has left (site: (join_at, leave_after)): " + str(late))
 
     def identity(self) -> dict[str, Any]:
-        return {key: getattr(self, key) for key in _IDENTITY}
+        """The fields that make the plan; an option left at its "off" default is left out, so a
+        plan's label does not change when an option it does not use is introduced."""
+        return {key: getattr(self, key) for key in _IDENTITY if not (key in _OPTIONAL_IDENTITY and not getattr(self, key))}
 
     @property
     def label(self) -> str:
@@ -153,6 +161,11 @@ class TrainingPlan:
         if has_output_prior(self.domain):
             budgets[PRIOR_TASK] = 1 + self.spare_runs
         return budgets
+
+    def training_split(self, round_no: int) -> str:
+        """The cases a round trains on: the training split, joined by the sites' unlabelled cases
+        (pseudo-labelled at each site by the round's received weights) from `semi_supervised_from`."""
+        return TRAIN_AND_UNLABELLED if 0 < self.semi_supervised_from <= round_no else TRAIN
 
     def trains_in(self, site: str, round_no: int) -> bool:
         """Whether `site` is asked to train in this round: from its joining round to its last."""
@@ -521,6 +534,7 @@ class Orchestrator:
                 "optimizer": self.plan.optimizer,
                 "seed": self.plan.seed * 100_003 + round_no * 101 + order.index(site),
                 "max_steps": self.plan.max_steps,
+                **({} if self.plan.training_split(round_no) == TRAIN else {"split": self.plan.training_split(round_no)}),
                 **instruction.params,
             }
             calls[site] = lambda link=self.links[site], p=params: _timed(lambda: link.train(p))
@@ -681,7 +695,8 @@ class Orchestrator:
         best: dict[str, Any] = {"round": None, "value": None, "state": None}
         test = None
         if checkpoint is not None:
-            if {k: checkpoint.plan.get(k) for k in _IDENTITY} != json.loads(json.dumps(self.plan.identity())):
+            stored = {k: checkpoint.plan.get(k) for k in _IDENTITY if not (k in _OPTIONAL_IDENTITY and not checkpoint.plan.get(k))}
+            if stored != json.loads(json.dumps(self.plan.identity())):
                 raise PlanMismatch(
                     f"{self.out_dir} holds a checkpoint of another plan ({checkpoint.plan.get('strategy')}, "
                     f"{checkpoint.plan.get('rounds')} rounds); use another --out or delete it"

@@ -29,6 +29,9 @@ class IsolatedOutcome:
     library messages) for the site's own logs only: code can write anything there, so it must
     never be forwarded to the data scientist. `confinement` names the layers that were in force;
     `warm` says the run's child was forked from a zygote whose imports were done before the run.
+    `peak_rss_mb` and `cpu_seconds` are what the kernel counted for the child (its peak resident
+    memory includes the preloaded libraries it shares with the zygote): what an admin sets the
+    `[execution]` limits against.
     """
 
     ok: bool
@@ -39,6 +42,8 @@ class IsolatedOutcome:
     confinement: tuple[str, ...] = ()
     stderr_tail: str = ""
     warm: bool = False
+    peak_rss_mb: float = 0.0
+    cpu_seconds: float = 0.0
 
 
 _LIMIT_FAILURES = {"MemoryError": "memory", "TooManyOpenFiles": "open-files", "ResultTooLarge": "result-size"}

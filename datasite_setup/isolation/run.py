@@ -86,8 +86,10 @@ def run_isolated(
     except ProtocolError:
         confinement, rest = [], None
 
+    measured = {"peak_rss_mb": round(usage.max_rss_kb / 1024, 1), "cpu_seconds": round(usage.cpu_seconds, 2)}
+
     def failed(reason: str) -> IsolatedOutcome:
-        return IsolatedOutcome(False, None, reason, "", seconds, tuple(confinement), stderr_tail, child.warm)
+        return IsolatedOutcome(False, None, reason, "", seconds, tuple(confinement), stderr_tail, child.warm, **measured)
 
     if got.timed_out:
         return failed("timeout")
@@ -113,4 +115,5 @@ def run_isolated(
         confinement=tuple(confinement),
         stderr_tail=stderr_tail,
         warm=child.warm,
+        **measured,
     )

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from datasite_setup.case_store import CaseSource
-from datasite_setup.site_tasks.task import ALL_CASES
+from datasite_setup.site_tasks.task import ALL_CASES, TRAIN_AND_UNLABELLED
 
 
 def _split_and_labelled(cases: Sequence[dict[str, Any]], index: int) -> tuple[str | None, bool]:
@@ -24,15 +24,24 @@ def _split_and_labelled(cases: Sequence[dict[str, Any]], index: int) -> tuple[st
 
 
 def positions_in_split(cases: Sequence[dict[str, Any]], split: str) -> list[int]:
-    """Positions (in `cases`) of the cases in `split`; `all` is every case."""
+    """Positions (in `cases`) of the cases in `split`; `all` is every case, `train+unlabelled` the
+    labelled training cases and every unlabelled case."""
     if split == ALL_CASES:
         return list(range(len(cases)))
+    labelled_split = "train" if split == TRAIN_AND_UNLABELLED else split
     chosen = []
     for index in range(len(cases)):
         case_split, labelled = _split_and_labelled(cases, index)
-        if (split == "unlabelled" and not labelled) or (labelled and case_split == split):
+        if not labelled and split in ("unlabelled", TRAIN_AND_UNLABELLED):
+            chosen.append(index)
+        elif labelled and case_split == labelled_split:
             chosen.append(index)
     return chosen
+
+
+def labelled_flags(cases: Sequence[dict[str, Any]]) -> list[bool]:
+    """Whether each case is labelled, read from the manifest (no voxel is loaded) or the record."""
+    return [_split_and_labelled(cases, index)[1] for index in range(len(cases))]
 
 
 def take(cases: Sequence[dict[str, Any]], positions: list[int]) -> Sequence[dict[str, Any]]:

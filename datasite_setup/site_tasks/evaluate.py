@@ -3,7 +3,8 @@
 Returns the domain's additive evaluation counts summed over all the site's cases (for
 segmentation: voxel confusion counts) and the metrics computed from them (Dice, sensitivity,
 specificity, F1). Counts are additive, so the orchestrator can pool sites exactly; nothing per
-case is returned.
+case is returned. The result may carry every scalar the domain declares (a 3-D domain reports
+counts per structure, per-patient sums and detection counts), and nothing else.
 
 An evaluation covers every case of one split (`split`, default `test`: the site's held-out cases,
 which no `local_train` run uses by default), at least the site's minimum cohort. Two evaluations of
@@ -35,7 +36,8 @@ def contract(params: dict[str, Any], site: SiteFacts) -> Any:
     from datasite_setup.output_contracts import ScalarsContract
     from domains import get_domain
 
-    return ScalarsContract(names=get_domain(params["domain"]).evaluation_scalars | {"n_cases"})
+    names = get_domain(params["domain"]).evaluation_scalars | {"n_cases"}
+    return ScalarsContract(names=names, max_items=len(names))
 
 
 TASK = SiteTask(

@@ -14,6 +14,10 @@ mean training loss, the optimiser steps taken and the seconds the training itsel
 site (so a round's time splits into compute and the rest: waiting, transfer, the site's own
 overhead).
 
+Over the split `train+unlabelled` the run is teacher-student (`pseudo_labels`): the received
+weights first label the site's unlabelled cases, which then train with the expert-labelled ones;
+only the count of pseudo-labelled cases is returned about them.
+
 Every step averages over at least the site's `min_batch` samples (`[privacy] min_batch`): with one
 slice per step, one step of plain SGD from known weights turns the returned loss and weights into
 that slice's label. So a batch_size below it is refused before the run, a short last batch of an
@@ -28,9 +32,11 @@ from typing import Any
 
 import numpy as np
 
-from datasite_setup.site_tasks.task import Param, SiteFacts, SiteTask, TaskRefusal, between, known_domain
+from datasite_setup.site_tasks.case_selection import labelled_flags
+from datasite_setup.site_tasks.pseudo_labels import pseudo_labelled
+from datasite_setup.site_tasks.task import SPLIT_PARAM, TRAIN_AND_UNLABELLED, Param, SiteFacts, SiteTask, TaskRefusal, between, known_domain
 
-SCALARS = frozenset({"n_samples", "train_loss", "steps", "compute_seconds"})
+SCALARS = frozenset({"n_samples", "train_loss", "steps", "compute_seconds", "pseudo_labelled_cases"})
 
 
 def steps_of_at_least(batches: Iterable[tuple[Any, Any]], min_batch: int) -> Iterator[tuple[Any, Any]]:
@@ -88,6 +94,9 @@ def run(cases: list[dict[str, Any]], params: dict[str, Any], site: SiteFacts) ->
     rng = np.random.default_rng(params["seed"])
     model = domain.build_model()
     load_weights(model, params["weights"])
+    labelled = labelled_flags(cases)
+    if not all(labelled):
+        cases = pseudo_labelled(cases, labelled, lambda case: domain.predict_mask(model, case))
     anchor = [p.detach().clone() for p in model.parameters()]
     if params["optimizer"] == "sgd":
         optimiser = torch.optim.SGD(model.parameters(), lr=params["lr"])
@@ -122,7 +131,7 @@ def run(cases: list[dict[str, Any]], params: dict[str, Any], site: SiteFacts) ->
     return {
         "weights": exchanged_weights(model),
         "scalars": {"n_samples": float(samples / params["epochs"]), "train_loss": float(np.mean(losses)), "steps": float(steps),
-                    "compute_seconds": round(time.perf_counter() - started, 3)},
+                    "compute_seconds": round(time.perf_counter() - started, 3), "pseudo_labelled_cases": float(labelled.count(False))},
     }
 
 
@@ -139,6 +148,11 @@ def site_policy(params: dict[str, Any], site: SiteFacts) -> str | None:
     not fit the domain's model (so the data scientist learns which key, not just that the run failed)."""
     if params["batch_size"] < site.min_batch:
         return f"batch_size {params['batch_size']} is below this site's minimum of {site.min_batch} samples per step"
+    if params.get(SPLIT_PARAM) == TRAIN_AND_UNLABELLED:
+        from domains import get_domain
+
+        if not hasattr(get_domain(params["domain"]), "predict_mask"):
+            return f"domain {params['domain']} cannot pseudo-label unlabelled cases (it has no predict_mask)"
     if "control" in params:
         from domains import get_domain
 
@@ -153,7 +167,7 @@ TASK = SiteTask(
         "domain": Param(str, "the learning task (e.g. brain_mr_segmentation)", check=known_domain),
         "weights": Param(dict, "global weights: {state name: float array}, checked against the model"),
         "epochs": Param(int, "local epochs (1-50)", check=between(1, 50)),
-        "batch_size": Param(int, "slices per batch (1-4096, and at least the site's min_batch)", check=between(1, 4096)),
+        "batch_size": Param(int, "samples (slices or patches) per batch (1-4096, and at least the site's min_batch)", check=between(1, 4096)),
         "lr": Param(float, "learning rate (0-1]", check=lambda v: None if 0 < v <= 1 else "must be in (0, 1]"),
         "optimizer": Param(str, "adam or sgd", check=lambda v: None if v in ("adam", "sgd") else "must be adam or sgd"),
         "seed": Param(int, "random seed for shuffling and initialisation", check=between(0, 2**31 - 1)),

@@ -23,9 +23,11 @@ import numpy as np
 
 SPLIT_PARAM = "split"
 ALL_CASES = "all"
+TRAIN_AND_UNLABELLED = "train+unlabelled"
 # Every task takes an optional `split`: a fixed train / validation / test split of the site's
-# labelled cases (see datasite_setup.case_splits), its unlabelled cases, or all of them.
-SPLIT_CHOICES = ("train", "validation", "test", "unlabelled", ALL_CASES)
+# labelled cases (see datasite_setup.case_splits), its unlabelled cases, the training split with
+# the unlabelled cases (semi-supervised training), or all of them.
+SPLIT_CHOICES = ("train", "validation", "test", "unlabelled", TRAIN_AND_UNLABELLED, ALL_CASES)
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ from domains.brain_mr_segmentation.cases import (
     training_size,
 )
 from domains.brain_mr_segmentation.loss import dice_bce_loss, soft_dice_loss
-from domains.brain_mr_segmentation.metrics import add_counts, confusion_counts, hd95_counts, hd95_mm, metrics_from_counts
+from domains.segmentation_metrics import add_counts, confusion_counts, hd95_counts, hd95_mm, metrics_from_counts
 from domains.brain_mr_segmentation.mock_cases import mock_cases
 from domains.brain_mr_segmentation.phantom import PhantomCase, generate_case, synthetic_case, write_dicom_series, write_nifti_mask, write_phantom_site, write_rtstruct
 from domains.brain_mr_segmentation.preprocessing import DEFAULT_SETTINGS, PreprocessedCase, PreprocessingSettings, preprocess_case

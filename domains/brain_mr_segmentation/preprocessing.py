@@ -24,6 +24,8 @@ import numpy as np
 import torch
 from scipy.ndimage import binary_fill_holes, gaussian_filter
 
+from domains.case_record import record_affine
+
 if TYPE_CHECKING:
     from monai.data import MetaTensor
     from monai.transforms import Compose
@@ -31,7 +33,6 @@ if TYPE_CHECKING:
 # Array order [Z, Y, X] of a record with identity direction: +z superior, +y posterior, +x left,
 # written as MONAI's RAS-based axis codes. Every case is turned this way before slicing.
 CANONICAL_AXCODES = "SPL"
-_LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 _RAS_LABELS = (("L", "R"), ("P", "A"), ("I", "S"))
 
 
@@ -54,21 +55,6 @@ class PreprocessingSettings:
 
 
 DEFAULT_SETTINGS = PreprocessingSettings()
-
-
-def record_affine(record: dict[str, Any]) -> np.ndarray:
-    """4x4 voxel-to-world matrix (RAS, as MONAI expects) of a record's [Z, Y, X] array.
-
-    The record states spacing in array order and origin/direction in patient (LPS) order, so the
-    array's axis 0 runs along the direction's third column, axis 2 along its first."""
-    direction = np.asarray(record["direction"], dtype=float).reshape(3, 3)
-    spacing_z, spacing_y, spacing_x = (float(v) for v in record["spacing"])
-    affine = np.eye(4)
-    affine[:3, 0] = direction[:, 2] * spacing_z
-    affine[:3, 1] = direction[:, 1] * spacing_y
-    affine[:3, 2] = direction[:, 0] * spacing_x
-    affine[:3, 3] = np.asarray(record["origin"], dtype=float)
-    return _LPS_TO_RAS @ affine
 
 
 def foreground_mask(image: np.ndarray, settings: PreprocessingSettings = DEFAULT_SETTINGS) -> np.ndarray:

@@ -46,30 +46,31 @@ def add_counts(*counts: dict[str, int]) -> dict[str, int]:
 
 
 def hd95_mm(prediction: np.ndarray, target: np.ndarray, spacing: Sequence[float]) -> float:
-    """HD95 in mm of a binary prediction against a binary target on a grid of `spacing` (array order).
+    """HD95 in mm of a binary prediction against a binary target on a grid of `spacing` (array order):
+    MONAI's definition (edge voxels from `get_mask_edges`, the larger of the two directed 95th
+    percentiles of edge-to-edge distances).
 
     Every case gets a value, so a site's mean is over all its evaluated cases: both empty is a
     perfect 0, exactly one empty is the grid's diagonal (the worst distance the grid allows).
-    Both masks are cut to the box around them first, which gives the same distances (a one-voxel
-    border of background is kept) and makes MONAI's edge search ~20x cheaper on a whole volume.
+    Distances come from Euclidean distance transforms of the edges rather than MONAI's KD-tree:
+    the same nearest-edge distances, in time linear in the box around both masks, where a noisy
+    prediction of an early 3-D model (millions of edge voxels) made the KD-tree take seconds per case.
     MONAI is imported here, on first use (see `preprocessing`)."""
-    from monai.metrics import compute_hausdorff_distance
+    from monai.metrics.utils import get_mask_edges
+    from scipy.ndimage import distance_transform_edt
 
     predicted, actual = prediction.astype(bool), target.astype(bool)
     if not predicted.any() and not actual.any():
         return 0.0
     if not predicted.any() or not actual.any():
         return float(np.linalg.norm(np.asarray(predicted.shape) * np.asarray(spacing, dtype=float)))
-    union = predicted | actual
-    box = []
-    for axis in range(union.ndim):
-        present = np.flatnonzero(union.any(axis=tuple(a for a in range(union.ndim) if a != axis)))
-        box.append(slice(max(0, int(present[0]) - 1), int(present[-1]) + 2))
-    as_tensor = [torch.from_numpy(np.ascontiguousarray(v[tuple(box)], dtype=np.float32))[None, None] for v in (predicted, actual)]
+    sampling = [float(v) for v in spacing]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
-        distance = compute_hausdorff_distance(*as_tensor, include_background=True, percentile=95, spacing=[float(v) for v in spacing])
-    return float(distance.reshape(-1)[0])
+        predicted_edges, actual_edges = get_mask_edges(predicted, actual, crop=True, always_return_as_numpy=True)
+    to_actual = distance_transform_edt(~actual_edges, sampling=sampling)[predicted_edges]
+    to_predicted = distance_transform_edt(~predicted_edges, sampling=sampling)[actual_edges]
+    return float(max(np.percentile(to_actual, 95), np.percentile(to_predicted, 95)))
 
 
 def hd95_counts(prediction: np.ndarray, target: np.ndarray, spacing: Sequence[float]) -> dict[str, int]:
