@@ -31,6 +31,7 @@ REGISTRY: dict[str, str] = {
     "data_growth": "benchmarks.data_growth",
     "liver_ct_quality": "benchmarks.liver_ct_quality",
     "liver_ct_patch_throughput": "benchmarks.liver_ct_patch_throughput",
+    "liver_ct_teacher_student": "benchmarks.liver_ct_teacher_student",
 }
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"

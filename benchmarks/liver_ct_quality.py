@@ -1,6 +1,5 @@
 """3-D liver CT segmentation on the phantom CT fleet: federated (FedAvg, FedProx) vs local-only vs
-centralized on held-out test patients, and teacher-student vs labelled-only at 25 / 50 / 100 %
-labelled training cases.
+centralized on held-out test patients.
 
 Setup: three hospitals of the phantom CT fleet (`domains/liver_ct_segmentation/phantom.py`:
 SIEMENS smooth kernel 3 mm portal-venous, GE 5 mm low-dose portal-venous, Philips sharp kernel
@@ -18,17 +17,13 @@ patients with the step budget of the whole federation. Verdicts: federated withi
 (per-patient mean, test split, round selected on validation) of centralized, and above the mean of
 the local-only models.
 
-Teacher-student: of each site's training patients only the first 25 % / 50 % keep their masks
-(the others are marked unlabelled and lose them). Labelled-only trains FedAvg on the labelled ones;
-teacher-student trains the same way for the first half of the rounds, then each site pseudo-labels
-its unlabelled patients with the round's global model (pseudo-labels never leave the site) and the
-student trains on both. 100 % is the FedAvg run above. A figure plots test liver Dice against the
-share labelled, and the methods side by side.
+A figure sets the methods' test liver Dice side by side. benchmarks/liver_ct_teacher_student.py
+uses the same fleet and schedule for the annotation-effort question.
 """
 
 from __future__ import annotations
 
-import math
+import shutil
 import statistics
 import tempfile
 import time
@@ -39,7 +34,6 @@ SITES = ("hospital-a", "hospital-b", "hospital-c")
 FULL = {"train": 8, "validation": 2, "test": 4, "rounds": 24, "epochs": 2, "max_steps": 0}
 QUICK = {"train": 2, "validation": 1, "test": 1, "rounds": 2, "epochs": 1, "max_steps": 2}
 SPLITS = ("train", "validation", "test")
-LABELLED_SHARES = (0.25, 0.5)
 MAX_GAP = 0.02
 REPORTED = ("liver_dice", "liver_sensitivity", "liver_specificity", "liver_dice_pooled", "liver_hd95_mm", "lesion_dice",
             "detection_sensitivity", "detection_specificity", "detection_f1")
@@ -55,19 +49,7 @@ def fleet(size: dict[str, int], seed: int = 0) -> dict[str, list[dict[str, Any]]
     return {site: [{**case, "split": split} for case, split in zip(records, order)] for site, records in by_site.items()}
 
 
-def with_labelled_share(cases: dict[str, list[dict[str, Any]]], share: float) -> dict[str, list[dict[str, Any]]]:
-    """The fleet with only the first `share` of each site's training patients labelled; the others
-    unlabelled and without their masks, as a site's not-yet-contoured scans are."""
-    out = {}
-    for site, records in cases.items():
-        train = [i for i, case in enumerate(records) if case["split"] == "train"]
-        keep = set(train[: max(1, math.ceil(share * len(train)))])
-        out[site] = [case if case["split"] != "train" or i in keep else
-                     {**{k: v for k, v in case.items() if k != "mask"}, "labelled": False} for i, case in enumerate(records)]
-    return out
-
-
-def _scores(run: dict[str, Any]) -> dict[str, Any]:
+def scores(run: dict[str, Any]) -> dict[str, Any]:
     """Test metrics of the validation-selected and the final weights, and the validation curve."""
     best, final = run["best"], run["final"]
     return {
@@ -80,48 +62,46 @@ def _scores(run: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _federated(plan: Any, cases: dict[str, list[dict[str, Any]]], out: Path) -> tuple[dict[str, Any], float, float]:
+def federated(plan: Any, cases: dict[str, list[dict[str, Any]]], out: Path) -> tuple[dict[str, Any], float, float]:
     from analyses.federation.orchestrator import Orchestrator
     from analyses.federation.simulated_site import SimulatedSite
 
     started = time.perf_counter()
     report = Orchestrator(plan, [SimulatedSite(site, cases[site]) for site in SITES], out, progress=True).run()
-    return (_scores({"history": report.history, "selection": report.selection, **report.test}),
+    return (scores({"history": report.history, "selection": report.selection, **report.test}),
             round(time.perf_counter() - started, 1), report.peak_rss_mb)
 
 
-def _figure(methods: dict[str, Any], semi: dict[str, Any], path: Path) -> Path:
+def _figure(methods: dict[str, Any], path: Path) -> Path:
     from analyses.figures import pyplot, save_figure
 
     plt = pyplot()
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
+    fig, ax = plt.subplots(figsize=(6, 3.8))
     names = list(methods)
-    left.bar(names, [methods[m]["selected"]["liver_dice"] for m in names], color="tab:blue")
-    left.set_ylabel("test liver Dice (mean over patients)")
-    left.set_ylim(0, 1)
-    left.set_title("phantom CT fleet, 3 sites, selected round")
-    for kind, marker in (("labelled_only", "o"), ("teacher_student", "s")):
-        shares = sorted(float(s) for s in semi[kind])
-        right.plot([100 * s for s in shares], [semi[kind][str(s)]["selected"]["liver_dice"] for s in shares], marker=marker,
-                   label=kind.replace("_", "-"))
-    right.set_xlabel("training patients labelled (%)")
-    right.set_ylabel("test liver Dice")
-    right.set_title("FedAvg: annotation effort vs quality")
-    right.legend()
+    ax.bar(names, [methods[m]["selected"]["liver_dice"] for m in names], color="tab:blue")
+    ax.set_ylabel("test liver Dice (mean over patients)")
+    ax.set_ylim(0, 1)
+    ax.set_title("phantom CT fleet, 3 sites, round selected on validation")
     return save_figure(fig, path)
 
 
 def run(quick: bool) -> dict[str, Any]:
     import torch
 
+    size = QUICK if quick else FULL
+    torch.set_num_threads(1)  # three concurrent sites on a 2-core machine
+    work = Path(tempfile.mkdtemp(prefix="bench-liver-ct-"))
+    try:
+        return _compare(size, fleet(size), work, quick)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _compare(size: dict[str, int], cases: dict[str, list[dict[str, Any]]], work: Path, quick: bool) -> dict[str, Any]:
     from analyses.federation.centralized import train_centralized
     from analyses.federation.orchestrator import TrainingPlan, initial_weights
     from domains import get_domain
 
-    size = QUICK if quick else FULL
-    torch.set_num_threads(1)  # three concurrent sites on a 2-core machine
-    work = Path(tempfile.mkdtemp(prefix="bench-liver-ct-"))
-    cases = fleet(size)
     common = {"domain": "liver_ct_segmentation", "rounds": size["rounds"], "epochs": size["epochs"], "batch_size": 8,
               "lr": 1e-3, "optimizer": "adam", "max_steps": size["max_steps"], "seed": 0, "min_sites": len(SITES)}
     methods: dict[str, Any] = {}
@@ -129,18 +109,11 @@ def run(quick: bool) -> dict[str, Any]:
     peak_rss: dict[str, float] = {}
     for strategy, options in (("fedavg", {}), ("fedprox", {"mu": 0.01}), ("local", {})):
         plan = TrainingPlan(strategy=strategy, strategy_options=options, **common)
-        methods[strategy], seconds[strategy], peak_rss[strategy] = _federated(plan, cases, work / strategy)
+        methods[strategy], seconds[strategy], peak_rss[strategy] = federated(plan, cases, work / strategy)
     initial = initial_weights(get_domain(common["domain"]), common["seed"])
     started = time.perf_counter()
-    methods["centralized"] = _scores(train_centralized(TrainingPlan(strategy="fedavg", **common), cases, initial, progress=True))
+    methods["centralized"] = scores(train_centralized(TrainingPlan(strategy="fedavg", **common), cases, initial, progress=True))
     seconds["centralized"] = round(time.perf_counter() - started, 1)
-
-    semi: dict[str, dict[str, Any]] = {"labelled_only": {"1.0": methods["fedavg"]}, "teacher_student": {"1.0": methods["fedavg"]}}
-    for share in LABELLED_SHARES:
-        partial = with_labelled_share(cases, share)
-        for kind, start in (("labelled_only", 0), ("teacher_student", size["rounds"] // 2 + 1)):
-            plan = TrainingPlan(strategy="fedavg", semi_supervised_from=start, **common)
-            semi[kind][str(share)], seconds[f"{kind}_{share}"], _ = _federated(plan, partial, work / f"{kind}-{share}")
 
     central = methods["centralized"]["selected"]["liver_dice"]
     local_mean = statistics.fmean(methods["local"]["site_liver_dice_selected"].values())
@@ -148,22 +121,16 @@ def run(quick: bool) -> dict[str, Any]:
                     "within_0.02_of_centralized": methods[m]["selected"]["liver_dice"] >= central - MAX_GAP,
                     "above_local_only_mean": methods[m]["selected"]["liver_dice"] > local_mean}
                 for m in ("fedavg", "fedprox")}
-    figure = _figure(methods, semi, RESULTS / f"liver_ct_quality{'.quick' if quick else ''}.png")
+    figure = _figure(methods, RESULTS / f"liver_ct_quality{'.quick' if quick else ''}.png")
     table = ", ".join(f"{m} {methods[m]['selected']['liver_dice']:.3f}" for m in methods)
-    semi_table = "; ".join(
-        f"{int(float(share) * 100)} %: labelled-only {semi['labelled_only'][share]['selected']['liver_dice']:.3f}, "
-        f"teacher-student {semi['teacher_student'][share]['selected']['liver_dice']:.3f}"
-        for share in sorted(semi["teacher_student"], key=float))
     fedavg = methods["fedavg"]["selected"]
     return {
         "params": {**size, "sites": list(SITES), "batch_size": 8, "lr": 1e-3, "optimizer": "adam", "fedprox_mu": 0.01,
                    "torch_threads": 1, "patch_size": list(get_domain(common["domain"]).sampling.patch_size),
-                   "target_spacing_mm": list(get_domain(common["domain"]).preprocessing.target_spacing_mm),
-                   "labelled_shares": [*LABELLED_SHARES, 1.0], "teacher_student_from_round": size["rounds"] // 2 + 1},
+                   "target_spacing_mm": list(get_domain(common["domain"]).preprocessing.target_spacing_mm)},
         "methods": methods,
         "local_mean_site_liver_dice": round(local_mean, 4),
         "verdicts": verdicts,
-        "semi_supervised": semi,
         "seconds": seconds,
         "orchestrator_peak_rss_mb": peak_rss,
         "figure": str(figure.relative_to(Path(__file__).resolve().parents[1])),
@@ -171,5 +138,5 @@ def run(quick: bool) -> dict[str, Any]:
                     f"FedAvg gap to centralized {verdicts['fedavg']['gap_to_centralized']:+.3f}, FedProx "
                     f"{verdicts['fedprox']['gap_to_centralized']:+.3f} (target >= -{MAX_GAP}); FedAvg per patient: "
                     f"sensitivity {fedavg['liver_sensitivity']:.3f}, specificity {fedavg['liver_specificity']:.3f}, "
-                    f"lesion detection F1 {fedavg['detection_f1']:.3f}; {semi_table}"),
+                    f"lesion detection F1 {fedavg['detection_f1']:.3f}"),
     }

@@ -70,7 +70,7 @@ def test_per_patient_means_and_pooled_metrics_come_from_additive_counts() -> Non
     site_a = case_counts(missed_small, truth_small, spacing)
     site_b = case_counts(exact_large, truth_large, spacing)
     metrics = metrics_from_counts(add_counts(site_a, site_b))
-    assert metrics["liver_dice"] == pytest.approx(0.5)  # one patient 0, one patient 1
+    assert metrics["liver_dice"] == metrics["liver_f1"] == pytest.approx(0.5)  # one patient 0, one patient 1
     pooled = 2 * 256 / (2 * 256 + 8)
     assert metrics["liver_dice_pooled"] == pytest.approx(pooled)
     assert metrics["lesion_dice"] == pytest.approx(1.0)  # lesion-free patient left empty scores 1
@@ -150,3 +150,41 @@ def test_teacher_student_reads_the_unlabelled_flag_from_the_case_store_manifest(
               "seed": 1, "max_steps": 1, "split": "train+unlabelled"}
     assert run_installed_task("local_train", source, params, min_cohort=2)["scalars"]["pseudo_labelled_cases"] == 2.0
     assert run_installed_task("local_train", source, {**params, "split": "unlabelled"}, min_cohort=2)["scalars"]["pseudo_labelled_cases"] == 2.0
+
+
+def test_the_loss_is_monai_dice_ce_and_skips_voxels_a_teacher_was_unsure_of() -> None:
+    from monai.losses import DiceCELoss
+
+    from domains.liver_ct_segmentation import IGNORE
+
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 3, 8, 8, 8, generator=generator)
+    target = torch.randint(0, 3, (2, 1, 8, 8, 8), generator=generator).float()
+    expected = DiceCELoss(to_onehot_y=True, softmax=True, include_background=False)(logits, target)
+    assert float(DOMAIN.loss(logits, target)) == pytest.approx(float(expected), rel=1e-5)
+    unsure = target.clone()
+    unsure[:, :, :4] = IGNORE
+    changed = logits.clone()
+    changed[:, :, :4] = torch.randn(2, 3, 4, 8, 8, generator=generator) * 5
+    assert float(DOMAIN.loss(changed, unsure)) == pytest.approx(float(DOMAIN.loss(logits, unsure)), rel=1e-6)
+
+
+def test_pseudo_labels_leave_out_the_voxels_the_teacher_is_unsure_of(cases: list[dict]) -> None:
+    from domains.liver_ct_segmentation import IGNORE
+
+    torch.manual_seed(0)
+    untrained = DOMAIN.build_model()
+    labels = DOMAIN.pseudo_label(untrained, cases[0])
+    probabilities = DOMAIN.predict_probabilities(untrained, cases[0])
+    unsure = probabilities.max(axis=0) < DOMAIN.pseudo_label_confidence
+    assert labels.shape == cases[0]["image"].shape and unsure.any()
+    assert (labels[unsure] == IGNORE).all() and (labels[~unsure] == np.argmax(probabilities, axis=0)[~unsure]).all()
+
+
+def test_a_case_whose_pseudo_label_is_unsure_everywhere_gives_no_patches(cases: list[dict]) -> None:
+    from domains.liver_ct_segmentation import IGNORE
+
+    processed = preprocess_ct(cases[0])
+    processed.mask[:] = IGNORE
+    images, labels = case_patches(processed, DOMAIN.sampling, np.random.default_rng(0))
+    assert images.shape == labels.shape == (0, 1, *DOMAIN.sampling.patch_size)

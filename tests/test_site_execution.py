@@ -227,7 +227,8 @@ def test_training_tasks_run_in_the_isolated_child_and_return_only_weights(strict
     trained = call_site_task(ds, asset, "local_train", "child", {
         "domain": domain.name, "weights": weights, "epochs": 1, "batch_size": 4, "lr": 1e-3,
         "optimizer": "adam", "seed": 0, "max_steps": 2, "split": "all"})  # uploaded records carry no split
-    assert set(trained) == {"weights", "scalars"} and set(trained["scalars"]) == {"n_samples", "train_loss", "steps", "compute_seconds"}
+    assert set(trained) == {"weights", "scalars"} and set(trained["scalars"]) == {"n_samples", "train_loss", "steps", "compute_seconds",
+                                                                              "pseudo_labelled_cases"}
     assert {k: v.shape for k, v in trained["weights"].items()} == declared_shapes(domain.build_model())
     assert trained["scalars"]["steps"] == 2.0
     scores = call_site_task(ds, asset, "evaluate", "child", {"domain": domain.name, "weights": trained["weights"],

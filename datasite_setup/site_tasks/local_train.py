@@ -96,7 +96,8 @@ def run(cases: list[dict[str, Any]], params: dict[str, Any], site: SiteFacts) ->
     load_weights(model, params["weights"])
     labelled = labelled_flags(cases)
     if not all(labelled):
-        cases = pseudo_labelled(cases, labelled, lambda case: domain.predict_mask(model, case))
+        teacher = getattr(domain, "pseudo_label", None) or domain.predict_mask
+        cases = pseudo_labelled(cases, labelled, lambda case: teacher(model, case))
     anchor = [p.detach().clone() for p in model.parameters()]
     if params["optimizer"] == "sgd":
         optimiser = torch.optim.SGD(model.parameters(), lr=params["lr"])
@@ -151,8 +152,9 @@ def site_policy(params: dict[str, Any], site: SiteFacts) -> str | None:
     if params.get(SPLIT_PARAM) == TRAIN_AND_UNLABELLED:
         from domains import get_domain
 
-        if not hasattr(get_domain(params["domain"]), "predict_mask"):
-            return f"domain {params['domain']} cannot pseudo-label unlabelled cases (it has no predict_mask)"
+        domain = get_domain(params["domain"])
+        if not (hasattr(domain, "pseudo_label") or hasattr(domain, "predict_mask")):
+            return f"domain {params['domain']} cannot pseudo-label unlabelled cases (it has no pseudo_label or predict_mask)"
     if "control" in params:
         from domains import get_domain
 

@@ -2,8 +2,9 @@
 
 Annotating 3-D scans costs experts hours per case; a site may hold many scans nobody has
 contoured. In a `local_train` run over `train+unlabelled`, the weights the run received (the
-federation's current model: the teacher) predict a mask for every unlabelled case once, before any
-training step, and the student - the same model, trained on - learns from the expert masks and
+federation's current model: the teacher) label every unlabelled case once, before any training
+step (the domain's `pseudo_label`, which may leave voxels it is unsure of out of the loss, else its
+`predict_mask`), and the student - the same model, trained on - learns from the expert masks and
 those pseudo-labels together. The pseudo-labels exist only in this run's memory: they are never
 written, never returned, and a new run starts from its own teacher.
 """

@@ -31,6 +31,7 @@ __all__ = [
     "DEFAULT_PREPROCESSING",
     "DEFAULT_SAMPLING",
     "DOMAIN",
+    "IGNORE",
     "LABELS",
     "PROFILES",
     "CTPreprocessing",
@@ -45,6 +46,7 @@ __all__ = [
 ]
 
 LABELS = ("background", "liver", "lesion")
+IGNORE = 255  # a mask value the loss skips: a voxel the teacher of a pseudo-label was unsure of
 
 
 class LiverCTSegmentation:
@@ -59,7 +61,8 @@ class LiverCTSegmentation:
     higher_is_better = True
 
     def __init__(self, channels: tuple[int, ...] = (8, 16, 32, 64), preprocessing: CTPreprocessing = DEFAULT_PREPROCESSING,
-                 sampling: PatchSampling = DEFAULT_SAMPLING, sw_batch_size: int = 4, sw_overlap: float = 0.25) -> None:
+                 sampling: PatchSampling = DEFAULT_SAMPLING, sw_batch_size: int = 4, sw_overlap: float = 0.25,
+                 pseudo_label_confidence: float = 0.9) -> None:
         if tuple(preprocessing.min_shape) != tuple(sampling.patch_size):
             raise ValueError(f"preprocessing pads cases to {preprocessing.min_shape} but patches are {sampling.patch_size}; "
                              "give both the same size")
@@ -68,6 +71,7 @@ class LiverCTSegmentation:
         self.sampling = sampling
         self.sw_batch_size = sw_batch_size
         self.sw_overlap = sw_overlap
+        self.pseudo_label_confidence = pseudo_label_confidence
 
     def build_model(self) -> torch.nn.Module:
         from monai.networks.nets import UNet
@@ -76,11 +80,18 @@ class LiverCTSegmentation:
                     strides=(2,) * (len(self.channels) - 1), num_res_units=1, norm="instance")
 
     def loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        """Dice (over the liver and lesion channels) + cross-entropy of a batch [B, 3, z, y, x]
-        against labels [B, 1, z, y, x]."""
-        from monai.losses import DiceCELoss
+        """Dice (per patch over the liver and lesion channels) + cross-entropy of a batch
+        [B, 3, z, y, x] against labels [B, 1, z, y, x], over the voxels not marked `IGNORE`: MONAI's
+        `DiceCELoss` where every voxel counts."""
+        from monai.losses import DiceLoss
 
-        return DiceCELoss(to_onehot_y=True, softmax=True, include_background=False)(logits, target)
+        valid = target != IGNORE
+        labels = torch.where(valid, target, torch.zeros_like(target)).long()[:, 0]
+        weight = valid[:, 0].to(logits.dtype)
+        cross_entropy = (torch.nn.functional.cross_entropy(logits, labels, reduction="none") * weight).sum() / weight.sum().clamp(min=1)
+        one_hot = torch.nn.functional.one_hot(labels, len(LABELS)).movedim(-1, 1).to(logits.dtype) * weight[:, None]
+        dice = DiceLoss(include_background=False)(torch.softmax(logits, dim=1) * weight[:, None], one_hot)
+        return dice + cross_entropy
 
     def batches(self, cases: Sequence[dict[str, Any]], batch_size: int, rng: np.random.Generator) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """One epoch: `sampling.patches_per_case` class-balanced patches of every case, x float32
@@ -117,6 +128,16 @@ class LiverCTSegmentation:
     def predict_mask(self, model: torch.nn.Module, case: dict[str, Any]) -> np.ndarray:
         """Label map uint8 [Z, Y, X] (0 background, 1 liver, 2 lesion) on the case's own grid."""
         return np.argmax(self.predict_probabilities(model, case), axis=0).astype(np.uint8)
+
+    def pseudo_label(self, model: torch.nn.Module, case: dict[str, Any]) -> np.ndarray:
+        """A teacher's label map for an unlabelled case: `predict_mask`, with `IGNORE` wherever the
+        teacher's top class is below `pseudo_label_confidence`. A student fitted to every voxel of
+        a teacher learns its mistakes back and, round after round, drifts below it; its unsure
+        voxels (organ borders, lesions it half sees) are where the mistakes are."""
+        probabilities = self.predict_probabilities(model, case)
+        labels = np.argmax(probabilities, axis=0).astype(np.uint8)
+        labels[probabilities.max(axis=0) < self.pseudo_label_confidence] = IGNORE
+        return labels
 
     def evaluation_counts(self, model: torch.nn.Module, cases: Sequence[dict[str, Any]]) -> dict[str, int]:
         """Per-structure voxel counts, per-patient metric sums, liver HD95 and lesion detection

@@ -9,11 +9,12 @@ A site returns additive integers only, so that sites can be summed before any me
 - patient-level lesion detection (a patient with any lesion voxel vs a prediction of at least
   `MIN_LESION_MM3`, a lesion of ~6 mm diameter, so that a few stray voxels are not a finding):
   `detection_tp`, ..., whose sensitivity, specificity and F1 are what a reader of "per-patient
-  sensitivity / specificity / F1" expects (voxel specificity of a liver mask is ~0.99 whatever the
-  model does);
+  sensitivity / specificity / F1" expects (the voxel specificity of any usable liver mask is
+  ~0.99, most of a volume being background);
 - liver HD95 as a micrometre sum and a case count (`segmentation_metrics.hd95_counts`).
-Conventions for empty denominators follow `domains.segmentation_metrics` (an empty prediction of an
-empty structure scores 1).
+Per patient, voxel F1 equals Dice (both are 2TP / (2TP + FP + FN)); `liver_f1` is reported under
+its own name for readers who look for it. Conventions for empty denominators follow
+`domains.segmentation_metrics` (an empty prediction of an empty structure scores 1).
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ COUNT_KEYS = (
     + ("patients", "liver_hd95_sum_um", "liver_hd95_cases", "detection_tp", "detection_fp", "detection_tn", "detection_fn")
 )
 METRIC_KEYS = (
-    tuple(f"{s}_{m}" for s in STRUCTURES for m in PER_PATIENT)
+    tuple(f"{s}_{m}" for s in STRUCTURES for m in (*PER_PATIENT, "f1"))
     + tuple(f"{s}_{m}_pooled" for s in STRUCTURES for m in (*PER_PATIENT, "f1"))
     + ("liver_hd95_mm", "detection_sensitivity", "detection_specificity", "detection_f1")
 )
@@ -94,6 +95,7 @@ def metrics_from_counts(counts: dict[str, int]) -> dict[str, float]:
     for structure in STRUCTURES:
         for name in PER_PATIENT:
             metrics[f"{structure}_{name}"] = int(counts[f"{structure}_{name}_sum_ppm"]) / PPM / patients if patients else 1.0
+        metrics[f"{structure}_f1"] = metrics[f"{structure}_dice"]  # a patient's voxel F1 is its Dice
         metrics.update({f"{structure}_{name}_pooled": value for name, value in _binary_metrics(counts, f"{structure}_").items()})
     if int(counts["liver_hd95_cases"]):
         metrics["liver_hd95_mm"] = int(counts["liver_hd95_sum_um"]) / 1000 / int(counts["liver_hd95_cases"])

@@ -41,11 +41,17 @@ DEFAULT_SAMPLING = PatchSampling()
 
 
 def case_patches(case: PreprocessedCT, sampling: PatchSampling, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """`patches_per_case` crops of one case: image float32 and labels float32, both [N, 1, z, y, x]."""
+    """`patches_per_case` crops of one case: image float32 and labels float32, both [N, 1, z, y, x];
+    none (N = 0) for a case without a voxel of any sampled class (a pseudo-label whose teacher was
+    unsure everywhere)."""
     from monai.transforms import RandCropByLabelClassesd
 
     if case.mask is None:
         raise ValueError("a training case needs a mask (labels or pseudo-labels)")
+    sampled = [label for label, ratio in enumerate(sampling.class_ratios) if ratio > 0]
+    if not np.isin(case.mask, sampled).any():
+        empty = np.zeros((0, 1, *sampling.patch_size), np.float32)
+        return empty, empty.copy()
     cropper = RandCropByLabelClassesd(
         keys=["image", "label"], label_key="label", spatial_size=sampling.patch_size, ratios=list(sampling.class_ratios),
         num_classes=len(sampling.class_ratios), num_samples=sampling.patches_per_case, warn=False,
