@@ -61,7 +61,11 @@ def run(quick: bool) -> dict[str, Any]:
     from domains import get_domain
     from domains.liver_ct_segmentation.phantom_dicom import write_phantom_site
 
-    torch.set_num_threads(1)  # the site's child gets the same pools (its CPU limit is per process)
+    from datasite_setup.isolation.limits import Limits
+    from datasite_setup.isolation.spawn import run_threads
+
+    threads = run_threads(Limits())
+    torch.set_num_threads(threads)  # the pools a site's training child gets (one thread per core by default)
     repeats = 1 if quick else 5
     n_cases = 2 if quick else 6
     min_compute = 1.0 if quick else MIN_COMPUTE_S
@@ -117,7 +121,7 @@ def run(quick: bool) -> dict[str, Any]:
         peak = max(e["peak_rss_mb"] for e in trained)
         return {
             "params": {"cases": n_cases, "epochs": epochs, "patches_per_run": patches, "batch_size": 8,
-                       "patch_size": list(domain.sampling.patch_size), "repeats": repeats, "torch_threads": 1,
+                       "patch_size": list(domain.sampling.patch_size), "repeats": repeats, "torch_threads": threads,
                        "site_memory_mb": config.limits.memory_mb, "mask_format": "DICOM SEG, --structures " + STRUCTURES},
             "in_process_patches_per_s": [round(v, 2) for v in local_rate],
             "site_patches_per_s": [round(v, 2) for v in site_rate],
