@@ -98,6 +98,13 @@ ONBOARDING_TOLERANCE = 0.05
 LONGEVITY_TOLERANCE = 0.05
 
 
+def identity_of(plan: dict[str, Any]) -> dict[str, Any]:
+    """The fields of a plan (as a dict: a plan's or a checkpoint's record) that make it; an option
+    left at its "off" default is left out, so a plan's label does not change when an option it does
+    not use is introduced."""
+    return {key: plan.get(key) for key in _IDENTITY if not (key in _OPTIONAL_IDENTITY and not plan.get(key))}
+
+
 @dataclass(frozen=True)
 class TrainingPlan:
     domain: str
@@ -134,9 +141,7 @@ class TrainingPlan:
             raise ValueError("a site cannot join after it has left (site: (join_at, leave_after)): " + str(late))
 
     def identity(self) -> dict[str, Any]:
-        """The fields that make the plan; an option left at its "off" default is left out, so a
-        plan's label does not change when an option it does not use is introduced."""
-        return {key: getattr(self, key) for key in _IDENTITY if not (key in _OPTIONAL_IDENTITY and not getattr(self, key))}
+        return identity_of(asdict(self))
 
     @property
     def label(self) -> str:
@@ -695,8 +700,7 @@ class Orchestrator:
         best: dict[str, Any] = {"round": None, "value": None, "state": None}
         test = None
         if checkpoint is not None:
-            stored = {k: checkpoint.plan.get(k) for k in _IDENTITY if not (k in _OPTIONAL_IDENTITY and not checkpoint.plan.get(k))}
-            if stored != json.loads(json.dumps(self.plan.identity())):
+            if identity_of(checkpoint.plan) != json.loads(json.dumps(self.plan.identity())):
                 raise PlanMismatch(
                     f"{self.out_dir} holds a checkpoint of another plan ({checkpoint.plan.get('strategy')}, "
                     f"{checkpoint.plan.get('rounds')} rounds); use another --out or delete it"
