@@ -32,6 +32,8 @@ REGISTRY: dict[str, str] = {
     "liver_ct_quality": "benchmarks.liver_ct_quality",
     "liver_ct_patch_throughput": "benchmarks.liver_ct_patch_throughput",
     "liver_ct_teacher_student": "benchmarks.liver_ct_teacher_student",
+    "update_privacy_utility": "benchmarks.update_privacy_utility",
+    "sample_privacy_utility": "benchmarks.sample_privacy_utility",
 }
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"

@@ -6,6 +6,7 @@
     datasite-admin --site SITE.toml deny ID --reason TEXT [--json]
     datasite-admin --site SITE.toml audit-log [--reference REF] [--json]
     datasite-admin --site SITE.toml tasks [--json]
+    datasite-admin --site SITE.toml privacy-budget [--json]
 
 `show` lists the request's runs with the real reason for each refusal (the data scientist only
 sees a uniform message with a reference; `audit-log --reference REF` finds that entry) and, for
@@ -115,6 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     cmd = sub.add_parser("audit-log", help="every decision and run outcome at this site")
     cmd.add_argument("--reference", help="only the entry a refusal message quoted")
     sub.add_parser("tasks", help="the site tasks installed here, which are enabled, and their source hashes")
+    sub.add_parser("privacy-budget", help="differential privacy here: the settings, and each data scientist's epsilon spent")
     for action in sub.choices.values():
         action.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="machine-readable output")
     return parser
@@ -137,6 +139,17 @@ def main(argv: list[str] | None = None) -> int:
             for task in [] if args.json else tasks:
                 state = "enabled" if task["enabled"] else "disabled"
                 print(f"{task['name']:16} {state:8} sha256 {task['source_hash'][:16]}  {task['summary']}")
+            return EXIT_OK
+        if args.command == "privacy-budget":
+            budgets = review.privacy_budgets(config)
+            if args.json:
+                print(json.dumps(budgets, indent=2))
+            else:
+                print(f"budget per data scientist: epsilon {budgets['limit']:g}; update noise {budgets['update_dp']}; "
+                      f"DP-SGD {budgets['sample_dp']}")
+                for row in budgets["data_scientists"]:
+                    print(f"{row['email']:32} spent {row['spent']:.4g}, left {row['remaining']:.4g} "
+                          f"(model updates: epsilon {row['model_updates_epsilon']:.4g})")
             return EXIT_OK
         from datasite_setup.connection import admin_client
 

@@ -51,6 +51,11 @@ def _new_password() -> str:
     return secrets.token_urlsafe(24)
 
 
+def secure_aggregation_seed(config: SiteConfig) -> bytes:
+    """The secret behind this site's secure-aggregation identity and session keys, created once."""
+    return bytes.fromhex(_get_or_create(config.secrets_dir / "secure_aggregation_seed", lambda: secrets.token_hex(32)))
+
+
 def admin_password(config: SiteConfig) -> str:
     """The admin's password: from the configured environment variable, else generated once."""
     from_env = os.environ.get(config.admin_password_env)

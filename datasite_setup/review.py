@@ -15,6 +15,7 @@ from typing import Any
 from datasite_setup import audit_log
 from datasite_setup.connection import quiet_syft
 from datasite_setup.code_audit import Finding, audit_source
+from datasite_setup.disclosure.locked_json import read as read_json
 from datasite_setup.execution_limits import allowed_runs, runs_started, set_cap
 from datasite_setup.output_contracts import FLOAT_BITS
 from datasite_setup.return_flow import read_returns
@@ -111,6 +112,26 @@ def list_tasks(config: SiteConfig) -> list[dict[str, Any]]:
         described.pop("source")
         rows.append(described)
     return rows
+
+
+def privacy_budgets(config: SiteConfig) -> dict[str, Any]:
+    """The site's differential-privacy settings and, per data scientist who has spent any, the
+    budget spent and left, and the epsilon of the model updates released to her (RDP-composed)."""
+    from datasite_setup.disclosure import PrivacyBudget, UpdateAccountant
+
+    privacy = config.privacy
+    budget = PrivacyBudget(config.data_dir / "privacy_budget.json", privacy.dp_epsilon_budget)
+    delta = next((dp.delta for dp in (privacy.update_dp, privacy.sample_dp) if dp is not None), 1e-5)
+    accountant = UpdateAccountant.at_site(config.data_dir, delta)
+    people = sorted(set((read_json(budget.path) or {}).get("spent", {})) | set((read_json(accountant.path) or {}).get("history", {})))
+    return {
+        "limit": budget.limit,
+        "update_dp": None if privacy.update_dp is None else asdict(privacy.update_dp),
+        "sample_dp": None if privacy.sample_dp is None else asdict(privacy.sample_dp),
+        "data_scientists": [{"email": who, "spent": round(budget.spent(who), 6), "remaining": round(budget.limit - budget.spent(who), 6),
+                             "model_updates_epsilon": round(accountant.epsilon(who), 6), "model_update_uses": accountant.history(who)}
+                            for who in people],
+    }
 
 
 def _custom_code_problem(config: SiteConfig, code: str) -> str | None:

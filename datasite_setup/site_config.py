@@ -30,6 +30,21 @@ Example::
                                         # requests, charged before each run
     # filters = ["min_count", "noise", "histogram_bins", "release_ledger"]   # default: all, in this order
 
+    # [privacy.update_dp]               # optional: every model update leaves clipped and noised
+    # noise_multiplier = 2.0            # noise std per coordinate = noise_multiplier x clip norm
+    # clip_norm = 1.0                   # L2 bound on an update; a request may choose its own (dp_clip)
+    # delta = 1e-5                      # the delta its epsilons (RDP-composed, charged to the budget) hold at
+    # clip_bit_noise = 2.0              # adaptive clipping: release "within the clip" with this noise
+    # [privacy.sample_dp]               # optional, instead: every training run is DP-SGD (per sample)
+    # noise_multiplier = 1.0            # noise std on each step's sum = noise_multiplier x max_grad_norm
+    # max_grad_norm = 1.0               # each sample's gradient clipped to this L2 norm
+    # delta = 1e-5
+
+    # [secure_aggregation]              # optional: model updates leave only masked, summable with peers'
+    # peers = { hospital-b = "<64 hex: its datasite-admin secure-aggregation-key>" }
+    # min_participants = 3              # fewest sites (this one included) in a session
+    # required = true                   # refuse training without a secure-aggregation session
+
     [cases]                             # the case store (data_dir/case_store)
     split_fractions = { train = 0.7, validation = 0.1, test = 0.2 }   # per patient, fixed by a keyed hash;
                                         # change it before the first ingestion, never after
@@ -55,7 +70,7 @@ from pathlib import Path
 from typing import Any
 
 from datasite_setup.case_splits import DEFAULT_FRACTIONS, check_fractions
-from datasite_setup.disclosure import FILTERS
+from datasite_setup.disclosure import FILTERS, SampleNoise, UpdateNoise
 
 _EMAIL = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
 _SITE_NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
@@ -79,6 +94,18 @@ class PrivacySettings:
     min_batch: int = 8
     dp_epsilon_budget: float = 10.0
     filters: tuple[str, ...] = FILTERS
+    update_dp: UpdateNoise | None = None  # [privacy.update_dp]: every model update leaves clipped and noised
+    sample_dp: SampleNoise | None = None  # [privacy.sample_dp]: every training run is DP-SGD
+
+
+@dataclass(frozen=True)
+class SecureAggregationSettings:
+    """[secure_aggregation]: model updates leave masked, summable only with the pinned peers' (see
+    datasite_setup/secure_aggregation/); `required` refuses training without a session."""
+
+    peers: dict[str, str]  # peer site name -> its Ed25519 identity (hex), exchanged out of band
+    min_participants: int = 3  # fewest sites, this one included, a session must have
+    required: bool = True
 
 
 @dataclass(frozen=True)
@@ -112,6 +139,7 @@ class SiteConfig:
     enabled_tasks: tuple[str, ...] | None = None  # None: every site task this install provides
     fork_server: bool = True
     split_fractions: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_FRACTIONS))
+    secure_aggregation: SecureAggregationSettings | None = None
 
     @property
     def url(self) -> str:
@@ -161,8 +189,58 @@ def _privacy_settings(privacy: dict[str, Any], path: Path) -> PrivacySettings:
     unknown = [f for f in filters if f not in FILTERS]
     if unknown:
         raise SiteConfigError(f"{path}: 'privacy.filters' names unknown filter(s) {unknown}; known: {', '.join(FILTERS)}")
+    update_dp = sample_dp = None
+    if "update_dp" in privacy:
+        update_dp = UpdateNoise(**_dp_table(privacy["update_dp"], "update_dp", ("noise_multiplier", "clip_norm"),
+                                            ("delta", "clip_bit_noise"), path))
+    if "sample_dp" in privacy:
+        sample_dp = SampleNoise(**_dp_table(privacy["sample_dp"], "sample_dp", ("noise_multiplier", "max_grad_norm"),
+                                            ("delta",), path))
+    if update_dp is not None and sample_dp is not None:
+        raise SiteConfigError(f"{path}: 'privacy.update_dp' and 'privacy.sample_dp' are alternatives; keep one")
     return PrivacySettings(min_cohort=min_cohort, min_batch=min_batch, dp_epsilon_budget=float(budget),
-                           filters=tuple(f for f in FILTERS if f in filters))
+                           filters=tuple(f for f in FILTERS if f in filters), update_dp=update_dp, sample_dp=sample_dp)
+
+
+def _dp_table(table: Any, name: str, required: tuple[str, ...], optional: tuple[str, ...], path: Path) -> dict[str, float]:
+    """A [privacy.update_dp] or [privacy.sample_dp] table: positive finite numbers, delta in (0, 1)."""
+    table = _typed(table, dict, f"privacy.{name}", path)
+    unknown = sorted(set(table) - set(required) - set(optional))
+    if unknown:
+        raise SiteConfigError(f"{path}: 'privacy.{name}' has unknown key(s) {unknown}; known: {', '.join(required + optional)}")
+    values: dict[str, float] = {}
+    for key in required + optional:
+        if key not in table:
+            if key in required:
+                raise SiteConfigError(f"{path}: missing key 'privacy.{name}.{key}'; add it (see datasite_setup/site_config.py)")
+            continue
+        value = float(_typed(table[key], (int, float), f"privacy.{name}.{key}", path))
+        if not 0 < value < float("inf") or (key == "delta" and value >= 1):
+            bound = "in (0, 1)" if key == "delta" else "a finite number > 0"
+            raise SiteConfigError(f"{path}: 'privacy.{name}.{key}' must be {bound}, got {table[key]!r}")
+        values[key] = value
+    return values
+
+
+def _secure_aggregation(table: dict[str, Any], own_name: str, path: Path) -> SecureAggregationSettings:
+    """The [secure_aggregation] table: the peers' pinned identities and the session rules."""
+    known = {"peers", "min_participants", "required"}
+    unknown = sorted(set(table) - known)
+    if unknown:
+        raise SiteConfigError(f"{path}: 'secure_aggregation' has unknown key(s) {unknown}; known: {', '.join(sorted(known))}")
+    peers = _typed(table.get("peers", {}), dict, "secure_aggregation.peers", path)
+    for peer, key in peers.items():
+        if peer == own_name or not _SITE_NAME.match(peer):
+            raise SiteConfigError(f"{path}: 'secure_aggregation.peers' names '{peer}': a peer is another site's name")
+        if not (isinstance(key, str) and re.fullmatch(r"[0-9a-f]{64}", key)):
+            raise SiteConfigError(f"{path}: 'secure_aggregation.peers.{peer}' must be the 64 hex digits that site's "
+                                  "`datasite-admin secure-aggregation-key` prints")
+    minimum = _typed(table.get("min_participants", 3), int, "secure_aggregation.min_participants", path)
+    if not 2 <= minimum <= len(peers) + 1:
+        raise SiteConfigError(f"{path}: 'secure_aggregation.min_participants' must be 2 to {len(peers) + 1} "
+                              f"(this site and its {len(peers)} pinned peers), got {minimum}")
+    required = _typed(table.get("required", True), bool, "secure_aggregation.required", path)
+    return SecureAggregationSettings(peers=dict(peers), min_participants=minimum, required=required)
 
 
 def load_site_config(path: str | Path) -> SiteConfig:
@@ -246,6 +324,9 @@ def load_site_config(path: str | Path) -> SiteConfig:
     tasks = site.get("enabled_tasks")
     if tasks is not None and not (isinstance(tasks, list) and all(isinstance(t, str) for t in tasks)):
         raise SiteConfigError(f"{path}: 'site.enabled_tasks' must be a list of task names, got {tasks!r}")
+    secure_aggregation = None
+    if "secure_aggregation" in raw:
+        secure_aggregation = _secure_aggregation(_typed(raw["secure_aggregation"], dict, "secure_aggregation", path), name, path)
 
     return SiteConfig(
         path=path,
@@ -265,4 +346,5 @@ def load_site_config(path: str | Path) -> SiteConfig:
         fork_server=fork_server,
         split_fractions=fractions,
         enabled_tasks=None if tasks is None else tuple(tasks),
+        secure_aggregation=secure_aggregation,
     )

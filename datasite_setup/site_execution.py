@@ -25,7 +25,13 @@ The server entry point installs `install(config)`, which replaces syft 0.9.5's i
    that reference.
 
 A request asking for differential privacy is charged against its data scientist's epsilon budget
-(`[privacy] dp_epsilon_budget`, kept in data_dir/privacy_budget.json) before anything runs.
+(`[privacy] dp_epsilon_budget`, kept in data_dir/privacy_budget.json) before anything runs. At a
+site with `[privacy.update_dp]`, every model update (a weights-contract result) is a differentially
+private release whatever the request asks: one more release is charged to the budget before the
+run (its epsilon composed with the earlier ones, `disclosure.update_accountant`), and the update
+leaves clipped and noised (`disclosure.update_noise`), its training loss withheld. At a site with
+`[privacy.sample_dp]` every training run is DP-SGD (`site_tasks.dp_sgd`); its sampling rate and
+steps are known after the run, so it is charged then, and its weights leave only if that fits.
 
 syft also runs the function a second time on the mock twin of the inputs; that run returns a
 placeholder without executing anything, so the site never spends compute on it.
@@ -41,10 +47,11 @@ from typing import Any
 from datasite_setup import audit_log
 from datasite_setup.case_store import STORE_DIR, CaseSource, cases_of_manifest
 from datasite_setup.disclosure import (
-    BudgetExhausted, Policy, PrivacyBudget, Released, ReleaseRefused, dp_epsilon, read_task_release,
+    DP_SCALARS, BudgetExhausted, Policy, PrivacyBudget, Released, ReleaseRefused, SampleNoiseMismatch, UpdateAccountant,
+    dp_epsilon, read_task_release, update_noise_problems,
 )
 from datasite_setup.isolation import Limits, run_isolated, start_fork_server
-from datasite_setup.output_contracts import AggregatesContract, ContractViolation, ScalarsContract
+from datasite_setup.output_contracts import AggregatesContract, ContractViolation, ScalarsContract, WeightsContract
 from datasite_setup.return_flow import read_returns
 from datasite_setup.run_failures import failure_reason, failure_report, reporting
 from datasite_setup.site_config import SiteConfig
@@ -56,9 +63,9 @@ MOCK_PLACEHOLDER = {"mock_run": True}
 
 _TASK_FUNCTION = "run_task_in_sandbox"
 _TASK_HARNESS = f'''
-def {_TASK_FUNCTION}(task, cases, params, min_cohort, min_batch):
+def {_TASK_FUNCTION}(task, cases, params, min_cohort, min_batch, sample_dp):
     from datasite_setup.site_tasks import run_for_parent
-    return run_for_parent(task, cases, params, min_cohort, min_batch)
+    return run_for_parent(task, cases, params, min_cohort, min_batch, sample_dp)
 '''
 
 
@@ -129,7 +136,8 @@ def _plan(config: SiteConfig, code: Any, kwargs: dict[str, Any]) -> tuple[str, s
     from datasite_setup.site_tasks import TASKS, SiteFacts
 
     thin = parse_thin_request(code.raw_code)
-    facts = SiteFacts(min_cohort=config.privacy.min_cohort, min_batch=config.privacy.min_batch)
+    sample_dp = config.privacy.sample_dp
+    facts = SiteFacts(config.privacy.min_cohort, config.privacy.min_batch, None if sample_dp is None else tuple(sample_dp.for_task()))
     if thin is None:
         if not config.allow_custom_code:
             raise SiteRefusal("custom code is not allowed at this site; request a site task instead")
@@ -143,11 +151,17 @@ def _plan(config: SiteConfig, code: Any, kwargs: dict[str, Any]) -> tuple[str, s
     task = TASKS[thin.task]
     params = kwargs.get("params")
     problems = task.problems(params, facts)
+    if not problems and (issue := update_noise_problems(params, config.privacy.update_dp)):
+        problems = [issue]
     if problems:
         raise SiteRefusal(f"parameters refused for task '{task.name}': " + "; ".join(problems))
     task_kwargs = {"task": task.name, "cases": kwargs["cases"], "params": params, "min_cohort": facts.min_cohort,
-                   "min_batch": facts.min_batch}
+                   "min_batch": facts.min_batch, "sample_dp": None if sample_dp is None else sample_dp.for_task()}
     return _TASK_HARNESS, _TASK_FUNCTION, task_kwargs, task.contract(params, facts), f"task {task.name}", params
+
+
+def _budget(config: SiteConfig) -> PrivacyBudget:
+    return PrivacyBudget(config.data_dir / "privacy_budget.json", config.privacy.dp_epsilon_budget)
 
 
 def _charge_privacy_budget(config: SiteConfig, params: dict[str, Any], who: str, label: str) -> None:
@@ -156,7 +170,7 @@ def _charge_privacy_budget(config: SiteConfig, params: dict[str, Any], who: str,
         return
     if "noise" not in config.privacy.filters:
         raise SiteRefusal("this site does not offer differentially private releases; send the request without 'dp'")
-    budget = PrivacyBudget(config.data_dir / "privacy_budget.json", config.privacy.dp_epsilon_budget)
+    budget = _budget(config)
     try:
         remaining = budget.charge(who, epsilon)
     except BudgetExhausted as exc:
@@ -164,6 +178,21 @@ def _charge_privacy_budget(config: SiteConfig, params: dict[str, Any], who: str,
         raise SiteRefusal(str(exc)) from None
     _audit(config, {"action": "charged-budget", "what": label, "requested_by": who, "dp_epsilon": epsilon,
                     "remaining": round(remaining, 6)})
+
+
+def _charge_training(config: SiteConfig, who: str, label: str, uses: list[tuple[float, float, int]], delta: float) -> float:
+    """Charge a model update's uses of the Gaussian mechanism to `who`'s budget (RDP-composed with
+    the earlier ones); return their epsilon."""
+    accountant = UpdateAccountant.at_site(config.data_dir, delta)
+    budget = _budget(config)
+    try:
+        epsilon = accountant.charge(who, uses, budget)
+    except BudgetExhausted as exc:
+        _audit(config, {"action": "refused-budget", "what": label, "requested_by": who, "update_dp": True})
+        raise SiteRefusal(str(exc)) from None
+    _audit(config, {"action": "charged-budget", "what": label, "requested_by": who, "dp_epsilon": round(epsilon, 6),
+                    "update_dp": True, "remaining": round(budget.limit - budget.spent(who), 6)})
+    return epsilon
 
 
 def _own_inputs(code: Any) -> frozenset[str]:
@@ -189,6 +218,12 @@ def run_request(config: SiteConfig, code: Any, kwargs: dict[str, Any], who: str)
         })
     plan_source, plan_function, plan_kwargs, contract, label, params = _plan(config, code, kwargs)
     _charge_privacy_budget(config, params, who, label)
+    trains = isinstance(contract, WeightsContract)
+    update_dp = config.privacy.update_dp if trains else None
+    sample_dp = config.privacy.sample_dp if trains else None
+    update_epsilon = None
+    if update_dp is not None:
+        update_epsilon = _charge_training(config, who, label, [(update_dp.release_multiplier(), 1.0, 1)], update_dp.delta)
     run_source, run_function = reporting(plan_source, plan_function)
     run_kwargs, granted, manifest_version = _with_case_sources(config, plan_kwargs)
     outcome = run_isolated(
@@ -213,7 +248,15 @@ def run_request(config: SiteConfig, code: Any, kwargs: dict[str, Any], who: str)
             result, released = policy.protect(result, params, cohorts)
         contract.check(result)
         policy.record(who, result, cohorts, released)
-    except ContractViolation as exc:
+        if update_dp is not None:
+            result = update_dp.protect(result, params["weights"], float(params.get("dp_clip", update_dp.clip_norm)))
+        if sample_dp is not None:
+            update_epsilon = _charge_training(config, who, label, sample_dp.uses(result["scalars"]), sample_dp.delta)
+            result = sample_dp.released(result)
+        if update_epsilon is not None:
+            result["scalars"].update(dp_epsilon_round=update_epsilon, dp_epsilon_spent=_budget(config).spent(who))
+            replace(contract, scalar_names=contract.scalar_names | DP_SCALARS).check(result)
+    except (ContractViolation, SampleNoiseMismatch) as exc:
         raise SiteRefusal.withheld(config, label, {
             "action": "refused-result", **about, "why": f"output contract: {exc}", "seconds": round(outcome.seconds, 2),
         }) from None
@@ -224,6 +267,12 @@ def run_request(config: SiteConfig, code: Any, kwargs: dict[str, Any], who: str)
         }) from None
     if isinstance(contract, ScalarsContract):
         result = contract.as_floats(result)
+    if update_dp is not None:
+        about.update(dp_clip=result["scalars"]["dp_clip"], dp_noise_std=result["scalars"]["dp_noise_std"])
+    if sample_dp is not None:
+        about.update(dp_sample_rate=result["scalars"]["dp_sample_rate"], dp_steps=result["scalars"]["steps"])
+    if update_epsilon is not None:
+        about["update_dp_epsilon"] = round(update_epsilon, 6)
     _audit(config, {"action": "ran", **about, "seconds": round(outcome.seconds, 2), "peak_rss_mb": outcome.peak_rss_mb,
                     "cpu_seconds": outcome.cpu_seconds, **released.audit_fields()})
     return result

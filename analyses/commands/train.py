@@ -24,7 +24,9 @@ on the later weights (`longevity`), with plots. Every training call is timed (co
 against waiting and transfer; training_time.png), and `time` sets each method's wall time beside
 the centralized simulation's. `--semi-supervised-from K` makes rounds K on teacher-student: the
 sites add their unlabelled cases (`--splits` marks them at ingestion), pseudo-labelled by the
-round's global model at the site.
+round's global model at the site. At sites that noise their updates (`[privacy.update_dp]`),
+`--dp-clip` chooses the clip norm and `--dp-clip-quantile` adapts it; each round's record and the
+summary (`update_dp`) say what the sites did and the epsilon each reports spent.
 """
 
 from __future__ import annotations
@@ -98,6 +100,13 @@ def register(subparsers: Any) -> None:
                      help="teacher-student from this round on: each site also trains on its unlabelled cases, "
                           "pseudo-labelled at the site by the round's global model (pseudo-labels never leave); "
                           "0 = never")
+    cmd.add_argument("--dp-clip", type=float, default=0.0, metavar="NORM",
+                     help="at sites that noise their updates ([privacy.update_dp]): the L2 norm each update is clipped "
+                          "to, the noise scaling with it (default 0: each site's own clip_norm); with --dp-clip-quantile, "
+                          "the starting norm")
+    cmd.add_argument("--dp-clip-quantile", type=float, default=0.0, metavar="Q",
+                     help="adaptive clipping: move the norm each round toward this quantile of the sites' update norms "
+                          "(e.g. 0.5; the sites must release a noisy within-clip bit, clip_bit_noise); 0 = fixed")
     cmd.add_argument("--baselines", action="store_true",
                      help="also train local-only models at each site (scored on their own and the other sites' test splits)")
     cmd.add_argument("--centralized-data", action="append", default=[], metavar="SITE=DIR",
@@ -140,7 +149,8 @@ def run(args: argparse.Namespace) -> int:
             TrainingPlan(domain=args.domain, strategy=name, strategy_options=options[name], rounds=args.rounds,
                          epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, optimizer=args.optimizer,
                          max_steps=args.max_steps, seed=args.seed, leave_after=leave_after, join_at=join_at,
-                         semi_supervised_from=args.semi_supervised_from, min_sites=args.min_sites,
+                         semi_supervised_from=args.semi_supervised_from, dp_clip=args.dp_clip,
+                         dp_clip_quantile=args.dp_clip_quantile, min_sites=args.min_sites,
                          call_timeout_s=args.timeout, name=f"{args.name}_{name}" if args.name else "")
             for name in names
         ]
@@ -209,6 +219,8 @@ def run(args: argparse.Namespace) -> int:
         "onboarding": tables["onboarding"],
         "longevity": tables["longevity"],
         "time": tables["time"],
+        "update_dp": {name: next((r["update_dp"] for r in reversed(report.history) if "update_dp" in r), None)
+                      for name, report in reports.items()},
         "out": str(args.out),
     }
     lines = [f"test {metric} after {plans[0].rounds} rounds (out: {args.out})"]

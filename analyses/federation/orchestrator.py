@@ -42,6 +42,11 @@ Every training call is timed where it is made: its wall seconds, the seconds the
 training took (`compute_seconds`), the rest (waiting, transfer, the sandbox's start) and the bytes
 each way (`train_calls` in the round record; `RunReport.timing` sums them over the run).
 
+At sites that noise their updates (`[privacy.update_dp]`) each update arrives clipped and noised,
+without its training loss; the round's record keeps what the sites say they did and the budget
+they report spent (`update_dp`), and the plan may choose the clip norm, fixed or adaptive
+(`update_clipping`).
+
 Site runs are budgeted by the admins' approval (`TrainingPlan.budgets`): a resumed run uses the
 same requests, so it needs no new approval.
 """
@@ -64,6 +69,7 @@ from tqdm.auto import tqdm
 
 from analyses.federation import STRATEGIES, make_strategy
 from analyses.federation.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from analyses.federation.update_clipping import clip_for_round, round_record
 from analyses.federation.site_link import SiteLink
 from analyses.federation.strategy import SiteUpdate, Strategy, Weights
 from analyses.federation.update_checks import RejectedUpdate, check_update
@@ -88,8 +94,8 @@ PRIOR_SPLIT = "train"  # the prior is the tumour share of the cases the model tr
 
 # Fields that change what is trained (and therefore the requests' label); the rest are how to run.
 _IDENTITY = ("domain", "strategy", "strategy_options", "rounds", "epochs", "batch_size", "lr", "optimizer", "max_steps",
-             "seed", "leave_after", "join_at", "semi_supervised_from")
-_OPTIONAL_IDENTITY = ("semi_supervised_from",)
+             "seed", "leave_after", "join_at", "semi_supervised_from", "dp_clip", "dp_clip_quantile")
+_OPTIONAL_IDENTITY = ("semi_supervised_from", "dp_clip", "dp_clip_quantile")
 # How close a site must come to a reference before it counts as there, relative to the reference:
 # a joining clinic has reached the federation's level when its validation metric is within this
 # share of the founding sites' pooled value; a departed site's information has faded when its test
@@ -120,6 +126,8 @@ class TrainingPlan:
     leave_after: dict[str, int] = field(default_factory=dict)  # site -> last round it trains in
     join_at: dict[str, int] = field(default_factory=dict)  # site -> first round it trains in
     semi_supervised_from: int = 0  # from this round on, sites also train on pseudo-labelled unlabelled cases (0: never)
+    dp_clip: float = 0.0  # update norm asked of sites that noise updates (0: each site's own); the start of an adaptive one
+    dp_clip_quantile: float = 0.0  # adaptive clipping toward this quantile of the update norms (0: a fixed clip)
     min_sites: int = 2
     call_timeout_s: float = 600.0
     spare_runs: int = 2  # extra approved runs per task, for rounds redone after a crash
@@ -135,6 +143,10 @@ class TrainingPlan:
             outside = {site: k for site, k in rounds.items() if not 1 <= k <= self.rounds}
             if outside:
                 raise ValueError(f"{flag} must name rounds 1 to {self.rounds}, got {outside}")
+        if self.dp_clip < 0 or not 0 <= self.dp_clip_quantile < 1:
+            raise ValueError(f"dp_clip must be >= 0 and dp_clip_quantile in [0, 1), got {self.dp_clip} and {self.dp_clip_quantile}")
+        if self.dp_clip_quantile > 0 and self.dp_clip == 0:
+            raise ValueError("adaptive clipping (dp_clip_quantile) starts from a dp_clip > 0; give both")
         late = {site: (k, self.leave_after[site]) for site, k in self.join_at.items()
                 if site in self.leave_after and k > self.leave_after[site]}
         if late:
@@ -402,6 +414,7 @@ class Orchestrator:
         self.links = {link.name: link for link in links}
         self.out_dir = Path(out_dir)
         self.progress = progress
+        self._clip = plan.dp_clip  # the update norm asked of the sites this round (adaptive: changes per round)
         self.domain = get_domain(plan.domain)
         self.strategy: Strategy = make_strategy(plan.strategy, **plan.strategy_options)
         self.strategy.check_plan(plan)
@@ -539,6 +552,7 @@ class Orchestrator:
                 "optimizer": self.plan.optimizer,
                 "seed": self.plan.seed * 100_003 + round_no * 101 + order.index(site),
                 "max_steps": self.plan.max_steps,
+                **({"dp_clip": float(self._clip)} if self._clip > 0 else {}),
                 **({} if self.plan.training_split(round_no) == TRAIN else {"split": self.plan.training_split(round_no)}),
                 **instruction.params,
             }
@@ -597,14 +611,20 @@ class Orchestrator:
                 f"min_sites is {self.plan.min_sites} ({'; '.join(f'{s}: {why}' for s, why in problems.items())}); "
                 "the run stopped at the last checkpoint - rerun the same command to resume"
             )
+        privacy = {u.site: u.privacy for u in updates if u.privacy}
+        update_dp = round_record(self._clip, self.plan.dp_clip_quantile, privacy) if privacy or self._clip > 0 else None
         if updates:
             self.strategy.aggregate(updates)
+        if update_dp is not None:
+            self._clip = update_dp.get("next_clip", self._clip)
         train_seconds = time.perf_counter() - started
         evaluated = self._evaluate(f"round {round_no} validation", VALIDATION)
         lasting, lasting_missed, lasting_sent = self._longevity(round_no)
         extra = self._founding_pool(evaluated.site_metrics)
         if lasting or lasting_missed:
             extra.update(longevity=lasting, longevity_missed=lasting_missed)
+        if update_dp is not None:
+            extra["update_dp"] = update_dp
         return {
             "round": round_no,
             "eval_split": VALIDATION,
@@ -613,7 +633,7 @@ class Orchestrator:
             "missed": trained.missed,
             "rejected": trained.rejected,
             "eval_missed": evaluated.missed,
-            "train_loss": {u.site: u.train_loss for u in updates},
+            "train_loss": {u.site: u.train_loss for u in updates if u.train_loss is not None},
             "n_samples": {u.site: u.n_samples for u in updates},
             "site_metrics": evaluated.site_metrics,
             "pooled": evaluated.pooled,
@@ -727,6 +747,7 @@ class Orchestrator:
             save_checkpoint(self.checkpoint_dir, Checkpoint(0, plan_record, history, self.strategy.state(),
                                                             best["round"], best["state"]))
             start = 1
+        self._clip = clip_for_round(self.plan.dp_clip, self.plan.dp_clip_quantile, history)
         rounds = tqdm(range(start, self.plan.rounds + 1), desc=f"{self.plan.strategy} rounds", unit="round",
                       disable=not self.progress, initial=start - 1, total=self.plan.rounds)
         for round_no in rounds:

@@ -20,10 +20,12 @@ from __future__ import annotations
 import hashlib
 import hmac
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from datasite_setup.case_splits import DEFAULT_FRACTIONS, SPLITS, check_fractions
+from datasite_setup.disclosure import SampleNoise, UpdateNoise
+from datasite_setup.disclosure.update_accountant import composed_epsilon
 
 # Public on purpose: a simulation has nothing to hide, and everybody must get the same fleet splits.
 SIMULATION_KEY = b"medfed-simulation-splits"
@@ -56,11 +58,17 @@ class SimulatedSite:
     """One simulated site: its cases (every one with a `split`) and its minimum cohort.
 
     `min_cohort` is 1 by default so tiny phantom fleets train; a test sets it higher to play a
-    site whose cohort is too small, which then refuses exactly as a datasite would."""
+    site whose cohort is too small, which then refuses exactly as a datasite would. With
+    `update_dp` it noises every update as a datasite with that `[privacy.update_dp]` does (the same
+    filter) and reports the epsilon composed over its releases, without a budget to refuse at; with
+    `sample_dp` it trains with DP-SGD as such a datasite does and reports the same."""
 
     name: str
     cases: list[dict[str, Any]]
     min_cohort: int = 1
+    update_dp: UpdateNoise | None = None
+    sample_dp: SampleNoise | None = None
+    uses: list[tuple[float, float, int]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         missing = [i for i, case in enumerate(self.cases) if not case.get("split")]
@@ -82,7 +90,20 @@ class SimulatedSite:
     def train(self, params: dict[str, Any]) -> Any:
         from datasite_setup.site_tasks import run_installed_task
 
-        return run_installed_task("local_train", self.cases, params, min_cohort=self.min_cohort)
+        sample_dp = None if self.sample_dp is None else tuple(self.sample_dp.for_task())
+        result = run_installed_task("local_train", self.cases, params, min_cohort=self.min_cohort, sample_dp=sample_dp)
+        if self.update_dp is not None:
+            result = self.update_dp.protect(result, params["weights"], float(params.get("dp_clip", self.update_dp.clip_norm)))
+            self.uses.append((self.update_dp.release_multiplier(), 1.0, 1))
+            delta = self.update_dp.delta
+        elif self.sample_dp is not None:
+            self.uses.extend(self.sample_dp.uses(result["scalars"]))
+            result = self.sample_dp.released(result)
+            delta = self.sample_dp.delta
+        else:
+            return result
+        result["scalars"]["dp_epsilon_spent"] = composed_epsilon(self.uses, delta)
+        return result
 
     def evaluate(self, params: dict[str, Any]) -> dict[str, float]:
         from datasite_setup.site_tasks import run_installed_task

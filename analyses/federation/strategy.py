@@ -24,15 +24,17 @@ Weights = dict[str, np.ndarray]
 
 @dataclass(frozen=True)
 class SiteUpdate:
-    """What one site returned from `local_train`: its new weights, how many samples it saw, and
-    the optimiser steps and training seconds it reports (0 when it reports none)."""
+    """What one site returned from `local_train`: its new weights, how many samples it saw, its
+    training loss (None from a site that noises its updates and withholds it), and the optimiser
+    steps and training seconds it reports (0 when it reports none)."""
 
     site: str
     weights: Weights
     n_samples: float
-    train_loss: float
+    train_loss: float | None
     steps: float = 0.0
     compute_seconds: float = 0.0
+    privacy: dict[str, float] = field(default_factory=dict)  # what a site that noises updates says it did (dp_*)
 
 
 @dataclass(frozen=True)

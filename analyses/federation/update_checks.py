@@ -37,10 +37,10 @@ def check_update(site: str, result: Any, expected: dict[str, tuple[int, ...]]) -
         if not np.isfinite(value).all():
             raise RejectedUpdate(f"{site}: weights['{name}'] contains NaN or Inf")
     n_samples = result["scalars"].get("n_samples")
-    loss = result["scalars"].get("train_loss", float("nan"))
+    loss = result["scalars"].get("train_loss")  # withheld by a site that noises its updates
     if not isinstance(n_samples, (int, float)) or not math.isfinite(n_samples) or n_samples <= 0:
         raise RejectedUpdate(f"{site}: n_samples must be a positive finite number")
-    if not isinstance(loss, (int, float)) or not math.isfinite(loss):
+    if loss is not None and (not isinstance(loss, (int, float)) or not math.isfinite(loss)):
         raise RejectedUpdate(f"{site}: train_loss is not finite")
     optional = {}
     for key in ("steps", "compute_seconds"):
@@ -48,4 +48,7 @@ def check_update(site: str, result: Any, expected: dict[str, tuple[int, ...]]) -
         if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
             raise RejectedUpdate(f"{site}: {key} must be a non-negative finite number")
         optional[key] = float(value)
-    return SiteUpdate(site=site, weights=weights, n_samples=float(n_samples), train_loss=float(loss), **optional)
+    privacy = {key: float(value) for key, value in result["scalars"].items()
+               if key.startswith("dp_") and isinstance(value, (int, float)) and math.isfinite(value)}
+    return SiteUpdate(site=site, weights=weights, n_samples=float(n_samples), train_loss=None if loss is None else float(loss),
+                      privacy=privacy, **optional)

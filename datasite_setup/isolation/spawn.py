@@ -28,7 +28,7 @@ CHILD_MODULE = "datasite_setup.sandbox.child_main"
 # pydicom is here because importing it pulls in urllib3, which opens a socket at import time to
 # probe for IPv6: after the audit hook that is refused, and every task that touches a domain (the
 # brain MR domain imports pydicom) would fail with "refused:socket.__new__".
-DEFAULT_PRELOAD = ("numpy", "torch", "radiomics", "pydicom", "monai", "datasite_setup.site_tasks")
+DEFAULT_PRELOAD = ("numpy", "torch", "radiomics", "pydicom", "monai", "opacus", "datasite_setup.site_tasks")
 PASSED_ENV = ("LANG",)
 THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 

@@ -51,15 +51,16 @@ def _run(name: str, cases: Sequence[dict[str, Any]], params: dict[str, Any], sit
 
 
 def run_installed_task(name: str, cases: Sequence[dict[str, Any]], params: dict[str, Any], min_cohort: int,
-                       min_batch: int = 1) -> Any:
-    return _run(name, cases, params, SiteFacts(min_cohort=min_cohort, min_batch=min_batch))[0].result
+                       min_batch: int = 1, sample_dp: tuple[float, float] | None = None) -> Any:
+    return _run(name, cases, params, SiteFacts(min_cohort, min_batch, sample_dp))[0].result
 
 
 def run_for_parent(name: str, cases: Sequence[dict[str, Any]], params: dict[str, Any], min_cohort: int,
-                   min_batch: int) -> dict[str, Any]:
+                   min_batch: int, sample_dp: list[float] | None = None) -> dict[str, Any]:
     """`{"result", "cohorts"}` for the site's parent process (case positions in `cases`), or `{"refused": reason}`."""
     try:
-        release, positions = _run(name, cases, params, SiteFacts(min_cohort=min_cohort, min_batch=min_batch))
+        facts = SiteFacts(min_cohort, min_batch, None if sample_dp is None else (float(sample_dp[0]), float(sample_dp[1])))
+        release, positions = _run(name, cases, params, facts)
     except TaskRefusal as refusal:
         return {"refused": str(refusal)}
     return release.for_parent(positions, name)

@@ -18,6 +18,13 @@ Over the split `train+unlabelled` the run is teacher-student (`pseudo_labels`): 
 weights first label the site's unlabelled cases, which then train with the expert-labelled ones;
 only the count of pseudo-labelled cases is returned about them.
 
+At a site with update privacy (`[privacy.update_dp]`) the update leaves clipped to `dp_clip` and
+noised, without the training loss; the site does that after the run (`disclosure.update_noise`).
+
+At a site with sample privacy (`[privacy.sample_dp]`) training is DP-SGD (`dp_sgd.py`): Poisson
+batches of expected size `batch_size`, each sample's gradient clipped, noise added, whatever the
+request asks; the loss is not returned and the sampling rate is, for the site's accountant.
+
 Every step averages over at least the site's `min_batch` samples (`[privacy] min_batch`): with one
 slice per step, one step of plain SGD from known weights turns the returned loss and weights into
 that slice's label. So a batch_size below it is refused before the run, a short last batch of an
@@ -33,10 +40,12 @@ from typing import Any
 import numpy as np
 
 from datasite_setup.site_tasks.case_selection import labelled_flags
+from datasite_setup.site_tasks.dp_sgd import dp_sgd_problem, train_dp_sgd
 from datasite_setup.site_tasks.pseudo_labels import pseudo_labelled
 from datasite_setup.site_tasks.task import SPLIT_PARAM, TRAIN_AND_UNLABELLED, Param, SiteFacts, SiteTask, TaskRefusal, between, known_domain
 
 SCALARS = frozenset({"n_samples", "train_loss", "steps", "compute_seconds", "pseudo_labelled_cases"})
+DP_SGD_SCALARS = frozenset({"dp_sample_rate", "dp_noise_multiplier"})  # for the site's accountant
 
 
 def steps_of_at_least(batches: Iterable[tuple[Any, Any]], min_batch: int) -> Iterator[tuple[Any, Any]]:
@@ -111,6 +120,17 @@ def run(cases: list[dict[str, Any]], params: dict[str, Any], site: SiteFacts) ->
     mu = params.get("mu", 0.0)
     max_steps = params.get("max_steps", 0)
     model.train()
+    if site.sample_dp is not None:
+        noise_multiplier, max_grad_norm = site.sample_dp
+        trained = train_dp_sgd(model, domain, cases, optimiser, params["epochs"], params["batch_size"], max_steps,
+                               noise_multiplier, max_grad_norm, rng)
+        return {
+            "weights": exchanged_weights(model),
+            "scalars": {"n_samples": float(trained.samples), "steps": float(trained.steps),
+                        "compute_seconds": round(time.perf_counter() - started, 3),
+                        "pseudo_labelled_cases": float(labelled.count(False)),
+                        "dp_sample_rate": trained.sample_rate, "dp_noise_multiplier": noise_multiplier},
+        }
     losses, samples, steps = [], 0, 0
     for _ in range(params["epochs"]):
         for x, y in steps_of_at_least(domain.batches(cases, params["batch_size"], rng), site.min_batch):
@@ -141,7 +161,8 @@ def contract(params: dict[str, Any], site: SiteFacts) -> Any:
     from datasite_setup.output_contracts import WeightsContract
     from domains import get_domain
 
-    return WeightsContract(param_shapes=declared_shapes(get_domain(params["domain"]).build_model()), scalar_names=SCALARS)
+    return WeightsContract(param_shapes=declared_shapes(get_domain(params["domain"]).build_model()),
+                           scalar_names=SCALARS | DP_SGD_SCALARS if site.sample_dp is not None else SCALARS)
 
 
 def site_policy(params: dict[str, Any], site: SiteFacts) -> str | None:
@@ -149,6 +170,14 @@ def site_policy(params: dict[str, Any], site: SiteFacts) -> str | None:
     not fit the domain's model (so the data scientist learns which key, not just that the run failed)."""
     if params["batch_size"] < site.min_batch:
         return f"batch_size {params['batch_size']} is below this site's minimum of {site.min_batch} samples per step"
+    if site.sample_dp is not None:
+        from domains import get_domain
+
+        domain = get_domain(params["domain"])
+        if issue := dp_sgd_problem(domain, domain.build_model()):
+            return f"this site trains with DP-SGD only; {issue}"
+        if "control" in params or params.get("mu", 0.0) > 0 or params.get(SPLIT_PARAM) == TRAIN_AND_UNLABELLED:
+            return "this site trains with DP-SGD only, which takes no control, mu or pseudo-labelled cases"
     if params.get(SPLIT_PARAM) == TRAIN_AND_UNLABELLED:
         from domains import get_domain
 
@@ -177,6 +206,9 @@ TASK = SiteTask(
         "max_steps": Param(int, "stop after this many steps (0 = no cap)", required=False, check=between(0, 10**6)),
         "control": Param(dict, "SCAFFOLD's correction c - c_i: {trainable parameter name: float array}, added to "
                                "its gradient every SGD step", required=False),
+        "dp_clip": Param(float, "the L2 norm a site with update privacy ([privacy.update_dp]) clips this update to "
+                                "(default: the site's clip_norm); the noise scales with it, the privacy does not",
+                         required=False, check=lambda v: None if 0 < v < float("inf") else "must be a finite number > 0"),
     },
     run=run,
     contract=contract,

@@ -35,11 +35,13 @@ class SiteFacts:
     """What a task may know about the site it runs at (from the site config, never from the request).
 
     `min_batch` is the fewest samples one training step may use; 1 (no rule) is for in-process
-    simulation, a site passes its `[privacy] min_batch`.
+    simulation, a site passes its `[privacy] min_batch`. `sample_dp` is the site's
+    `[privacy.sample_dp]` as (noise multiplier, max grad norm): training runs DP-SGD with them.
     """
 
     min_cohort: int
     min_batch: int = 1
+    sample_dp: tuple[float, float] | None = None
 
 
 class TaskRefusal(ValueError):

@@ -138,6 +138,20 @@ class BrainMRSegmentation:
         intensity = intensity_transforms(self.augmentation)
         return (augment_slices(x, y, rng, self.augmentation, intensity) for x, y in batches)
 
+    def training_samples(self, cases: Sequence[dict[str, Any]]) -> tuple[np.ndarray, np.ndarray]:
+        """Every preprocessed slice of `cases` exactly once, x and y float32 [N, 1, H, W]: what
+        DP-SGD samples from, one slice being one unit of privacy (`batches` repeats tumour slices
+        to balance the classes, which would let one slice count several times)."""
+        slices = site_slices(preprocessed_cases(cases, self.preprocessing))
+        return slices.x, slices.y
+
+    def augmented(self, x: torch.Tensor, y: torch.Tensor, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """A batch of `training_samples` augmented as `batches` augments its batches: each slice is
+        transformed on its own (one random draw for the batch, no slice's values reaching another)."""
+        if self.augmentation is None:
+            return x, y
+        return augment_slices(x, y, rng, self.augmentation)
+
     def predict_probabilities(self, model: torch.nn.Module, case: dict[str, Any]) -> np.ndarray:
         """Tumour probability float32 [Z, Y, X] on the case's own grid; 0 where preprocessing
         cropped the case (air)."""
