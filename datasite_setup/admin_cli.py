@@ -7,6 +7,7 @@
     datasite-admin --site SITE.toml audit-log [--reference REF] [--json]
     datasite-admin --site SITE.toml tasks [--json]
     datasite-admin --site SITE.toml privacy-budget [--json]
+    datasite-admin --site SITE.toml secure-aggregation-key [--json]
 
 `show` lists the request's runs with the real reason for each refusal (the data scientist only
 sees a uniform message with a reference; `audit-log --reference REF` finds that entry) and, for
@@ -117,6 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
     cmd.add_argument("--reference", help="only the entry a refusal message quoted")
     sub.add_parser("tasks", help="the site tasks installed here, which are enabled, and their source hashes")
     sub.add_parser("privacy-budget", help="differential privacy here: the settings, and each data scientist's epsilon spent")
+    sub.add_parser("secure-aggregation-key", help="this site's identity for secure aggregation: give it to the other "
+                                                  "sites' admins, who pin it in [secure_aggregation] peers")
     for action in sub.choices.values():
         action.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="machine-readable output")
     return parser
@@ -139,6 +142,13 @@ def main(argv: list[str] | None = None) -> int:
             for task in [] if args.json else tasks:
                 state = "enabled" if task["enabled"] else "disabled"
                 print(f"{task['name']:16} {state:8} sha256 {task['source_hash'][:16]}  {task['summary']}")
+            return EXIT_OK
+        if args.command == "secure-aggregation-key":
+            from datasite_setup.credentials import secure_aggregation_seed
+            from datasite_setup.secure_aggregation.keys import SiteKeys
+
+            identity = SiteKeys(config.name, secure_aggregation_seed(config)).identity_public()
+            print(json.dumps({"site": config.name, "identity": identity}) if args.json else f'{config.name} = "{identity}"')
             return EXIT_OK
         if args.command == "privacy-budget":
             budgets = review.privacy_budgets(config)

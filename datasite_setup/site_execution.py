@@ -53,6 +53,10 @@ from datasite_setup.disclosure import (
 from datasite_setup.isolation import Limits, run_isolated, start_fork_server
 from datasite_setup.output_contracts import AggregatesContract, ContractViolation, ScalarsContract, WeightsContract
 from datasite_setup.return_flow import read_returns
+from datasite_setup.secure_aggregation.keys import SiteKeys
+from datasite_setup.secure_aggregation.masks import EncodingRange
+from datasite_setup.secure_aggregation.release import SESSION_PARAM, masked_update, session_problem
+from datasite_setup.secure_aggregation.sessions import SessionLedger, SessionRefused
 from datasite_setup.run_failures import failure_reason, failure_report, reporting
 from datasite_setup.site_config import SiteConfig
 from datasite_setup.thin_requests import parse_thin_request
@@ -131,7 +135,52 @@ def _code_id(code: Any) -> str | None:
     return None if uid is None else str(uid.no_dash)
 
 
-def _plan(config: SiteConfig, code: Any, kwargs: dict[str, Any]) -> tuple[str, str, dict[str, Any], Any, str, dict[str, Any]]:
+def _site_keys(config: SiteConfig) -> SiteKeys:
+    from datasite_setup.credentials import secure_aggregation_seed
+
+    return SiteKeys(config.name, secure_aggregation_seed(config))
+
+
+def _secure_aggregation_problem(config: SiteConfig, params: dict[str, Any], who: str) -> str | None:
+    """What this site refuses about a training request's secure-aggregation session (or its lack)."""
+    settings = config.secure_aggregation
+    if SESSION_PARAM not in params:
+        if settings is not None and settings.required:
+            return ("this site releases model updates only masked for secure aggregation; send the request in a "
+                    "session (federate train --secure-aggregation)")
+        return None
+    if settings is None:
+        return "this site does not take part in secure aggregation; send the request without 'secure_aggregation'"
+    return session_problem(params[SESSION_PARAM], settings, _site_keys(config), who, params["weights"],
+                           SessionLedger.at_site(config.data_dir))
+
+
+def _task_at_parent(config: SiteConfig, code: Any) -> Any:
+    """The enabled site task this request names, if the site's parent process answers it."""
+    from datasite_setup.site_tasks import TASKS
+
+    thin = parse_thin_request(code.raw_code)
+    task = TASKS.get(thin.task) if thin is not None else None
+    enabled = config.enabled_tasks is None or (thin is not None and thin.task in config.enabled_tasks)
+    return task if task is not None and task.at_parent is not None and enabled else None
+
+
+def _answer_at_parent(config: SiteConfig, task: Any, params: Any, who: str, code: Any) -> Any:
+    """A task that reads no case (a session key), answered here from the site's secrets."""
+    from datasite_setup.site_tasks import ParentFacts
+
+    problems = task.problems(params)
+    if problems:
+        raise SiteRefusal(f"parameters refused for task '{task.name}': " + "; ".join(problems))
+    if config.secure_aggregation is None:
+        raise SiteRefusal("this site does not take part in secure aggregation ([secure_aggregation] is not set)")
+    answer = task.at_parent(params, ParentFacts(who=who, keys=_site_keys(config)))
+    _audit(config, {"action": "ran", "what": f"task {task.name}", "code": _code_id(code), "requested_by": who,
+                    "session": params.get("session")})
+    return answer
+
+
+def _plan(config: SiteConfig, code: Any, kwargs: dict[str, Any], who: str) -> tuple[str, str, dict[str, Any], Any, str, dict[str, Any]]:
     """What to run for this request: (source, function, kwargs, contract, label, task params)."""
     from datasite_setup.site_tasks import TASKS, SiteFacts
 
@@ -153,6 +202,8 @@ def _plan(config: SiteConfig, code: Any, kwargs: dict[str, Any]) -> tuple[str, s
     problems = task.problems(params, facts)
     if not problems and (issue := update_noise_problems(params, config.privacy.update_dp)):
         problems = [issue]
+    if not problems and task.contract is not None and isinstance(task.contract(params, facts), WeightsContract):
+        problems = [issue] if (issue := _secure_aggregation_problem(config, params, who)) else []
     if problems:
         raise SiteRefusal(f"parameters refused for task '{task.name}': " + "; ".join(problems))
     task_kwargs = {"task": task.name, "cases": kwargs["cases"], "params": params, "min_cohort": facts.min_cohort,
@@ -216,7 +267,10 @@ def run_request(config: SiteConfig, code: Any, kwargs: dict[str, Any], who: str)
             "action": "refused-run", "code": _code_id(code), "requested_by": who,
             "why": f"input {', '.join(forged)} is a case manifest the data scientist passed herself, not a dataset of this site",
         })
-    plan_source, plan_function, plan_kwargs, contract, label, params = _plan(config, code, kwargs)
+    parent_task = _task_at_parent(config, code)
+    if parent_task is not None:
+        return _answer_at_parent(config, parent_task, kwargs.get("params"), who, code)
+    plan_source, plan_function, plan_kwargs, contract, label, params = _plan(config, code, kwargs, who)
     _charge_privacy_budget(config, params, who, label)
     trains = isinstance(contract, WeightsContract)
     update_dp = config.privacy.update_dp if trains else None
@@ -256,7 +310,13 @@ def run_request(config: SiteConfig, code: Any, kwargs: dict[str, Any], who: str)
         if update_epsilon is not None:
             result["scalars"].update(dp_epsilon_round=update_epsilon, dp_epsilon_spent=_budget(config).spent(who))
             replace(contract, scalar_names=contract.scalar_names | DP_SCALARS).check(result)
-    except (ContractViolation, SampleNoiseMismatch) as exc:
+        if trains and SESSION_PARAM in params:
+            result = masked_update(result, params["weights"], params[SESSION_PARAM], config.secure_aggregation,
+                                   _site_keys(config), who, SessionLedger.at_site(config.data_dir))
+            about["secure_aggregation"] = params[SESSION_PARAM]["session"]
+    except SessionRefused as exc:
+        raise SiteRefusal(str(exc)) from None
+    except (ContractViolation, SampleNoiseMismatch, EncodingRange) as exc:
         raise SiteRefusal.withheld(config, label, {
             "action": "refused-result", **about, "why": f"output contract: {exc}", "seconds": round(outcome.seconds, 2),
         }) from None

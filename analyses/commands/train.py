@@ -27,6 +27,7 @@ sites add their unlabelled cases (`--splits` marks them at ingestion), pseudo-la
 round's global model at the site. At sites that noise their updates (`[privacy.update_dp]`),
 `--dp-clip` chooses the clip norm and `--dp-clip-quantile` adapts it; each round's record and the
 summary (`update_dp`) say what the sites did and the epsilon each reports spent.
+`--secure-aggregation` has the sites mask their updates so that only each round's sum is read.
 """
 
 from __future__ import annotations
@@ -107,6 +108,10 @@ def register(subparsers: Any) -> None:
     cmd.add_argument("--dp-clip-quantile", type=float, default=0.0, metavar="Q",
                      help="adaptive clipping: move the norm each round toward this quantile of the sites' update norms "
                           "(e.g. 0.5; the sites must release a noisy within-clip bit, clip_bit_noise); 0 = fixed")
+    cmd.add_argument("--secure-aggregation", action="store_true",
+                     help="sites mask their updates so that only the sum over the round's sites can be read (the sites "
+                          "must pin each other, [secure_aggregation]); fedavg, fedprox and the fedopt family only; "
+                          "a site that drops out fails the round, which the next run redoes")
     cmd.add_argument("--baselines", action="store_true",
                      help="also train local-only models at each site (scored on their own and the other sites' test splits)")
     cmd.add_argument("--centralized-data", action="append", default=[], metavar="SITE=DIR",
@@ -150,7 +155,8 @@ def run(args: argparse.Namespace) -> int:
                          epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, optimizer=args.optimizer,
                          max_steps=args.max_steps, seed=args.seed, leave_after=leave_after, join_at=join_at,
                          semi_supervised_from=args.semi_supervised_from, dp_clip=args.dp_clip,
-                         dp_clip_quantile=args.dp_clip_quantile, min_sites=args.min_sites,
+                         dp_clip_quantile=args.dp_clip_quantile, secure_aggregation=args.secure_aggregation,
+                         min_sites=args.min_sites,
                          call_timeout_s=args.timeout, name=f"{args.name}_{name}" if args.name else "")
             for name in names
         ]

@@ -109,8 +109,10 @@ def train(federation: Federation, plan: TrainingPlan, out_dir: Path, progress: b
 
 
 def local_plan(plan: TrainingPlan) -> TrainingPlan:
-    """The local-only baseline of `plan`: same schedule, no aggregation."""
-    return replace(plan, strategy="local", strategy_options={}, name=f"{plan.name}_local" if plan.name else "")
+    """The local-only baseline of `plan`: same schedule, no aggregation (so no secure-aggregation
+    session: a site that requires one refuses the baseline, and the outputs say so)."""
+    return replace(plan, strategy="local", strategy_options={}, secure_aggregation=False,
+                   name=f"{plan.name}_local" if plan.name else "")
 
 
 def _table(scores: dict[str, Any], metric: str) -> dict[str, float]:

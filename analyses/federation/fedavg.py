@@ -8,6 +8,7 @@ from analyses.federation.strategy import SiteUpdate, Strategy, Weights, weighted
 
 class FedAvg(Strategy):
     name = "fedavg"
+    sums_only = True
 
     def __init__(self) -> None:
         self.global_weights: Weights = {}

@@ -31,6 +31,8 @@ _STEP = "server/step"
 class FedOpt(Strategy):
     """The shared server update; subclasses say how the second moment `v` is accumulated."""
 
+    sums_only = True
+
     def __init__(self, server_lr: float = 0.1, beta_1: float = 0.9, beta_2: float = 0.99, tau: float = 1e-3,
                  server_lr_decay: float = 1.0) -> None:
         if server_lr <= 0:

@@ -69,6 +69,7 @@ from tqdm.auto import tqdm
 
 from analyses.federation import STRATEGIES, make_strategy
 from analyses.federation.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from analyses.federation.secure_sum import SessionIncomplete, new_session, summed_update
 from analyses.federation.update_clipping import clip_for_round, round_record
 from analyses.federation.site_link import SiteLink
 from analyses.federation.strategy import SiteUpdate, Strategy, Weights
@@ -94,8 +95,9 @@ PRIOR_SPLIT = "train"  # the prior is the tumour share of the cases the model tr
 
 # Fields that change what is trained (and therefore the requests' label); the rest are how to run.
 _IDENTITY = ("domain", "strategy", "strategy_options", "rounds", "epochs", "batch_size", "lr", "optimizer", "max_steps",
-             "seed", "leave_after", "join_at", "semi_supervised_from", "dp_clip", "dp_clip_quantile")
-_OPTIONAL_IDENTITY = ("semi_supervised_from", "dp_clip", "dp_clip_quantile")
+             "seed", "leave_after", "join_at", "semi_supervised_from", "dp_clip", "dp_clip_quantile", "secure_aggregation")
+_OPTIONAL_IDENTITY = ("semi_supervised_from", "dp_clip", "dp_clip_quantile", "secure_aggregation")
+KEY_TASK = "secure_aggregation_key"
 # How close a site must come to a reference before it counts as there, relative to the reference:
 # a joining clinic has reached the federation's level when its validation metric is within this
 # share of the founding sites' pooled value; a departed site's information has faded when its test
@@ -128,6 +130,7 @@ class TrainingPlan:
     semi_supervised_from: int = 0  # from this round on, sites also train on pseudo-labelled unlabelled cases (0: never)
     dp_clip: float = 0.0  # update norm asked of sites that noise updates (0: each site's own); the start of an adaptive one
     dp_clip_quantile: float = 0.0  # adaptive clipping toward this quantile of the update norms (0: a fixed clip)
+    secure_aggregation: bool = False  # sites mask their updates; only their sum is read (`secure_sum`)
     min_sites: int = 2
     call_timeout_s: float = 600.0
     spare_runs: int = 2  # extra approved runs per task, for rounds redone after a crash
@@ -147,6 +150,12 @@ class TrainingPlan:
             raise ValueError(f"dp_clip must be >= 0 and dp_clip_quantile in [0, 1), got {self.dp_clip} and {self.dp_clip_quantile}")
         if self.dp_clip_quantile > 0 and self.dp_clip == 0:
             raise ValueError("adaptive clipping (dp_clip_quantile) starts from a dp_clip > 0; give both")
+        if self.secure_aggregation and self.strategy in STRATEGIES and not STRATEGIES[self.strategy].sums_only:
+            summing = ", ".join(name for name, cls in STRATEGIES.items() if cls.sums_only)
+            raise ValueError(f"secure aggregation gives only the sum of the sites' updates; {self.strategy} needs more "
+                             f"(site-local layers, per-site state or models); it works with {summing}")
+        if self.secure_aggregation and self.dp_clip_quantile > 0:
+            raise ValueError("adaptive clipping reads each site's noisy bit, which secure aggregation does not sum; use a fixed --dp-clip")
         late = {site: (k, self.leave_after[site]) for site, k in self.join_at.items()
                 if site in self.leave_after and k > self.leave_after[site]}
         if late:
@@ -175,6 +184,8 @@ class TrainingPlan:
         longevity = max((len(self.longevity_rounds(site)) for site in self.leave_after), default=0)
         budgets = {"local_train": self.rounds + self.spare_runs,
                    "evaluate": self.rounds + 1 + 2 * models + longevity + self.spare_runs}
+        if self.secure_aggregation:
+            budgets[KEY_TASK] = self.rounds + self.spare_runs
         if has_output_prior(self.domain):
             budgets[PRIOR_TASK] = 1 + self.spare_runs
         return budgets
@@ -536,6 +547,7 @@ class Orchestrator:
         start), and the bytes of weights sent and of its accepted update received."""
         order = sorted(self.links)
         calls, sent, sent_to = {}, 0, {}
+        session = self._open_session(round_no) if self.plan.secure_aggregation else None
         for site in order:
             if not self.plan.trains_in(site, round_no):
                 continue
@@ -553,11 +565,14 @@ class Orchestrator:
                 "seed": self.plan.seed * 100_003 + round_no * 101 + order.index(site),
                 "max_steps": self.plan.max_steps,
                 **({"dp_clip": float(self._clip)} if self._clip > 0 else {}),
+                **({"secure_aggregation": session} if session is not None else {}),
                 **({} if self.plan.training_split(round_no) == TRAIN else {"split": self.plan.training_split(round_no)}),
                 **instruction.params,
             }
             calls[site] = lambda link=self.links[site], p=params: _timed(lambda: link.train(p))
         answers, missed = self._call_all(calls, f"round {round_no} train")
+        if session is not None:
+            return self._close_session(round_no, answers, missed, sent, sent_to)
         updates, rejected, received, timing = [], {}, 0, {}
         for site in sorted(answers):
             result, wall = answers[site]
@@ -574,6 +589,37 @@ class Orchestrator:
                                 bytes_received=_nbytes(update.weights))
             updates.append(update)
         return TrainingOutcome(updates, missed, rejected, sent, received, timing)
+
+    def _open_session(self, round_no: int) -> dict[str, Any]:
+        """A new secure-aggregation session: every participating site's signed key for it, or RoundFailed."""
+        session = new_session(self.plan.label, round_no)
+        sites = [site for site in sorted(self.links) if self.plan.trains_in(site, round_no)]
+        calls = {site: (lambda link=self.links[site]: link.session_key({"session": session})) for site in sites}
+        keys, missed = self._call_all(calls, f"round {round_no} session keys")
+        bad = {site: "its session key is not {'site', 'public_key', 'signature'}" for site, key in keys.items()
+               if not (isinstance(key, dict) and key.get("site") == site and {"public_key", "signature"} <= set(key))}
+        if missed or bad:
+            raise RoundFailed(f"round {round_no}: secure aggregation needs every participating site's session key "
+                              f"({'; '.join(f'{s}: {why}' for s, why in {**missed, **bad}.items())}); nothing was trained - "
+                              "rerun the same command to resume")
+        return {"session": session, "peers": keys}
+
+    def _close_session(self, round_no: int, answers: dict[str, Any], missed: dict[str, str], sent: int,
+                       sent_to: dict[str, int]) -> TrainingOutcome:
+        """The session's one update (the unmasked mean), or RoundFailed when a participant is missing."""
+        try:
+            if missed:
+                raise SessionIncomplete("; ".join(f"{site}: {why}" for site, why in missed.items()))
+            update = summed_update({site: result for site, (result, _) in answers.items()},
+                                   self.strategy.expected_update(sorted(answers)[0]))
+        except SessionIncomplete as exc:
+            raise RoundFailed(f"round {round_no}: the secure-aggregation session cannot be unmasked ({exc}); nothing "
+                              "was aggregated - rerun the same command to redo the round in a new session") from None
+        timing = {site: {"wall_seconds": round(wall, 3), "compute_seconds": 0.0, "other_seconds": round(wall, 3),
+                         "bytes_sent": sent_to[site], "bytes_received": _nbytes(result["weights"])}
+                  for site, (result, wall) in answers.items()}
+        received = sum(t["bytes_received"] for t in timing.values())
+        return TrainingOutcome([update], {}, {}, sent, received, timing)
 
     def _longevity(self, round_no: int) -> tuple[dict[str, dict[str, float]], dict[str, str], int]:
         """The current weights scored on the test split of every site whose `longevity_rounds`
@@ -604,10 +650,11 @@ class Orchestrator:
         trained = self._train(round_no)
         updates = trained.updates
         needed = self.strategy.required_updates(len(participants), self.plan.min_sites)
-        if len(updates) < needed:
+        usable = len(participants) if self.plan.secure_aggregation else len(updates)  # a session sums all or fails
+        if usable < needed:
             problems = {**trained.missed, **trained.rejected}
             raise RoundFailed(
-                f"round {round_no}: {len(updates)} of {len(participants)} sites gave a usable update, "
+                f"round {round_no}: {usable} of {len(participants)} sites gave a usable update, "
                 f"min_sites is {self.plan.min_sites} ({'; '.join(f'{s}: {why}' for s, why in problems.items())}); "
                 "the run stopped at the last checkpoint - rerun the same command to resume"
             )

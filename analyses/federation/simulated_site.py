@@ -17,18 +17,27 @@ validation cases two times in three).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
+import os
+import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from datasite_setup.case_splits import DEFAULT_FRACTIONS, SPLITS, check_fractions
 from datasite_setup.disclosure import SampleNoise, UpdateNoise
 from datasite_setup.disclosure.update_accountant import composed_epsilon
+from datasite_setup.secure_aggregation.keys import SiteKeys
+from datasite_setup.secure_aggregation.release import SESSION_PARAM, masked_update, session_problem
+from datasite_setup.secure_aggregation.sessions import SessionLedger
+from datasite_setup.site_config import SecureAggregationSettings
 
 # Public on purpose: a simulation has nothing to hide, and everybody must get the same fleet splits.
 SIMULATION_KEY = b"medfed-simulation-splits"
+SIMULATION_USER = "simulation"  # the one data scientist of a simulated fleet
 
 
 def with_splits(cases: list[dict[str, Any]], fractions: Mapping[str, float] = DEFAULT_FRACTIONS) -> list[dict[str, Any]]:
@@ -61,7 +70,10 @@ class SimulatedSite:
     site whose cohort is too small, which then refuses exactly as a datasite would. With
     `update_dp` it noises every update as a datasite with that `[privacy.update_dp]` does (the same
     filter) and reports the epsilon composed over its releases, without a budget to refuse at; with
-    `sample_dp` it trains with DP-SGD as such a datasite does and reports the same."""
+    `sample_dp` it trains with DP-SGD as such a datasite does and reports the same. With
+    `secure_aggregation` (see `pin_each_other`) it masks its updates in a session as a datasite
+    with `[secure_aggregation]` does (the same checks and masks, its session ledger in a temporary
+    folder)."""
 
     name: str
     cases: list[dict[str, Any]]
@@ -69,11 +81,19 @@ class SimulatedSite:
     update_dp: UpdateNoise | None = None
     sample_dp: SampleNoise | None = None
     uses: list[tuple[float, float, int]] = field(default_factory=list)
+    secure_aggregation: SecureAggregationSettings | None = None
+    seed: bytes = field(default_factory=lambda: os.urandom(32), repr=False)
 
     def __post_init__(self) -> None:
         missing = [i for i, case in enumerate(self.cases) if not case.get("split")]
         if missing:
             raise ValueError(f"{self.name}: cases {missing} have no 'split'; give the fleet splits with with_splits()")
+        self.keys = SiteKeys(self.name, self.seed)
+
+    @functools.cached_property
+    def sessions(self) -> SessionLedger:
+        """The site's session ledger, in a temporary folder made on first use."""
+        return SessionLedger.at_site(Path(tempfile.mkdtemp(prefix=f"medfed-sim-{self.name}-")))
 
     @classmethod
     def from_cases(cls, name: str, cases: list[dict[str, Any]], min_cohort: int = 1) -> SimulatedSite:
@@ -88,6 +108,24 @@ class SimulatedSite:
         return sizes
 
     def train(self, params: dict[str, Any]) -> Any:
+        session = params.get(SESSION_PARAM)
+        if session is not None:
+            if self.secure_aggregation is None:
+                raise ValueError(f"{self.name} takes no part in secure aggregation")
+            if issue := session_problem(session, self.secure_aggregation, self.keys, SIMULATION_USER, params["weights"], self.sessions):
+                raise ValueError(issue)
+        result = self._trained(params)
+        if session is not None:
+            result = masked_update(result, params["weights"], session, self.secure_aggregation, self.keys, SIMULATION_USER,
+                                   self.sessions)
+        return result
+
+    def session_key(self, params: dict[str, Any]) -> dict[str, str]:
+        if self.secure_aggregation is None:
+            raise ValueError(f"{self.name} takes no part in secure aggregation")
+        return self.keys.session_key(SIMULATION_USER, params["session"])
+
+    def _trained(self, params: dict[str, Any]) -> Any:
         from datasite_setup.site_tasks import run_installed_task
 
         sample_dp = None if self.sample_dp is None else tuple(self.sample_dp.for_task())
@@ -114,3 +152,12 @@ class SimulatedSite:
         from datasite_setup.site_tasks import run_installed_task
 
         return run_installed_task("foreground_share", self.cases, params, min_cohort=self.min_cohort)
+
+
+def pin_each_other(sites: list[SimulatedSite], min_participants: int = 3) -> list[SimulatedSite]:
+    """The sites, each pinning every other's identity for secure aggregation, as their admins would."""
+    identities = {site.name: site.keys.identity_public() for site in sites}
+    for site in sites:
+        peers = {name: key for name, key in identities.items() if name != site.name}
+        site.secure_aggregation = SecureAggregationSettings(peers=peers, min_participants=min_participants)
+    return sites

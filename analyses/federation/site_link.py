@@ -30,6 +30,9 @@ class SiteLink(Protocol):
     def foreground(self, params: dict[str, Any]) -> dict[str, Any]:
         """Run `foreground_share` with these parameters; return the site's aggregates."""
 
+    def session_key(self, params: dict[str, Any]) -> dict[str, str]:
+        """Run `secure_aggregation_key`; return the site's signed key for the session."""
+
 
 @dataclass
 class DatasiteLink:
@@ -82,6 +85,9 @@ class DatasiteLink:
     def foreground(self, params: dict[str, Any]) -> dict[str, Any]:
         return self._run("foreground_share", params)
 
+    def session_key(self, params: dict[str, Any]) -> dict[str, str]:
+        return self._run("secure_aggregation_key", params)
+
 
 class SiteLeftOut(RuntimeError):
     """The site takes no part in this run; the message says why."""
@@ -102,6 +108,9 @@ class LeftOutLink:
         raise SiteLeftOut(self.reason)
 
     def foreground(self, params: dict[str, Any]) -> dict[str, Any]:
+        raise SiteLeftOut(self.reason)
+
+    def session_key(self, params: dict[str, Any]) -> dict[str, str]:
         raise SiteLeftOut(self.reason)
 
 
@@ -125,3 +134,6 @@ class WithoutPriorLink:
 
     def foreground(self, params: dict[str, Any]) -> dict[str, Any]:
         raise SiteLeftOut(self.reason)
+
+    def session_key(self, params: dict[str, Any]) -> dict[str, str]:
+        return self.inner.session_key(params)

@@ -60,6 +60,9 @@ class Strategy:
     # True when every site ends with a model of its own (local-only): the held-out evaluation then
     # also scores each site's model at the other sites, which says how far it carries.
     site_models: ClassVar[bool] = False
+    # True when `aggregate` needs only the sample-weighted mean of the updates: all that secure
+    # aggregation gives (`secure_sum`).
+    sums_only: ClassVar[bool] = False
 
     def options(self) -> dict[str, Any]:
         """The options this strategy was built with (empty when it has none)."""

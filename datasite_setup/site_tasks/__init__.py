@@ -15,9 +15,10 @@ from typing import Any
 
 from datasite_setup.site_tasks import (
     cohort_summary, combat_statistics, evaluate, foreground_share, intensity_landmarks, local_train, radiomics_aggregates,
+    secure_aggregation_key,
 )
 from datasite_setup.site_tasks.case_selection import positions_in_split, take
-from datasite_setup.site_tasks.task import SPLIT_PARAM, Release, SiteFacts, SiteTask, TaskRefusal
+from datasite_setup.site_tasks.task import SPLIT_PARAM, ParentFacts, Release, SiteFacts, SiteTask, TaskRefusal
 
 TASKS: dict[str, SiteTask] = {
     task.name: task
@@ -29,10 +30,11 @@ TASKS: dict[str, SiteTask] = {
         radiomics_aggregates.TASK,
         intensity_landmarks.TASK,
         combat_statistics.TASK,
+        secure_aggregation_key.TASK,
     )
 }
 
-__all__ = ["TASKS", "SiteFacts", "SiteTask", "TaskRefusal", "run_for_parent", "run_installed_task"]
+__all__ = ["TASKS", "ParentFacts", "SiteFacts", "SiteTask", "TaskRefusal", "run_for_parent", "run_installed_task"]
 
 
 class CohortTooSmall(TaskRefusal):

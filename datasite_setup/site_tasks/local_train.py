@@ -21,6 +21,9 @@ only the count of pseudo-labelled cases is returned about them.
 At a site with update privacy (`[privacy.update_dp]`) the update leaves clipped to `dp_clip` and
 noised, without the training loss; the site does that after the run (`disclosure.update_noise`).
 
+In a secure-aggregation session (`secure_aggregation`) the site masks the update after the run
+(`datasite_setup/secure_aggregation/`): only the sum over the session's sites can be read.
+
 At a site with sample privacy (`[privacy.sample_dp]`) training is DP-SGD (`dp_sgd.py`): Poisson
 batches of expected size `batch_size`, each sample's gradient clipped, noise added, whatever the
 request asks; the loss is not returned and the sampling rate is, for the site's accountant.
@@ -209,6 +212,9 @@ TASK = SiteTask(
         "dp_clip": Param(float, "the L2 norm a site with update privacy ([privacy.update_dp]) clips this update to "
                                 "(default: the site's clip_norm); the noise scales with it, the privacy does not",
                          required=False, check=lambda v: None if 0 < v < float("inf") else "must be a finite number > 0"),
+        "secure_aggregation": Param(dict, "a secure-aggregation session: {'session': id, 'peers': {site: its signed "
+                                          "session key}}; the update then leaves masked (sites with [secure_aggregation])",
+                                    required=False),
     },
     run=run,
     contract=contract,

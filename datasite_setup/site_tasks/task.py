@@ -105,16 +105,27 @@ class Param:
 
 
 @dataclass(frozen=True)
+class ParentFacts:
+    """What a task answered by the site's parent process knows: who asks, and the site's keys."""
+
+    who: str
+    keys: Any  # datasite_setup.secure_aggregation.keys.SiteKeys
+
+
+@dataclass(frozen=True)
 class SiteTask:
     name: str
     summary: str
     params: dict[str, Param]
-    run: Callable[[list[dict[str, Any]], dict[str, Any], SiteFacts], Any]
-    contract: Callable[[dict[str, Any], SiteFacts], Any]
+    run: Callable[[list[dict[str, Any]], dict[str, Any], SiteFacts], Any] | None
+    contract: Callable[[dict[str, Any], SiteFacts], Any] | None
     notes: tuple[str, ...] = field(default_factory=tuple)
     release: Callable[[list[dict[str, Any]], dict[str, Any], SiteFacts], Release] | None = None
     policy: Callable[[dict[str, Any], SiteFacts], str | None] | None = None  # what the site's rules refuse
     default_split: str = ALL_CASES  # the cases a request that names no `split` runs on
+    # A task that reads no case and needs the site's secrets (a key) is answered by the site's
+    # parent process instead of an isolated child: `at_parent(params, facts)`, and `run` is None.
+    at_parent: Callable[[dict[str, Any], ParentFacts], Any] | None = None
 
     def problems(self, params: Any, site: SiteFacts | None = None) -> list[str]:
         """What is wrong with the request's parameters (empty when they are valid); with `site`,
@@ -148,11 +159,10 @@ class SiteTask:
 
     def source_hash(self) -> str:
         """SHA-256 of the module that implements the task: what the admin reads and approves."""
-        source = inspect.getsource(inspect.getmodule(self.run))
-        return hashlib.sha256(source.encode()).hexdigest()
+        return hashlib.sha256(self.source().encode()).hexdigest()
 
     def source(self) -> str:
-        return inspect.getsource(inspect.getmodule(self.run))
+        return inspect.getsource(inspect.getmodule(self.run or self.at_parent))
 
 
 def _kind_name(kind: type | tuple[type, ...]) -> str:
