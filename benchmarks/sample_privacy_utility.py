@@ -60,6 +60,8 @@ def _plot(rows: dict[str, Any]) -> None:
             label="DP-SGD, round selected on validation")
     ax.axhline(rows["no_dp"]["test_pooled_dice"], color="black", linestyle="--", label="no DP")
     ax.set_xscale("log")
+    ax.set_xticks(EPSILONS, [f"{e:g}" for e in EPSILONS])
+    ax.minorticks_off()
     ax.set_xlabel("epsilon per site over the run (delta 1e-5, one slice = one unit)")
     ax.set_ylabel("test pooled Dice")
     ax.set_title("FedAvg, 3 phantom sites: sample-level DP-SGD")

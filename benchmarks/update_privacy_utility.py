@@ -77,6 +77,8 @@ def _plot(rows: dict[str, Any], no_dp: float) -> None:
         ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=f"clip C = {clip:g}")
     ax.axhline(no_dp, color="black", linestyle="--", label="no DP")
     ax.set_xscale("log")
+    ax.set_xticks(EPSILONS, [f"{e:g}" for e in EPSILONS])
+    ax.minorticks_off()
     ax.set_xlabel("epsilon over the run (delta 1e-5, per site)")
     ax.set_ylabel("test pooled Dice (final round)")
     ax.set_title("FedAvg, 3 phantom sites: client-level DP on updates")
