@@ -1,7 +1,8 @@
 """The demo's report: one static HTML page with tables and PNG plots, readable without a server.
 
 It reads only what the data scientist's commands wrote (`federate radiomics --out`, twice: raw
-and Nyul-harmonized; `federate train --out`), copies their plots next to the page, draws the
+and Nyul-harmonized; `federate train --out`; optionally the harmonization notebook's comparison of
+raw, Nyul-harmonized and augmented training), copies their plots next to the page, draws the
 plots that compare runs (mean |SMD| per site before/after, pooled validation Dice per round per
 method, and when the training had a site leaving early or a clinic joining late, the departed
 site's test score and the joining clinic's validation score per round and method) and links
@@ -33,6 +34,8 @@ class ReportInputs:
     radiomics_harmonized: Path
     training: Path  # `federate train --out` folder (several methods)
     steps: list[dict[str, Any]] = field(default_factory=list)  # {"title", "seconds"}
+    # the comparison folder of raw / Nyul / augmented training (the harmonization notebook writes it)
+    harmonized_training: Path | None = None
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -279,6 +282,26 @@ def _training_section(inputs: ReportInputs, out_dir: Path, summary: dict[str, An
     return "\n".join(parts + ['<div class="figures">', *figures, "</div>"])
 
 
+def _harmonized_training_section(inputs: ReportInputs, out_dir: Path, summary: dict[str, Any]) -> str:
+    """Raw vs Nyul-harmonized vs augmented training, per site on the test split (the selected round)."""
+    comparison = _read_json(inputs.harmonized_training / "comparison.json")
+    metric, best, best_round = comparison["metric"], comparison.get("best", {}), comparison.get("best_round", {})
+    columns = sorted({s for values in best.values() for s in values}, key=lambda s: (s == "pooled", s))
+    summary["harmonized_training"] = {"metric": metric, "best": best, "best_round": best_round, "final": comparison["final"]}
+    parts = [
+        f"<h2>Harmonization and segmentation: test {html.escape(metric)} per site</h2>",
+        "<p>The same FedAvg training three ways: on the images as they are (raw, no augmentation), on every "
+        "image mapped at its site onto a Nyul standard intensity scale fitted across the sites from their "
+        "landmark means (nyul), and on raw images with the domain's intensity augmentation (augmentation). "
+        "Weights of the round selected on pooled validation, scored on the sites' held-out test split.</p>",
+        _table(["method", "round", *columns], [[m, best_round.get(m), *[best[m].get(c) for c in columns]] for m in best]),
+    ]
+    copied = _copy_png(inputs.harmonized_training / "comparison.png", out_dir, "dice_per_site_harmonization.png")
+    if copied:
+        parts += ['<div class="figures">', _figure(copied, f"test {metric} per site: raw, Nyul, augmentation"), "</div>"]
+    return "\n".join(parts)
+
+
 STYLE = """
 body { font-family: sans-serif; margin: 2em auto; max-width: 1200px; color: #222; }
 table { border-collapse: collapse; margin: 1em 0; }
@@ -311,6 +334,8 @@ def write_report(inputs: ReportInputs, out_dir: Path) -> Path:
         _heterogeneity_section(inputs, out_dir, summary),
         _training_section(inputs, out_dir, summary),
     ]
+    if inputs.harmonized_training is not None:
+        sections.append(_harmonized_training_section(inputs, out_dir, summary))
     if inputs.steps:
         summary["steps"] = inputs.steps
         sections += ["<h2>Steps</h2>", _table(["step", "seconds"], [[s["title"], s.get("seconds")] for s in inputs.steps])]

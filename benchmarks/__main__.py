@@ -34,6 +34,7 @@ REGISTRY: dict[str, str] = {
     "liver_ct_teacher_student": "benchmarks.liver_ct_teacher_student",
     "update_privacy_utility": "benchmarks.update_privacy_utility",
     "sample_privacy_utility": "benchmarks.sample_privacy_utility",
+    "harmonization_segmentation": "benchmarks.harmonization_segmentation",
 }
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"

@@ -47,6 +47,18 @@ def noise_multiplier_for(epsilon: float, rates: list[float], steps: list[int], d
     return high
 
 
+def dp_sgd_schedule(cases: dict[str, list[dict[str, Any]]], size: dict[str, int]) -> tuple[dict[str, int], list[float], list[int]]:
+    """Per site: its training samples, its DP-SGD sampling rate and the steps of the whole run, as
+    `site_tasks/dp_sgd.py` will count them."""
+    from domains import get_domain
+
+    domain = get_domain("brain_mr_segmentation")
+    samples = {s: len(domain.training_samples([c for c in cases[s] if c["split"] == "train"])[0]) for s in SITES}
+    rates = [min(1.0, BATCH / samples[s]) for s in SITES]
+    per_run = [max(1, round(size["epochs"] / q)) for q in rates]
+    return samples, rates, [(min(t, size["max_steps"]) if size["max_steps"] else t) * size["rounds"] for t in per_run]
+
+
 def _plot(rows: dict[str, Any]) -> None:
     import matplotlib
 
@@ -86,10 +98,7 @@ def run(quick: bool) -> dict[str, Any]:
     try:
         cases = _fleet(size, work / "exports")
         domain = get_domain("brain_mr_segmentation")
-        samples = {s: len(domain.training_samples([c for c in cases[s] if c["split"] == "train"])[0]) for s in SITES}
-        rates = [min(1.0, BATCH / samples[s]) for s in SITES]
-        per_run = [max(1, round(size["epochs"] / q)) for q in rates]  # as dp_sgd.train_dp_sgd counts them
-        steps = [(min(t, size["max_steps"]) if size["max_steps"] else t) * size["rounds"] for t in per_run]
+        samples, rates, steps = dp_sgd_schedule(cases, size)
         plan = TrainingPlan(domain=domain.name, strategy="fedavg", rounds=size["rounds"], epochs=size["epochs"],
                             batch_size=BATCH, lr=1e-3, optimizer="adam", max_steps=size["max_steps"], seed=0,
                             min_sites=len(SITES))

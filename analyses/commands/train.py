@@ -28,6 +28,9 @@ round's global model at the site. At sites that noise their updates (`[privacy.u
 `--dp-clip` chooses the clip norm and `--dp-clip-quantile` adapts it; each round's record and the
 summary (`update_dp`) say what the sites did and the epsilon each reports spent.
 `--secure-aggregation` has the sites mask their updates so that only each round's sum is read.
+`--harmonize nyul` fits a Nyul standard scale across the sites first (`intensity_landmarks`) and
+has every site map its images onto it before training and evaluation (the centralized baseline
+uses the same scale); `--no-augmentation` trains without the domain's intensity augmentation.
 """
 
 from __future__ import annotations
@@ -108,6 +111,11 @@ def register(subparsers: Any) -> None:
     cmd.add_argument("--dp-clip-quantile", type=float, default=0.0, metavar="Q",
                      help="adaptive clipping: move the norm each round toward this quantile of the sites' update norms "
                           "(e.g. 0.5; the sites must release a noisy within-clip bit, clip_bit_noise); 0 = fixed")
+    cmd.add_argument("--harmonize", choices=["nyul"], default="",
+                     help="map every image onto a Nyul standard intensity scale at its site before training and "
+                          "evaluation; the scale is fitted from the sites' intensity_landmarks of their train splits")
+    cmd.add_argument("--no-augmentation", action="store_true",
+                     help="train without the domain's intensity augmentation (the harmonization experiment's baseline)")
     cmd.add_argument("--secure-aggregation", action="store_true",
                      help="sites mask their updates so that only the sum over the round's sites can be read (the sites "
                           "must pin each other, [secure_aggregation]); fedavg, fedprox and the fedopt family only; "
@@ -156,6 +164,7 @@ def run(args: argparse.Namespace) -> int:
                          max_steps=args.max_steps, seed=args.seed, leave_after=leave_after, join_at=join_at,
                          semi_supervised_from=args.semi_supervised_from, dp_clip=args.dp_clip,
                          dp_clip_quantile=args.dp_clip_quantile, secure_aggregation=args.secure_aggregation,
+                         harmonize=args.harmonize, no_augmentation=args.no_augmentation,
                          min_sites=args.min_sites,
                          call_timeout_s=args.timeout, name=f"{args.name}_{name}" if args.name else "")
             for name in names
@@ -201,8 +210,9 @@ def run(args: argparse.Namespace) -> int:
         cases = read_site_exports(exports)
         prior = reports[plans[0].strategy].initial_model  # the federated runs' pooled prior, for a fair start
         fraction = None if prior is None else prior["foreground_fraction"]
+        harmonization = reports[plans[0].strategy].history[0].get("harmonization")
         centralized = train_centralized(plans[0], cases, initial_weights(domain, plans[0].seed, fraction),
-                                        progress=not args.quiet, initial_model=prior)
+                                        progress=not args.quiet, initial_model=prior, harmonization=harmonization)
         (args.out / "centralized").mkdir(parents=True, exist_ok=True)
         (args.out / "centralized" / "metrics.json").write_text(json.dumps(centralized, indent=1))
     metric = domain.primary_metric

@@ -48,16 +48,19 @@ def read_site_exports(exports: dict[str, Path]) -> dict[str, list[dict[str, Any]
 
 
 def evaluate_at_sites(domain: str, weights: Weights, cases_by_site: dict[str, list[dict[str, Any]]],
-                      split: str = TEST) -> tuple[dict[str, dict[str, float]], dict[str, float], dict[str, str]]:
-    """Per-site and pooled metrics on `split`, computed exactly as the sites' `evaluate` task would,
-    and the sites whose split is empty (left out, with why)."""
+                      split: str = TEST, inputs: dict[str, Any] | None = None
+                      ) -> tuple[dict[str, dict[str, float]], dict[str, float], dict[str, str]]:
+    """Per-site and pooled metrics on `split`, computed exactly as the sites' `evaluate` task would
+    (with `inputs`, e.g. a harmonization, as a federated run passes them), and the sites whose split
+    is empty (left out, with why)."""
     from datasite_setup.site_tasks import TaskRefusal, run_installed_task
     from domains import get_domain
 
     per_site, missed = {}, {}
     for site, cases in cases_by_site.items():
         try:
-            result = run_installed_task("evaluate", cases, {"domain": domain, "weights": weights, "split": split}, min_cohort=1)
+            result = run_installed_task("evaluate", cases, {"domain": domain, "weights": weights, "split": split, **(inputs or {})},
+                                        min_cohort=1)
         except TaskRefusal as refusal:
             missed[site] = str(refusal)
             continue
@@ -71,7 +74,8 @@ def evaluate_at_sites(domain: str, weights: Weights, cases_by_site: dict[str, li
 
 
 def train_centralized(plan: TrainingPlan, cases_by_site: dict[str, list[dict[str, Any]]], initial: Weights,
-                      progress: bool = True, initial_model: dict[str, Any] | None = None) -> dict[str, Any]:
+                      progress: bool = True, initial_model: dict[str, Any] | None = None,
+                      harmonization: dict[str, Any] | None = None) -> dict[str, Any]:
     """Centralized training under `plan` on the pooled `train` splits (every case must carry a
     `split`, as `read_site_exports` gives them). Returns {"label", "history" (round 0 = initial
     model; validation metrics per site and pooled), "selection", "best", "final"}, the last two
@@ -79,11 +83,14 @@ def train_centralized(plan: TrainingPlan, cases_by_site: dict[str, list[dict[str
     `initial_model`: how `initial` was chosen (the federated run's record), so the comparison shows
     that both started from the same prior; and `time`: the wall seconds of its rounds (training and
     validation, as a federated run's `RunReport.timing` counts them) and the training's own seconds
-    under the key a federated run gives them (`site_compute_seconds`), so one table reads both."""
+    under the key a federated run gives them (`site_compute_seconds`), so one table reads both.
+    `harmonization` is a federated run's record of its Nyul scale: the pooled cases are mapped onto
+    the same scale (and the plan's `no_augmentation` is followed), so both compare alike."""
     from datasite_setup.site_tasks import run_installed_task
     from domains import get_domain
 
     domain = get_domain(plan.domain)
+    inputs = {"harmonization": {"nyul": harmonization["scale"]}} if harmonization else {}
     quorum = min(plan.min_sites, len(cases_by_site))
     pooled_cases = [case for site in sorted(cases_by_site) for case in cases_by_site[site]]
     weights = initial
@@ -91,7 +98,7 @@ def train_centralized(plan: TrainingPlan, cases_by_site: dict[str, list[dict[str
     history: list[dict[str, Any]] = []
 
     def score(round_no: int, extra: dict[str, Any]) -> None:
-        per_site, pooled, missed = evaluate_at_sites(plan.domain, weights, cases_by_site, VALIDATION)
+        per_site, pooled, missed = evaluate_at_sites(plan.domain, weights, cases_by_site, VALIDATION, inputs)
         history.append({"round": round_no, "eval_split": VALIDATION, "site_metrics": per_site, "pooled": pooled,
                         "eval_missed": missed, **extra})
         value = pooled.get(domain.primary_metric)
@@ -107,7 +114,8 @@ def train_centralized(plan: TrainingPlan, cases_by_site: dict[str, list[dict[str
         params = {
             "domain": plan.domain, "weights": weights, "epochs": plan.epochs, "batch_size": plan.batch_size,
             "lr": float(plan.lr), "optimizer": plan.optimizer, "seed": plan.seed * 100_003 + round_no * 101,
-            "max_steps": plan.max_steps * len(cases_by_site), "split": plan.training_split(round_no),
+            "max_steps": plan.max_steps * len(cases_by_site), "split": plan.training_split(round_no), **inputs,
+            **({"augment": False} if plan.no_augmentation else {}),
         }
         result = run_installed_task("local_train", pooled_cases, params, min_cohort=1)
         weights = result["weights"]
@@ -120,7 +128,7 @@ def train_centralized(plan: TrainingPlan, cases_by_site: dict[str, list[dict[str
                  "min_sites": quorum, "best_round": best["round"], "validation_value": best["value"]}
     tests = {}
     for which, round_no, chosen in (("best", best["round"], best["weights"]), ("final", plan.rounds, weights)):
-        per_site, pooled, missed = evaluate_at_sites(plan.domain, chosen, cases_by_site, TEST)
+        per_site, pooled, missed = evaluate_at_sites(plan.domain, chosen, cases_by_site, TEST, inputs)
         tests[which] = {"round": round_no, "split": TEST, "weights": which, "site_metrics": per_site,
                         "pooled": pooled, "missed": missed}
     return {"label": SIMULATION_LABEL, "history": history, "selection": selection, "initial_model": initial_model,

@@ -95,8 +95,11 @@ PRIOR_SPLIT = "train"  # the prior is the tumour share of the cases the model tr
 
 # Fields that change what is trained (and therefore the requests' label); the rest are how to run.
 _IDENTITY = ("domain", "strategy", "strategy_options", "rounds", "epochs", "batch_size", "lr", "optimizer", "max_steps",
-             "seed", "leave_after", "join_at", "semi_supervised_from", "dp_clip", "dp_clip_quantile", "secure_aggregation")
-_OPTIONAL_IDENTITY = ("semi_supervised_from", "dp_clip", "dp_clip_quantile", "secure_aggregation")
+             "seed", "leave_after", "join_at", "semi_supervised_from", "dp_clip", "dp_clip_quantile", "secure_aggregation",
+             "harmonize", "nyul_scale", "no_augmentation")
+_OPTIONAL_IDENTITY = ("semi_supervised_from", "dp_clip", "dp_clip_quantile", "secure_aggregation", "harmonize", "nyul_scale",
+                      "no_augmentation")
+LANDMARKS_TASK = "intensity_landmarks"  # the site task behind a federated Nyul scale
 KEY_TASK = "secure_aggregation_key"
 # How close a site must come to a reference before it counts as there, relative to the reference:
 # a joining clinic has reached the federation's level when its validation metric is within this
@@ -131,6 +134,9 @@ class TrainingPlan:
     dp_clip: float = 0.0  # update norm asked of sites that noise updates (0: each site's own); the start of an adaptive one
     dp_clip_quantile: float = 0.0  # adaptive clipping toward this quantile of the update norms (0: a fixed clip)
     secure_aggregation: bool = False  # sites mask their updates; only their sum is read (`secure_sum`)
+    harmonize: str = ""  # "nyul": every image is mapped onto a Nyul standard scale at its site first
+    nyul_scale: dict[str, Any] = field(default_factory=dict)  # a given scale (else fitted across the sites)
+    no_augmentation: bool = False  # train without the domain's intensity augmentation
     min_sites: int = 2
     call_timeout_s: float = 600.0
     spare_runs: int = 2  # extra approved runs per task, for rounds redone after a crash
@@ -154,6 +160,10 @@ class TrainingPlan:
             summing = ", ".join(name for name, cls in STRATEGIES.items() if cls.sums_only)
             raise ValueError(f"secure aggregation gives only the sum of the sites' updates; {self.strategy} needs more "
                              f"(site-local layers, per-site state or models); it works with {summing}")
+        if self.harmonize not in ("", "nyul"):
+            raise ValueError(f"harmonize must be 'nyul' or empty, got {self.harmonize!r}")
+        if self.nyul_scale and self.harmonize != "nyul":
+            raise ValueError("a nyul_scale is used with harmonize='nyul' only")
         if self.secure_aggregation and self.dp_clip_quantile > 0:
             raise ValueError("adaptive clipping reads each site's noisy bit, which secure aggregation does not sum; use a fixed --dp-clip")
         late = {site: (k, self.leave_after[site]) for site, k in self.join_at.items()
@@ -186,6 +196,8 @@ class TrainingPlan:
                    "evaluate": self.rounds + 1 + 2 * models + longevity + self.spare_runs}
         if self.secure_aggregation:
             budgets[KEY_TASK] = self.rounds + self.spare_runs
+        if self.harmonize == "nyul" and not self.nyul_scale:
+            budgets[LANDMARKS_TASK] = 1 + self.spare_runs
         if has_output_prior(self.domain):
             budgets[PRIOR_TASK] = 1 + self.spare_runs
         return budgets
@@ -426,6 +438,7 @@ class Orchestrator:
         self.out_dir = Path(out_dir)
         self.progress = progress
         self._clip = plan.dp_clip  # the update norm asked of the sites this round (adaptive: changes per round)
+        self._harmonization: dict[str, Any] | None = None  # the Nyul scale of the run (round 0's record)
         self.domain = get_domain(plan.domain)
         self.strategy: Strategy = make_strategy(plan.strategy, **plan.strategy_options)
         self.strategy.check_plan(plan)
@@ -461,6 +474,29 @@ class Orchestrator:
         record.update(source=f"pooled {PRIOR_TASK}", foreground_fraction=float(self.domain.prior_from_counts(pooled)),
                       pooled=pooled)
         return record
+
+    def _site_inputs(self) -> dict[str, Any]:
+        """What every training and evaluation call carries besides the weights: the harmonization."""
+        return {"harmonization": {"nyul": self._harmonization["scale"]}} if self._harmonization else {}
+
+    def _fit_harmonization(self) -> dict[str, Any] | None:
+        """The Nyul standard scale every site maps its images onto (None without `harmonize`): the
+        plan's own, or fitted from the sites' `intensity_landmarks` of their training splits;
+        RoundFailed when fewer than `min_sites` answer."""
+        from analyses.harmonization.nyul import fit_standard_scale
+
+        if self.plan.harmonize != "nyul":
+            return None
+        if self.plan.nyul_scale:
+            return {"method": "nyul", "fitted": "given", "scale": dict(self.plan.nyul_scale)}
+        calls = {site: (lambda link=link: link.landmarks({"split": TRAIN})) for site, link in sorted(self.links.items())}
+        answers, left_out = self._call_all(calls, "Nyul landmarks")
+        if len(answers) < self._quorum():
+            raise RoundFailed(f"a Nyul scale needs {LANDMARKS_TASK} from {self._quorum()} sites, {len(answers)} answered "
+                              f"({'; '.join(f'{s}: {why}' for s, why in left_out.items())}) - rerun the same command to retry")
+        scale = fit_standard_scale({site: answer for site, answer in answers.items()})
+        return {"method": "nyul", "fitted": "federated", "task": LANDMARKS_TASK, "split": TRAIN, "sites": sorted(answers),
+                "left_out": dict(sorted(left_out.items())), "scale": scale.to_params()}
 
     def _call_all(self, calls: dict[str, Callable[[], Any]], desc: str,
                   calls_per_site: int = 1) -> tuple[dict[str, Any], dict[str, str]]:
@@ -511,7 +547,7 @@ class Orchestrator:
         others = {site: [m for m in sorted(cross_models or ()) if m != site] for site in sites}
 
         def params(model_site: str) -> dict[str, Any]:
-            return {"domain": self.plan.domain, "weights": source.weights_for(model_site), "split": split}
+            return {"domain": self.plan.domain, "weights": source.weights_for(model_site), "split": split, **self._site_inputs()}
 
         def at(site: str) -> tuple[dict[str, float], dict[str, dict[str, float]], dict[str, str]]:
             link = self.links[site]
@@ -566,6 +602,8 @@ class Orchestrator:
                 "max_steps": self.plan.max_steps,
                 **({"dp_clip": float(self._clip)} if self._clip > 0 else {}),
                 **({"secure_aggregation": session} if session is not None else {}),
+                **self._site_inputs(),
+                **({"augment": False} if self.plan.no_augmentation else {}),
                 **({} if self.plan.training_split(round_no) == TRAIN else {"split": self.plan.training_split(round_no)}),
                 **instruction.params,
             }
@@ -626,8 +664,8 @@ class Orchestrator:
         include this round (it trained last in it or earlier): (site -> metrics, site -> why it
         gave none, bytes sent). Recorded apart from validation, never used for selection."""
         sites = [site for site in sorted(self.links) if round_no in self.plan.longevity_rounds(site)]
-        params = {site: {"domain": self.plan.domain, "weights": self.strategy.weights_for(site), "split": TEST}
-                  for site in sites}
+        params = {site: {"domain": self.plan.domain, "weights": self.strategy.weights_for(site), "split": TEST,
+                         **self._site_inputs()} for site in sites}
 
         def score(site: str) -> dict[str, float]:
             return {k: float(v) for k, v in self.links[site].evaluate(params[site]).items()}
@@ -779,8 +817,10 @@ class Orchestrator:
                               if r["round"] == checkpoint.best_round), None)
                 best = {"round": checkpoint.best_round, "value": value, "state": checkpoint.best_state}
             test = checkpoint.test
+            self._harmonization = history[0].get("harmonization")
         else:
             started = time.perf_counter()
+            self._harmonization = self._fit_harmonization()
             prior = self._output_prior()
             fraction = None if prior is None else prior["foreground_fraction"]
             self.strategy.initialize(initial_weights(self.domain, self.plan.seed, fraction), sorted(self.links))
@@ -789,7 +829,8 @@ class Orchestrator:
                         "pooled": evaluated.pooled, **self._founding_pool(evaluated.site_metrics),
                         "eval_missed": evaluated.missed, "seconds": round(time.perf_counter() - started, 3),
                         "payload_bytes_sent": evaluated.bytes_sent, "payload_bytes_received": 0,
-                        **({"initial_model": prior} if prior is not None else {})}]
+                        **({"initial_model": prior} if prior is not None else {}),
+                        **({"harmonization": self._harmonization} if self._harmonization else {})}]
             self._consider(history[0], best)
             save_checkpoint(self.checkpoint_dir, Checkpoint(0, plan_record, history, self.strategy.state(),
                                                             best["round"], best["state"]))

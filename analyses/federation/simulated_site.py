@@ -1,6 +1,6 @@
 """A site simulated in this process - for benchmarks and tests of the orchestrator, never for
-hospitals' data: it runs the installed site tasks (`local_train`, `evaluate`, `foreground_share`) on
-cases held here.
+hospitals' data: it runs the installed site tasks (`local_train`, `evaluate`, `foreground_share`,
+`intensity_landmarks`) on cases held here.
 
 The datasite path runs the very same task code in an isolated child at the site, and both go
 through `datasite_setup.site_tasks.run_installed_task`, so the split a call names (`train` by
@@ -147,6 +147,11 @@ class SimulatedSite:
         from datasite_setup.site_tasks import run_installed_task
 
         return run_installed_task("evaluate", self.cases, params, min_cohort=self.min_cohort)
+
+    def landmarks(self, params: dict[str, Any]) -> dict[str, Any]:
+        from datasite_setup.site_tasks import run_installed_task
+
+        return run_installed_task("intensity_landmarks", self.cases, params, min_cohort=self.min_cohort)
 
     def foreground(self, params: dict[str, Any]) -> dict[str, Any]:
         from datasite_setup.site_tasks import run_installed_task

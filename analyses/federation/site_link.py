@@ -33,6 +33,9 @@ class SiteLink(Protocol):
     def session_key(self, params: dict[str, Any]) -> dict[str, str]:
         """Run `secure_aggregation_key`; return the site's signed key for the session."""
 
+    def landmarks(self, params: dict[str, Any]) -> dict[str, Any]:
+        """Run `intensity_landmarks`; return the site's Nyul landmark summary."""
+
 
 @dataclass
 class DatasiteLink:
@@ -88,6 +91,9 @@ class DatasiteLink:
     def session_key(self, params: dict[str, Any]) -> dict[str, str]:
         return self._run("secure_aggregation_key", params)
 
+    def landmarks(self, params: dict[str, Any]) -> dict[str, Any]:
+        return self._run("intensity_landmarks", params)
+
 
 class SiteLeftOut(RuntimeError):
     """The site takes no part in this run; the message says why."""
@@ -111,6 +117,9 @@ class LeftOutLink:
         raise SiteLeftOut(self.reason)
 
     def session_key(self, params: dict[str, Any]) -> dict[str, str]:
+        raise SiteLeftOut(self.reason)
+
+    def landmarks(self, params: dict[str, Any]) -> dict[str, Any]:
         raise SiteLeftOut(self.reason)
 
 
@@ -137,3 +146,6 @@ class WithoutPriorLink:
 
     def session_key(self, params: dict[str, Any]) -> dict[str, str]:
         return self.inner.session_key(params)
+
+    def landmarks(self, params: dict[str, Any]) -> dict[str, Any]:
+        return self.inner.landmarks(params)

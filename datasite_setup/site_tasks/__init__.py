@@ -44,6 +44,8 @@ class CohortTooSmall(TaskRefusal):
 def _run(name: str, cases: Sequence[dict[str, Any]], params: dict[str, Any], site: SiteFacts) -> tuple[Release, list[int]]:
     """The task's release over the cases of the requested split, and those cases' positions in `cases`."""
     task = TASKS[name]
+    if task.run is None:
+        raise ValueError(f"site task '{name}' reads no case: the site's parent process answers it")
     split = params.get(SPLIT_PARAM, task.default_split)
     positions = positions_in_split(cases, split)
     if len(positions) < site.min_cohort:

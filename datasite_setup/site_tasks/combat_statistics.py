@@ -31,8 +31,9 @@ from typing import Any
 
 import numpy as np
 
+from datasite_setup.site_tasks.harmonized_cases import HARMONIZATION_PARAM, standardized
 from datasite_setup.site_tasks.radiomics_aggregates import (  # same contract: aggregates, 1-D arrays of <= MAX_BINS
-    HARMONIZATION_PARAM, MAX_BINS, SETTINGS_PARAM, contract, extract, feature_extractor, standardized,
+    MAX_BINS, SETTINGS_PARAM, contract, extract, feature_extractor,
 )
 from datasite_setup.site_tasks.task import (
     Cohort, Param, Release, SiteFacts, SiteTask, TaskRefusal, feature_quantity,

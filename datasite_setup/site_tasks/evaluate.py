@@ -11,12 +11,14 @@ which no `local_train` run uses by default), at least the site's minimum cohort.
 different weights over the same cases are two questions about one cohort, which the site allows;
 an evaluation over a case set differing from an earlier one by a few cases (a data set re-uploaded
 with one case more) would give that case's counts, and the site's release ledger refuses it.
+With `harmonization` the images are first mapped onto the Nyul standard scale training used.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from datasite_setup.site_tasks.harmonized_cases import HARMONIZATION_PARAM, harmonized
 from datasite_setup.site_tasks.task import Param, SiteFacts, SiteTask, known_domain
 
 
@@ -27,7 +29,7 @@ def run(cases: list[dict[str, Any]], params: dict[str, Any], site: SiteFacts) ->
     domain = get_domain(params["domain"])
     model = domain.build_model()
     load_weights(model, params["weights"])
-    counts = domain.evaluation_counts(model, cases)
+    counts = domain.evaluation_counts(model, harmonized(cases, params))
     metrics = domain.metrics_from_counts(counts)
     return {**{k: float(v) for k, v in counts.items()}, **{k: float(v) for k, v in metrics.items()}, "n_cases": float(len(cases))}
 
@@ -46,6 +48,7 @@ TASK = SiteTask(
     params={
         "domain": Param(str, "the learning task (e.g. brain_mr_segmentation)", check=known_domain),
         "weights": Param(dict, "weights to evaluate: {state name: float array}"),
+        "harmonization": HARMONIZATION_PARAM,
     },
     run=run,
     contract=contract,

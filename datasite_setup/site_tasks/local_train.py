@@ -21,6 +21,10 @@ only the count of pseudo-labelled cases is returned about them.
 At a site with update privacy (`[privacy.update_dp]`) the update leaves clipped to `dp_clip` and
 noised, without the training loss; the site does that after the run (`disclosure.update_noise`).
 
+With `harmonization` every image is first mapped onto the request's Nyul standard scale
+(`harmonized_cases.py`); `augment = false` trains without the domain's intensity augmentation
+(the two are what the harmonization experiment compares).
+
 In a secure-aggregation session (`secure_aggregation`) the site masks the update after the run
 (`datasite_setup/secure_aggregation/`): only the sum over the session's sites can be read.
 
@@ -44,6 +48,7 @@ import numpy as np
 
 from datasite_setup.site_tasks.case_selection import labelled_flags
 from datasite_setup.site_tasks.dp_sgd import dp_sgd_problem, train_dp_sgd
+from datasite_setup.site_tasks.harmonized_cases import HARMONIZATION_PARAM, harmonized
 from datasite_setup.site_tasks.pseudo_labels import pseudo_labelled
 from datasite_setup.site_tasks.task import SPLIT_PARAM, TRAIN_AND_UNLABELLED, Param, SiteFacts, SiteTask, TaskRefusal, between, known_domain
 
@@ -102,11 +107,14 @@ def run(cases: list[dict[str, Any]], params: dict[str, Any], site: SiteFacts) ->
 
     started = time.perf_counter()
     domain = get_domain(params["domain"])
+    if params.get("augment") is False and hasattr(domain, "without_augmentation"):
+        domain = domain.without_augmentation()
     torch.manual_seed(params["seed"])
     rng = np.random.default_rng(params["seed"])
     model = domain.build_model()
     load_weights(model, params["weights"])
     labelled = labelled_flags(cases)
+    cases = harmonized(cases, params)
     if not all(labelled):
         teacher = getattr(domain, "pseudo_label", None) or domain.predict_mask
         cases = pseudo_labelled(cases, labelled, lambda case: teacher(model, case))
@@ -212,6 +220,8 @@ TASK = SiteTask(
         "dp_clip": Param(float, "the L2 norm a site with update privacy ([privacy.update_dp]) clips this update to "
                                 "(default: the site's clip_norm); the noise scales with it, the privacy does not",
                          required=False, check=lambda v: None if 0 < v < float("inf") else "must be a finite number > 0"),
+        "harmonization": HARMONIZATION_PARAM,
+        "augment": Param(bool, "false: train on the slices as they are, without the domain's augmentation", required=False),
         "secure_aggregation": Param(dict, "a secure-aggregation session: {'session': id, 'peers': {site: its signed "
                                           "session key}}; the update then leaves masked (sites with [secure_aggregation])",
                                     required=False),

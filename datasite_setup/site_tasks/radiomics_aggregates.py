@@ -42,6 +42,7 @@ from typing import Any
 
 import numpy as np
 
+from datasite_setup.site_tasks.harmonized_cases import HARMONIZATION_PARAM, standardized
 from datasite_setup.site_tasks.task import (
     Cohort, Param, Release, SiteFacts, SiteTask, TaskRefusal, feature_quantity,
 )
@@ -121,21 +122,6 @@ def feature_edges_problems(feature_edges: dict[str, Any]) -> str | None:
     return None
 
 
-def harmonization_problems(harmonization: dict[str, Any]) -> str | None:
-    """Only {"nyul": StandardScale.to_params()} is known."""
-    from datasite_setup.harmonization.nyul import StandardScale
-
-    if set(harmonization) != {"nyul"}:
-        return "must be {'nyul': <StandardScale.to_params()>}"
-    try:
-        scale = StandardScale.from_params(harmonization["nyul"])
-    except (KeyError, TypeError, ValueError) as exc:
-        return f"'nyul' is not a standard scale: {exc}"
-    if any(b <= a for a, b in zip(scale.landmarks, scale.landmarks[1:])):
-        return "'nyul' landmarks must be strictly increasing"
-    return None
-
-
 def dp_problems(dp: dict[str, Any]) -> str | None:
     from datasite_setup.disclosure import dp_problems as problems
 
@@ -144,8 +130,6 @@ def dp_problems(dp: dict[str, Any]) -> str | None:
 
 # The two parameters every task that extracts features declares (combat_statistics too).
 SETTINGS_PARAM = Param(dict, "pyradiomics parameter set (imageType, featureClass, setting)", check=settings_problems)
-HARMONIZATION_PARAM = Param(dict, "{'nyul': standard scale} applied to each image first", required=False,
-                            check=harmonization_problems)
 
 
 # ---- per case --------------------------------------------------------------------------------------
@@ -179,13 +163,6 @@ def extract(extractor: Any, case: dict[str, Any]) -> dict[str, float]:
 def case_features(case: dict[str, Any], settings: dict[str, Any]) -> dict[str, float]:
     """One case's features, as the site computes them; for tests only: the site never returns these."""
     return extract(feature_extractor(settings), case)
-
-
-def standardized(case: dict[str, Any], scale: Any) -> dict[str, Any]:
-    from datasite_setup.harmonization.nyul import case_landmarks, standardize
-
-    landmarks = case_landmarks(case["image"], None, scale.percentiles)
-    return {**case, "image": standardize(case["image"], landmarks, scale).astype(np.float32)}
 
 
 def _acquisition_value(metadata: dict[str, Any], field: str) -> str:

@@ -138,6 +138,10 @@ class BrainMRSegmentation:
         intensity = intensity_transforms(self.augmentation)
         return (augment_slices(x, y, rng, self.augmentation, intensity) for x, y in batches)
 
+    def without_augmentation(self) -> BrainMRSegmentation:
+        """The same domain training on the slices as they are (the harmonization experiment's baseline)."""
+        return BrainMRSegmentation(self.base_channels, self.eval_batch_size, self.preprocessing, augmentation=None)
+
     def training_samples(self, cases: Sequence[dict[str, Any]]) -> tuple[np.ndarray, np.ndarray]:
         """Every preprocessed slice of `cases` exactly once, x and y float32 [N, 1, H, W]: what
         DP-SGD samples from, one slice being one unit of privacy (`batches` repeats tumour slices
