@@ -56,6 +56,16 @@ class MembershipChange:
     verb: str
 
 
+def epsilon_axes(epsilons: tuple[float, ...], xlabel: str, ylabel: str, title: str) -> tuple[Figure, Axes]:
+    """An empty privacy-utility figure: epsilon on a log axis ticked at `epsilons`."""
+    fig, ax = pyplot().subplots(figsize=(6, 4))
+    ax.set_xscale("log")
+    ax.set_xticks(list(epsilons), [f"{e:g}" for e in epsilons])
+    ax.minorticks_off()
+    ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
+    return fig, ax
+
+
 LEAVES = MembershipChange("leaves_after", 0.5, "grey", "leaves")  # after its last training round
 JOINS = MembershipChange("joins_at", -0.5, "purple", "joins")  # before its first
 

@@ -35,6 +35,7 @@ REGISTRY: dict[str, str] = {
     "update_privacy_utility": "benchmarks.update_privacy_utility",
     "sample_privacy_utility": "benchmarks.sample_privacy_utility",
     "harmonization_segmentation": "benchmarks.harmonization_segmentation",
+    "harmonization_privacy_curve": "benchmarks.harmonization_privacy_curve",
 }
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"

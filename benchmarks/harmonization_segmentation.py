@@ -50,12 +50,11 @@ PLOT = Path(__file__).resolve().parent / "results" / "harmonization_segmentation
 
 def _plot(rows: dict[str, Any]) -> None:
     """Per-site test Dice (final round) of each method, without and with DP, as grouped bars."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import numpy as np
 
+    from analyses.figures import pyplot, save_figure
+
+    plt = pyplot()
     privacies = sorted({name.split("/")[1] for name in rows}, key=lambda p: p != "no_dp")
     fig, axes = plt.subplots(1, len(privacies), figsize=(11, 4), sharey=True)
     for ax, privacy in zip(np.atleast_1d(axes), privacies):
@@ -69,59 +68,69 @@ def _plot(rows: dict[str, Any]) -> None:
     np.atleast_1d(axes)[0].set_ylabel("test Dice (final round)")
     np.atleast_1d(axes)[0].legend(fontsize=8, loc="lower left")
     fig.suptitle("FedAvg on 3 phantom scanners: raw vs Nyul (central, federated) vs intensity augmentation")
-    fig.tight_layout()
-    fig.savefig(PLOT, dpi=120)
-    plt.close(fig)
+    save_figure(fig, PLOT)
+
+
+def method_options(cases: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, Any]]:
+    """Each method's plan options; "nyul_central" carries the pooled scale, fitted here."""
+    return {"raw": {"no_augmentation": True},
+            "nyul_central": {"no_augmentation": True, "harmonize": "nyul", "nyul_scale": central_nyul_scale(cases)},
+            "nyul_federated": {"no_augmentation": True, "harmonize": "nyul"},
+            "augmentation": {}}
+
+
+def train_arms(cases: dict[str, list[dict[str, Any]]], size: dict[str, int], work: Path, methods: tuple[str, ...],
+               epsilons: tuple[float | None, ...], progress: bool) -> dict[str, Any]:
+    """FedAvg for every method at every epsilon (None: no DP), scored on the test split: "method/privacy" -> scores."""
+    from analyses.federation.orchestrator import Orchestrator, TrainingPlan
+    from analyses.federation.simulated_site import SimulatedSite
+    from datasite_setup.disclosure import SampleNoise
+
+    options = method_options(cases)
+    schedule = dp_sgd_schedule(cases, size)[1:]
+    common = {"domain": "brain_mr_segmentation", "strategy": "fedavg", "rounds": size["rounds"], "epochs": size["epochs"],
+              "batch_size": BATCH, "lr": 1e-3, "optimizer": "adam", "max_steps": size["max_steps"], "seed": 0,
+              "min_sites": len(SITES)}
+    rows: dict[str, Any] = {}
+    for epsilon in epsilons:
+        noise = None if epsilon is None else SampleNoise(noise_multiplier_for(epsilon, *schedule), MAX_GRAD_NORM, DELTA)
+        privacy = "no_dp" if epsilon is None else f"dp_eps{epsilon:g}"
+        for method in methods:
+            name = f"{method}/{privacy}"
+            started = time.perf_counter()
+            links = [SimulatedSite(site, cases[site], sample_dp=noise) for site in SITES]
+            report = Orchestrator(TrainingPlan(**common, **options[method]), links, work / name.replace("/", "_"),
+                                  progress=progress).run()
+            curve = [r["pooled"]["dice"] for r in report.history if "dice" in r.get("pooled", {})]
+            final, best = report.test["final"], report.test["best"]
+            rows[name] = {"noise_multiplier": None if noise is None else round(noise.noise_multiplier, 4),
+                          "test_pooled_dice": round(final["pooled"]["dice"], 4),
+                          "test_pooled_dice_selected": round(best["pooled"]["dice"], 4),
+                          "test_site_dice": {s: round(m["dice"], 4) for s, m in sorted(final["site_metrics"].items())},
+                          "test_site_dice_selected": {s: round(m["dice"], 4) for s, m in sorted(best["site_metrics"].items())},
+                          "validation_last5_mean": round(statistics.fmean(curve[-LAST:]), 4),
+                          "seconds": round(time.perf_counter() - started, 1)}
+            print(f"  harmonization: {name} {rows[name]['test_pooled_dice']:.3f} {rows[name]['test_site_dice']}", flush=True)
+    return rows
 
 
 def run(quick: bool) -> dict[str, Any]:
     import torch
-
-    from analyses.federation.orchestrator import Orchestrator, TrainingPlan
-    from analyses.federation.simulated_site import SimulatedSite
-    from datasite_setup.disclosure import SampleNoise
 
     size = QUICK if quick else FULL
     torch.set_num_threads(1)
     work = Path(tempfile.mkdtemp(prefix="bench-harmonization-"))
     try:
         cases = _fleet(size, work / "exports")
-        central = central_nyul_scale(cases)
-        dp = SampleNoise(noise_multiplier_for(EPSILON, *dp_sgd_schedule(cases, size)[1:]), MAX_GRAD_NORM, DELTA)
-        common = {"domain": "brain_mr_segmentation", "strategy": "fedavg", "rounds": size["rounds"], "epochs": size["epochs"],
-                  "batch_size": BATCH, "lr": 1e-3, "optimizer": "adam", "max_steps": size["max_steps"], "seed": 0,
-                  "min_sites": len(SITES)}
-        options = {"raw": {"no_augmentation": True},
-                   "nyul_central": {"no_augmentation": True, "harmonize": "nyul", "nyul_scale": central},
-                   "nyul_federated": {"no_augmentation": True, "harmonize": "nyul"},
-                   "augmentation": {}}
-        rows: dict[str, Any] = {}
-        for privacy, noise in (("no_dp", None), (f"dp_eps{EPSILON:g}", dp)):
-            for method in METHODS:
-                name = f"{method}/{privacy}"
-                started = time.perf_counter()
-                links = [SimulatedSite(site, cases[site], sample_dp=noise) for site in SITES]
-                report = Orchestrator(TrainingPlan(**common, **options[method]), links, work / name.replace("/", "_"),
-                                      progress=not quick).run()
-                curve = [r["pooled"]["dice"] for r in report.history if "dice" in r.get("pooled", {})]
-                final, best = report.test["final"], report.test["best"]
-                rows[name] = {"test_pooled_dice": round(final["pooled"]["dice"], 4),
-                              "test_pooled_dice_selected": round(best["pooled"]["dice"], 4),
-                              "test_site_dice": {s: round(m["dice"], 4) for s, m in sorted(final["site_metrics"].items())},
-                              "test_site_dice_selected": {s: round(m["dice"], 4) for s, m in sorted(best["site_metrics"].items())},
-                              "validation_last5_mean": round(statistics.fmean(curve[-LAST:]), 4),
-                              "seconds": round(time.perf_counter() - started, 1)}
-                print(f"  harmonization_segmentation: {name} {rows[name]['test_pooled_dice']:.3f} "
-                      f"{rows[name]['test_site_dice']}", flush=True)
+        rows = train_arms(cases, size, work, METHODS, (None, EPSILON), progress=not quick)
         if not quick:
             _plot(rows)
         table = "; ".join(f"{privacy}: " + ", ".join(f"{m} {rows[f'{m}/{privacy}']['test_pooled_dice']:.3f}" for m in METHODS)
                           for privacy in ("no_dp", f"dp_eps{EPSILON:g}"))
         return {
             "parameters": {**size, "sites": list(SITES), "strategy": "fedavg", "optimizer": "adam", "lr": 1e-3,
-                           "expected_batch": BATCH, "dp": {"epsilon": EPSILON, "delta": DELTA, "max_grad_norm": MAX_GRAD_NORM,
-                                                           "noise_multiplier": round(dp.noise_multiplier, 4)},
-                           "central_nyul_scale": central},
+                           "expected_batch": BATCH, "dp": {"epsilon": EPSILON, "delta": DELTA, "max_grad_norm": MAX_GRAD_NORM},
+                           "central_nyul_scale": method_options(cases)["nyul_central"]["nyul_scale"]},
             "runs": rows,
             "summary": f"FedAvg test pooled Dice (final round) by harmonization: {table}",
         }

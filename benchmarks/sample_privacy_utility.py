@@ -60,27 +60,17 @@ def dp_sgd_schedule(cases: dict[str, list[dict[str, Any]]], size: dict[str, int]
 
 
 def _plot(rows: dict[str, Any]) -> None:
-    import matplotlib
+    from analyses.figures import epsilon_axes, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = epsilon_axes(EPSILONS, "epsilon per site over the run (delta 1e-5, one slice = one unit)", "test pooled Dice",
+                           "FedAvg, 3 phantom sites: sample-level DP-SGD")
     points = [(e, rows[f"eps{e:g}"]) for e in EPSILONS]
     ax.plot([p[0] for p in points], [p[1]["test_pooled_dice"] for p in points], marker="o", label="DP-SGD, final round")
     ax.plot([p[0] for p in points], [p[1]["test_pooled_dice_selected"] for p in points], marker="s", linestyle=":",
             label="DP-SGD, round selected on validation")
     ax.axhline(rows["no_dp"]["test_pooled_dice"], color="black", linestyle="--", label="no DP")
-    ax.set_xscale("log")
-    ax.set_xticks(EPSILONS, [f"{e:g}" for e in EPSILONS])
-    ax.minorticks_off()
-    ax.set_xlabel("epsilon per site over the run (delta 1e-5, one slice = one unit)")
-    ax.set_ylabel("test pooled Dice")
-    ax.set_title("FedAvg, 3 phantom sites: sample-level DP-SGD")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(PLOT, dpi=120)
-    plt.close(fig)
+    save_figure(fig, PLOT)
 
 
 def run(quick: bool) -> dict[str, Any]:

@@ -66,26 +66,16 @@ def _arm(links_for: Any, plan: Any, work: Path, name: str) -> dict[str, Any]:
 
 
 def _plot(rows: dict[str, Any], no_dp: float) -> None:
-    import matplotlib
+    from analyses.figures import epsilon_axes, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = epsilon_axes(EPSILONS, "epsilon over the run (delta 1e-5, per site)", "test pooled Dice (final round)",
+                           "FedAvg, 3 phantom sites: client-level DP on updates")
     for clip in CLIPS:
         points = [(e, rows[f"eps{e:g}_clip{clip:g}"]["test_pooled_dice"]) for e in EPSILONS]
         ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=f"clip C = {clip:g}")
     ax.axhline(no_dp, color="black", linestyle="--", label="no DP")
-    ax.set_xscale("log")
-    ax.set_xticks(EPSILONS, [f"{e:g}" for e in EPSILONS])
-    ax.minorticks_off()
-    ax.set_xlabel("epsilon over the run (delta 1e-5, per site)")
-    ax.set_ylabel("test pooled Dice (final round)")
-    ax.set_title("FedAvg, 3 phantom sites: client-level DP on updates")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(PLOT, dpi=120)
-    plt.close(fig)
+    save_figure(fig, PLOT)
 
 
 def run(quick: bool) -> dict[str, Any]:

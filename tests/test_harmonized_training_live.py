@@ -16,7 +16,12 @@ SITES = ("hospital-a", "hospital-b", "hospital-c")
 pytestmark = pytest.mark.e2e
 
 
-def test_the_harmonization_notebook_compares_raw_nyul_and_augmentation_through_live_sites(tmp_path: Path) -> None:
+# Without DP, and at sites that train every run with DP-SGD (the experiment's second column).
+PRIVACY = {"no_dp": "", "dp_sgd": "dp_epsilon_budget = 1000\n[privacy.sample_dp]\nnoise_multiplier = 1.0\nmax_grad_norm = 1.0\n"}
+
+
+@pytest.mark.parametrize("privacy", sorted(PRIVACY))
+def test_the_harmonization_notebook_compares_raw_nyul_and_augmentation_through_live_sites(tmp_path: Path, privacy: str) -> None:
     from dataclasses import replace
 
     from demo.hospital_it import write_split_list
@@ -28,7 +33,7 @@ def test_the_harmonization_notebook_compares_raw_nyul_and_augmentation_through_l
             profile = replace(PROFILES[name].with_size(matrix=32, n_slices=8), tumour_prevalence=1.0)
             case_dirs = write_phantom_site(profile, tmp_path / "exports" / name, n_cases=6, seed=seed)
             write_split_list(tmp_path / f"{name}.splits.csv", [d.name for d in case_dirs], min_cohort=2)
-            sites[name] = start_site(tmp_path / "sites", name, min_cohort=2)
+            sites[name] = start_site(tmp_path / "sites", name, min_cohort=2, extra=PRIVACY[privacy])
             sites[name].setup("ingest", str(tmp_path / "exports" / name), "--splits", str(tmp_path / f"{name}.splits.csv"))
         federation = tmp_path / "federation.toml"
         federation.write_text("".join(
@@ -55,6 +60,8 @@ def test_the_harmonization_notebook_compares_raw_nyul_and_augmentation_through_l
         assert set(summary["harmonized_training"]["best"]) == {"raw", "nyul", "augmentation"}
         log = [json.loads(line) for line in (sites["hospital-a"].config.data_dir / "audit.log").read_text().splitlines()]
         assert sum(1 for e in log if e.get("action") == "ran" and e.get("what") == "task intensity_landmarks") == 1
+        trained = [e for e in log if e.get("action") == "ran" and e.get("what") == "task local_train"]
+        assert len(trained) == 9 and all(("dp_sample_rate" in e) == (privacy == "dp_sgd") for e in trained)
     finally:
         for site in sites.values():
             site.setup("down", check=False)
