@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.federated_quality import _fleet
-from benchmarks.harmonization_segmentation import train_arms
+from benchmarks.harmonization_segmentation import method_options, train_arms
 from benchmarks.sample_privacy_utility import FULL, QUICK
 
 METHODS = ("raw", "nyul_federated", "augmentation")
@@ -44,7 +44,9 @@ def run(quick: bool) -> dict[str, Any]:
     torch.set_num_threads(1)
     work = Path(tempfile.mkdtemp(prefix="bench-harmonization-curve-"))
     try:
-        rows = train_arms(_fleet(size, work / "exports"), size, work, METHODS, EPSILONS, progress=not quick)
+        cases = _fleet(size, work / "exports")
+        options = method_options(cases)
+        rows = train_arms(cases, size, work, options, METHODS, EPSILONS, progress=not quick)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     earlier = RESULTS / "harmonization_segmentation.json"

@@ -79,14 +79,14 @@ def method_options(cases: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str
             "augmentation": {}}
 
 
-def train_arms(cases: dict[str, list[dict[str, Any]]], size: dict[str, int], work: Path, methods: tuple[str, ...],
-               epsilons: tuple[float | None, ...], progress: bool) -> dict[str, Any]:
-    """FedAvg for every method at every epsilon (None: no DP), scored on the test split: "method/privacy" -> scores."""
+def train_arms(cases: dict[str, list[dict[str, Any]]], size: dict[str, int], work: Path, options: dict[str, dict[str, Any]],
+               methods: tuple[str, ...], epsilons: tuple[float | None, ...], progress: bool) -> dict[str, Any]:
+    """FedAvg for every method (its plan `options`) at every epsilon (None: no DP), scored on the test
+    split: "method/privacy" -> scores."""
     from analyses.federation.orchestrator import Orchestrator, TrainingPlan
     from analyses.federation.simulated_site import SimulatedSite
     from datasite_setup.disclosure import SampleNoise
 
-    options = method_options(cases)
     schedule = dp_sgd_schedule(cases, size)[1:]
     common = {"domain": "brain_mr_segmentation", "strategy": "fedavg", "rounds": size["rounds"], "epochs": size["epochs"],
               "batch_size": BATCH, "lr": 1e-3, "optimizer": "adam", "max_steps": size["max_steps"], "seed": 0,
@@ -122,7 +122,8 @@ def run(quick: bool) -> dict[str, Any]:
     work = Path(tempfile.mkdtemp(prefix="bench-harmonization-"))
     try:
         cases = _fleet(size, work / "exports")
-        rows = train_arms(cases, size, work, METHODS, (None, EPSILON), progress=not quick)
+        options = method_options(cases)
+        rows = train_arms(cases, size, work, options, METHODS, (None, EPSILON), progress=not quick)
         if not quick:
             _plot(rows)
         table = "; ".join(f"{privacy}: " + ", ".join(f"{m} {rows[f'{m}/{privacy}']['test_pooled_dice']:.3f}" for m in METHODS)
@@ -130,7 +131,7 @@ def run(quick: bool) -> dict[str, Any]:
         return {
             "parameters": {**size, "sites": list(SITES), "strategy": "fedavg", "optimizer": "adam", "lr": 1e-3,
                            "expected_batch": BATCH, "dp": {"epsilon": EPSILON, "delta": DELTA, "max_grad_norm": MAX_GRAD_NORM},
-                           "central_nyul_scale": method_options(cases)["nyul_central"]["nyul_scale"]},
+                           "central_nyul_scale": options["nyul_central"]["nyul_scale"]},
             "runs": rows,
             "summary": f"FedAvg test pooled Dice (final round) by harmonization: {table}",
         }

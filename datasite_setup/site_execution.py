@@ -160,9 +160,15 @@ def _task_at_parent(config: SiteConfig, code: Any) -> Any:
     from datasite_setup.site_tasks import TASKS
 
     thin = parse_thin_request(code.raw_code)
-    task = TASKS.get(thin.task) if thin is not None else None
-    enabled = config.enabled_tasks is None or (thin is not None and thin.task in config.enabled_tasks)
-    return task if task is not None and task.at_parent is not None and enabled else None
+    task = TASKS.get(thin.task) if thin is not None and _enabled(config, thin.task) else None
+    return task if task is not None and task.at_parent is not None else None
+
+
+def _enabled(config: SiteConfig, name: str) -> bool:
+    """Whether this site runs the installed task `name` (`[site] enabled_tasks`, default all)."""
+    from datasite_setup.site_tasks import TASKS
+
+    return name in TASKS and (config.enabled_tasks is None or name in config.enabled_tasks)
 
 
 def _answer_at_parent(config: SiteConfig, task: Any, params: Any, who: str, code: Any) -> Any:
@@ -194,21 +200,21 @@ def _plan(config: SiteConfig, code: Any, kwargs: dict[str, Any], who: str) -> tu
         names = frozenset() if returns is None else returns.names  # the names shown at review, and only those
         contract = ScalarsContract(names=names, max_items=config.custom_code_max_values)
         return code.parsed_code, code.unique_func_name, kwargs, contract, "custom code", {}
-    enabled = TASKS.keys() if config.enabled_tasks is None else config.enabled_tasks
-    if thin.task not in TASKS or thin.task not in enabled:
+    if not _enabled(config, thin.task):
         raise SiteRefusal(f"site task '{thin.task}' is not enabled at this site")
     task = TASKS[thin.task]
     params = kwargs.get("params")
     problems = task.problems(params, facts)
     if not problems and (issue := update_noise_problems(params, config.privacy.update_dp)):
         problems = [issue]
-    if not problems and task.contract is not None and isinstance(task.contract(params, facts), WeightsContract):
-        problems = [issue] if (issue := _secure_aggregation_problem(config, params, who)) else []
+    contract = None if problems else task.contract(params, facts)
+    if isinstance(contract, WeightsContract) and (issue := _secure_aggregation_problem(config, params, who)):
+        problems = [issue]
     if problems:
         raise SiteRefusal(f"parameters refused for task '{task.name}': " + "; ".join(problems))
     task_kwargs = {"task": task.name, "cases": kwargs["cases"], "params": params, "min_cohort": facts.min_cohort,
                    "min_batch": facts.min_batch, "sample_dp": None if sample_dp is None else sample_dp.for_task()}
-    return _TASK_HARNESS, _TASK_FUNCTION, task_kwargs, task.contract(params, facts), f"task {task.name}", params
+    return _TASK_HARNESS, _TASK_FUNCTION, task_kwargs, contract, f"task {task.name}", params
 
 
 def _budget(config: SiteConfig) -> PrivacyBudget:

@@ -41,6 +41,21 @@ def asset_of(client, dataset_name: str):
     return next(d for d in client.datasets.get_all() if d.name == dataset_name).assets[0]
 
 
+def upload_tiny_phantom(site, name: str, n_cases: int) -> None:
+    """`n_cases` hospital-a phantom cases (16 x 16 x 4) uploaded as dataset `name`, with a zeroed mock."""
+    import numpy as np
+
+    from domains.brain_mr_segmentation import PROFILES, generate_case
+
+    rng = np.random.default_rng(0)
+    profile = PROFILES["hospital-a"].with_size(matrix=16, n_slices=4)
+    cases = [generate_case(profile, rng).as_record(f"case-{i}") for i in range(n_cases)]
+    mock = [{**c, "case_id": f"mock-{i}", "image": np.zeros_like(c["image"])} for i, c in enumerate(cases)]
+    dataset = sy.Dataset(name=name, description=f"{n_cases} tiny phantom cases")
+    dataset.add_asset(sy.Asset(name="cases", data=cases, mock=mock))
+    assert not isinstance(site.admin_client().upload_dataset(dataset), sy.SyftError)
+
+
 # Each request needs its own code (syft refuses a second request with identical code), so the
 # same two-line body appears under several names; each runs at the site, not here.
 def mean_budgeted(cases):

@@ -117,3 +117,17 @@ def test_a_site_with_sample_privacy_trains_with_dp_sgd_charges_after_the_run_and
     log = [json.loads(line) for line in (config.data_dir / "audit.log").read_text().splitlines()]
     assert [e["action"] for e in log] == ["charged-budget", "ran", "refused-budget"]
     assert log[1]["dp_sample_rate"] == pytest.approx(8 / 12) and not math.isnan(log[1]["update_dp_epsilon"])
+
+
+def test_the_requests_seed_does_not_fix_the_noise_or_the_sampling() -> None:
+    """A data scientist who knows the seed (she sends it) cannot replay a run to subtract its noise."""
+    domain = BrainMRSegmentation(augmentation=None)
+    cases = tiny_cases()
+    runs = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        model = domain.build_model()
+        train_dp_sgd(model, domain, cases, torch.optim.SGD(model.parameters(), lr=1.0), epochs=1, batch_size=4, max_steps=2,
+                     noise_multiplier=1.0, max_grad_norm=1e-3, rng=np.random.default_rng(0))
+        runs.append(flat(model))
+    assert not torch.equal(runs[0], runs[1])

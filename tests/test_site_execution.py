@@ -202,17 +202,9 @@ def test_training_tasks_run_in_the_isolated_child_and_return_only_weights(strict
     from datasite_setup import review
     from domains import get_domain
 
-    import numpy as np
+    from tests.test_datasite_server import upload_tiny_phantom
 
-    from domains.brain_mr_segmentation import PROFILES, generate_case
-
-    rng = np.random.default_rng(0)
-    profile = PROFILES["hospital-a"].with_size(matrix=16, n_slices=4)
-    cases = [generate_case(profile, rng).as_record(f"case-{i}") for i in range(3)]
-    mock = [{**c, "case_id": f"mock-{i}", "image": np.zeros_like(c["image"])} for i, c in enumerate(cases)]
-    dataset = sy.Dataset(name="phantom-train", description="three tiny phantom cases")
-    dataset.add_asset(sy.Asset(name="cases", data=cases, mock=mock))
-    assert not isinstance(strict_site.admin_client().upload_dataset(dataset), sy.SyftError)
+    upload_tiny_phantom(strict_site, "phantom-train", 3)
     ds = strict_site.ds_client()
     asset = asset_of(ds, "phantom-train")
     for task in ("local_train", "evaluate"):

@@ -14,14 +14,14 @@ from typing import Any, Iterator
 
 import numpy as np
 import pytest
-import syft as sy
 
-from analyses.site_requests import call_site_task, request_site_task
+from analyses.site_requests import call_site_task
 from datasite_setup.disclosure import BudgetExhausted, PrivacyBudget, UpdateAccountant, UpdateNoise
 from datasite_setup.disclosure.update_accountant import composed_epsilon
 from datasite_setup.site_config import SiteConfigError, load_site_config
 from tests.conftest import LiveSite, start_site, write_site_config
-from tests.test_datasite_server import asset_of
+from tests.test_datasite_server import asset_of, upload_tiny_phantom
+from tests.test_disclosure_attacks import approved
 
 DS = "ds@uni.example"
 
@@ -140,32 +140,12 @@ UPDATE_DP = f"dp_epsilon_budget = 5e6\n[privacy.update_dp]\nnoise_multiplier = {
 
 @pytest.fixture(scope="module")
 def dp_site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveSite]:
-    from domains.brain_mr_segmentation import PROFILES, generate_case
-
     live = start_site(tmp_path_factory.mktemp("update-dp-site"), "hospital-update-dp", extra=UPDATE_DP)
     try:
-        rng = np.random.default_rng(0)
-        profile = PROFILES["hospital-a"].with_size(matrix=16, n_slices=4)
-        cases = [generate_case(profile, rng).as_record(f"case-{i}") for i in range(4)]
-        mock = [{**c, "case_id": f"mock-{i}", "image": np.zeros_like(c["image"])} for i, c in enumerate(cases)]
-        dataset = sy.Dataset(name="phantom-dp", description="four tiny phantom cases")
-        dataset.add_asset(sy.Asset(name="cases", data=cases, mock=mock))
-        assert not isinstance(live.admin_client().upload_dataset(dataset), sy.SyftError)
+        upload_tiny_phantom(live, "phantom-dp", 4)
         yield live
     finally:
         live.setup("down", check=False)
-
-
-def _approved(site: LiveSite) -> tuple[Any, Any]:
-    from datasite_setup import review
-
-    ds = site.ds_client()
-    asset = asset_of(ds, "phantom-dp")
-    request_site_task(ds, asset, "local_train", "dp", max_runs=10)
-    admin = site.admin_client()
-    for request in review.list_requests(site.config, admin, status="pending"):
-        review.approve(site.config, admin, request.id)
-    return ds, asset
 
 
 def test_every_update_leaving_the_site_is_clipped_noised_charged_and_refused_past_the_budget_across_restarts(dp_site: LiveSite) -> None:
@@ -174,7 +154,7 @@ def test_every_update_leaving_the_site_is_clipped_noised_charged_and_refused_pas
     from datasite_setup.model_weights import exchanged_weights
     from domains import get_domain
 
-    ds, asset = _approved(dp_site)
+    ds, asset = approved(dp_site, "phantom-dp", "local_train", "dp", max_runs=10)
     torch.manual_seed(0)
     sent = exchanged_weights(get_domain("brain_mr_segmentation").build_model())
     params = {"domain": "brain_mr_segmentation", "weights": sent, "epochs": 1, "batch_size": 8, "lr": 1e-3,
