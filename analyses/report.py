@@ -6,7 +6,9 @@ raw, Nyul-harmonized and augmented training), copies their plots next to the pag
 plots that compare runs (mean |SMD| per site before/after, pooled validation Dice per round per
 method, and when the training had a site leaving early or a clinic joining late, the departed
 site's test score and the joining clinic's validation score per round and method) and links
-everything relatively, so the folder can be zipped or mailed as it is. No JavaScript.
+everything relatively, so the folder can be zipped or mailed as it is. No JavaScript. Further
+programmes (image translation, body size from depth frames) each add a section of the same shape
+from their own comparison folder (`Programme`).
 
     write_report(ReportInputs(...), Path("report"))  ->  report/index.html, report/summary.json, report/*.png
 
@@ -36,6 +38,21 @@ class ReportInputs:
     steps: list[dict[str, Any]] = field(default_factory=list)  # {"title", "seconds"}
     # the comparison folder of raw / Nyul / augmented training (the harmonization notebook writes it)
     harmonized_training: Path | None = None
+    # further programmes' `federate train --out` folders (translation, body size), each its own section
+    programmes: tuple[Programme, ...] = ()
+
+
+@dataclass(frozen=True)
+class Programme:
+    """One more training comparison in the report: a title, what was trained and how it was scored
+    (one paragraph), and the `federate train --out` (or benchmark) folder holding comparison.json;
+    `figures` are further PNGs in that folder with their captions (e.g. translated mock slices)."""
+
+    key: str  # the summary's key and the prefix of the section's PNG names
+    title: str
+    description: str
+    folder: Path
+    figures: tuple[tuple[str, str], ...] = ()
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -214,30 +231,45 @@ def _heterogeneity_section(inputs: ReportInputs, out_dir: Path, summary: dict[st
     return "\n".join(parts + ['<div class="figures">', *figures, "</div>"])
 
 
+SEGMENTATION = ("A 2-D U-Net segmenting the lesions. FedAvg and FedProx train one model "
+                "across the sites from the sites' weight updates; local-only trains one model per site on its "
+                "own cases; centralized pools all cases in one place, which a real federation cannot do "
+                "(simulation on phantom data, for reference only).")
+
+
 def _training_section(inputs: ReportInputs, out_dir: Path, summary: dict[str, Any]) -> str:
-    comparison = _read_json(inputs.training / "comparison.json")
+    return training_section(Programme("training", "Federated training", SEGMENTATION, inputs.training), out_dir, summary,
+                            png_names={"comparison": "dice_per_site.png", "curves": "pooled_curves.png"})
+
+
+def training_section(programme: Programme, out_dir: Path, summary: dict[str, Any],
+                     png_names: dict[str, str] | None = None) -> str:
+    """One training comparison: test tables (selected and final round), local-only's cross-site table,
+    sites left out, onboarding and longevity, time, and the plots."""
+    names = {"comparison": f"{programme.key}_per_site.png", "curves": f"{programme.key}_pooled_curves.png",
+             **(png_names or {})}
+    prefix = "" if programme.key == "training" else f"{programme.key}_"
+    folder = programme.folder
+    comparison = _read_json(folder / "comparison.json")
     metric, final = comparison["metric"], comparison["final"]
     best, best_round = comparison.get("best", {}), comparison.get("best_round", {})
     methods = list(final)
     columns = sorted({s for values in final.values() for s in values}, key=lambda s: (s == "pooled", s))
-    summary["training"] = {"metric": metric, "split": comparison.get("split", "test"), "final": final,
+    summary[programme.key] = {"metric": metric, "split": comparison.get("split", "test"), "final": final,
                            "best": best, "best_round": best_round, "left_out": comparison.get("left_out", {}),
                            **{key: comparison.get(key, {}) for key in ("onboarding", "longevity", "time")}}
     histories = {}
     for method in methods:
-        metrics = inputs.training / method / "metrics.json"
+        metrics = folder / method / "metrics.json"
         if metrics.is_file():
             histories[method] = _read_json(metrics)["history"]
-    central = inputs.training / "centralized" / "metrics.json"
+    central = folder / "centralized" / "metrics.json"
     if central.is_file():
         histories["centralized (simulation)"] = _read_json(central)["history"]
     rounds = max((h[-1]["round"] for h in histories.values() if h), default=0)
     parts = [
-        f"<h2>Federated training: test {html.escape(metric)} per site and method</h2>",
-        f"<p>A 2-D U-Net segmenting the lesions, {rounds} rounds. FedAvg and FedProx train one model "
-        "across the sites from the sites' weight updates; local-only trains one model per site on its "
-        "own cases; centralized pools all cases in one place, which a real federation cannot do "
-        "(simulation on phantom data, for reference only). Every site trains on its train split; each "
+        f"<h2>{html.escape(programme.title)}: test {html.escape(metric)} per site and method</h2>",
+        f"<p>{html.escape(programme.description)} {rounds} rounds. Every site trains on its train split; each "
         "round is scored on the sites' validation split, and the round with the best pooled validation "
         f"{html.escape(metric)} is selected. The tables are on the sites' held-out test split, which "
         "neither training nor selection saw.</p>",
@@ -260,25 +292,29 @@ def _training_section(inputs: ReportInputs, out_dir: Path, summary: dict[str, An
         parts += ["<h3>Sites left out</h3>", _table(["method", "site", "rounds", "why"], left_out)]
     parts += _membership_parts(comparison, metric) + _time_parts(comparison)
     figures = []
-    copied = _copy_png(inputs.training / "comparison.png", out_dir, "dice_per_site.png")
+    copied = _copy_png(folder / "comparison.png", out_dir, names["comparison"])
     if copied:
         figures.append(_figure(copied, f"test {metric} per site and method (round selected on validation)"))
-    figures.append(_figure(plot_pooled_curves(histories, metric, out_dir / "pooled_curves.png").name,
+    figures.append(_figure(plot_pooled_curves(histories, metric, out_dir / names["curves"]).name,
                            f"pooled validation {metric} per round and method"))
     for method in methods:
-        copied = _copy_png(inputs.training / method / "training_curves.png", out_dir, f"curves_{method}.png")
+        copied = _copy_png(folder / method / "training_curves.png", out_dir, f"{prefix}curves_{method}.png")
         if copied:
             figures.append(_figure(copied, f"training curves, {method} (loss and validation {metric} per site)"))
     if comparison.get("longevity"):
-        figures.append(_figure(plot_longevity_by_method(comparison["longevity"], metric, out_dir / "longevity.png").name,
+        figures.append(_figure(plot_longevity_by_method(comparison["longevity"], metric, out_dir / f"{prefix}longevity.png").name,
                                f"longevity: the departed site's test {metric} per round and method"))
     if comparison.get("onboarding"):
-        figures.append(_figure(plot_onboarding_by_method(comparison["onboarding"], metric, out_dir / "onboarding.png").name,
+        figures.append(_figure(plot_onboarding_by_method(comparison["onboarding"], metric, out_dir / f"{prefix}onboarding.png").name,
                                f"onboarding: the joining clinic's validation {metric} against the founding sites"))
     for method in methods:
-        copied = _copy_png(inputs.training / method / "training_time.png", out_dir, f"time_{method}.png")
+        copied = _copy_png(folder / method / "training_time.png", out_dir, f"{prefix}time_{method}.png")
         if copied:
             figures.append(_figure(copied, f"time per round and site, {method}: compute against waiting and transfer"))
+    for name, caption in programme.figures:
+        copied = _copy_png(folder / name, out_dir, f"{prefix}{name}")
+        if copied:
+            figures.append(_figure(copied, caption))
     return "\n".join(parts + ['<div class="figures">', *figures, "</div>"])
 
 
@@ -336,6 +372,7 @@ def write_report(inputs: ReportInputs, out_dir: Path) -> Path:
     ]
     if inputs.harmonized_training is not None:
         sections.append(_harmonized_training_section(inputs, out_dir, summary))
+    sections += [training_section(programme, out_dir, summary) for programme in inputs.programmes]
     if inputs.steps:
         summary["steps"] = inputs.steps
         sections += ["<h2>Steps</h2>", _table(["step", "seconds"], [[s["title"], s.get("seconds")] for s in inputs.steps])]

@@ -36,6 +36,8 @@ REGISTRY: dict[str, str] = {
     "sample_privacy_utility": "benchmarks.sample_privacy_utility",
     "harmonization_segmentation": "benchmarks.harmonization_segmentation",
     "harmonization_privacy_curve": "benchmarks.harmonization_privacy_curve",
+    "translation_federation": "benchmarks.translation_federation",
+    "body_size_federation": "benchmarks.body_size_federation",
 }
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"

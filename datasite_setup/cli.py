@@ -69,18 +69,38 @@ def _cmd_serve(config: SiteConfig, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _cmd_ingest(config: SiteConfig, args: argparse.Namespace) -> int:
-    from datasite_setup.upload import ingest_to_datasite
+def _ingest_depth_frames(config: SiteConfig, args: argparse.Namespace) -> dict:
+    """`ingest --depth-frames`: the folder holds depth-camera frames (16-bit PNG with --labels, or
+    DICOM depth frames), cases of the weight-and-height task unless --domain names another."""
+    from datasite_setup.depth_frames import DEPTH_DOMAIN, ingest_depth_frames_to_datasite
 
-    report = ingest_to_datasite(
+    if not args.depth_frames:
+        raise ValueError("--labels gives the labels of depth frames; add --depth-frames to ingest a folder of depth frames")
+    dicom_only = [flag for flag, value in (("--masks", args.masks), ("--roi", args.roi), ("--structures", args.structures),
+                                           ("--primary-modality", args.primary_modality),
+                                           ("--primary-series-description", args.primary_series_description)) if value]
+    if dicom_only:
+        raise ValueError(f"{', '.join(dicom_only)} apply to DICOM series with masks, not to --depth-frames; leave them out")
+    return ingest_depth_frames_to_datasite(
+        config, Path(args.dicom_dir), labels_file=Path(args.labels) if args.labels else None, dataset_name=args.dataset,
+        domain=args.domain or DEPTH_DOMAIN,
+        split_file=Path(args.splits) if args.splits else None,
+    )
+
+
+def _cmd_ingest(config: SiteConfig, args: argparse.Namespace) -> int:
+    from datasite_setup.ingest import primary_series
+    from datasite_setup.upload import DEFAULT_DOMAIN, ingest_to_datasite
+
+    report = _ingest_depth_frames(config, args) if args.depth_frames or args.labels else ingest_to_datasite(
         config,
         dicom_dir=Path(args.dicom_dir),
         masks_dir=Path(args.masks) if args.masks else None,
         roi=args.roi,
         structures=args.structures or (),
         dataset_name=args.dataset,
-        domain=args.domain,
-        primary_modality=args.primary_modality,
+        domain=args.domain or DEFAULT_DOMAIN,
+        primary_modality=primary_series(args.primary_modality, args.primary_series_description),
         split_file=Path(args.splits) if args.splits else None,
     )
     if args.report:
@@ -155,8 +175,21 @@ def build_parser() -> argparse.ArgumentParser:
     cmd.add_argument("--primary-modality", default=None, metavar="MODALITY",
                      help="make multi-image cases: series of other modalities (e.g. CT) in the frame of reference of "
                           "a series of this modality (e.g. MR) join its case, resampled onto its grid")
-    cmd.add_argument("--domain", default=DEFAULT_DOMAIN,
-                     help=f"the learning task the cases serve; it makes the mock cases (default {DEFAULT_DOMAIN})")
+    cmd.add_argument("--primary-series-description", default=None, metavar="DESCRIPTION",
+                     help="make multi-image cases around the series whose SeriesDescription is this (e.g. T1; case "
+                          "ignored, of --primary-modality too if given): every other series in its frame of reference "
+                          "(e.g. T2) joins its case, named by its SeriesDescription (or its modality if that differs); "
+                          "two such series in one frame are rejected, series in a frame without one are ignored")
+    cmd.add_argument("--domain", default=None,
+                     help=f"the learning task the cases serve; it makes the mock cases (default {DEFAULT_DOMAIN}; with --depth-frames body_weight_height)")
+    cmd.add_argument("--depth-frames", action="store_true",
+                     help="the folder holds depth-camera frames (16-bit PNG of mm, or DICOM depth frames with "
+                          "PatientWeight/PatientSize), cases of the body_weight_height task (its default --domain); "
+                          "excludes the mask and multi-image options")
+    cmd.add_argument("--labels", default=None, metavar="CSV",
+                     help="with --depth-frames: the frames' labels, a CSV with the columns file,weight_kg,height_cm "
+                          "(file relative to the folder; optional patient_id, pixel_spacing_mm); for DICOM frames "
+                          "its non-empty cells override the header's values")
     return parser
 
 

@@ -9,10 +9,19 @@ Every file under the DICOM folder is listed in exactly one entry's `files`, so a
 find any file's fate (a structure set or SEG serving several accepted series is listed with each
 of their cases), and the summary counts add up to the files read.
 
-Multi-image cases: with a primary modality (`--primary-modality MR`), every series of another
-modality that shares a primary series' frame of reference (CT beside MR of the same patient)
-joins that series' case as a further image, resampled onto its grid (`series_alignment`); the
-case's mask is the primary series' mask.
+Multi-image cases: a primary series (`PrimarySeries`) carries the case; the other series that share
+its frame of reference join it as further images, resampled onto its grid (`series_alignment`),
+and the case's mask is the primary series' mask. Two ways to name the primary series:
+- `--primary-modality MR`: every MR series is primary, and series of another modality in its frame
+  (CT beside MR of the same patient) join it as `images["CT"]`; everything else is as without it.
+- `--primary-series-description T1` (with `--primary-modality`, of that modality too): the series
+  whose SeriesDescription is T1 (case and surrounding spaces ignored, no partial match) is primary,
+  and every other series in its frame joins, a series of the primary's modality under its
+  SeriesDescription made an identifier (de-identified as the metadata is: T2 -> `images["T2"]`,
+  "AX T2 FLAIR" -> `images["AX_T2_FLAIR"]`), one of another modality under its modality. Only
+  primary series become cases: a series in a frame without one is ignored, with the reason, and
+  two primary series in one frame are both rejected, naming each other (which would the case be?).
+A further image's name repeated in one case gets -2, -3 in series order (SeriesNumber, then UID).
 
 Where a series' mask comes from, first match wins: a file in `--masks` named after the series
 (see `mask_files`), as the operator pointed at it explicitly; else an RTSTRUCT in the tree that
@@ -33,7 +42,9 @@ site's operator and stay at the site.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator, Sequence
+import os
+import re
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -96,6 +107,53 @@ class IngestResult:
 
 
 @dataclass(frozen=True)
+class PrimarySeries:
+    """Which series carries a multi-image case: those of `modality` (`--primary-modality`), or those
+    whose SeriesDescription is `description` (`--primary-series-description`; of `modality` too
+    when both are given). The others in its frame of reference join its case."""
+
+    modality: str | None = None
+    description: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.modality is not None and not self.modality.strip():
+            raise ValueError("--primary-modality is empty; give a DICOM Modality such as MR, or leave it out")
+        if self.description is not None and not self.description.strip():
+            raise ValueError("--primary-series-description is empty; give the SeriesDescription of the primary series (e.g. T1)")
+        if self.modality is None and self.description is None:
+            raise ValueError("a primary series needs --primary-modality, --primary-series-description or both")
+
+    def matches(self, header: Dataset) -> bool:
+        """Whether a series (by one of its headers) is a primary series."""
+        if self.modality is not None and str(header.get("Modality", "")).strip().upper() != self.modality.strip().upper():
+            return False
+        return self.description is None or _folded(header.get("SeriesDescription", "")) == _folded(self.description)
+
+    def describe(self) -> str:
+        """How reasons name a primary series: "MR series", "series described 'T1'"."""
+        modality = f"{self.modality.strip().upper()} " if self.modality is not None else ""
+        described = f" described '{self.description.strip()}'" if self.description is not None else ""
+        return f"{modality}series{described}"
+
+    @property
+    def option(self) -> str:
+        """The command-line option that made it, for reasons that suggest leaving it out."""
+        return "--primary-series-description" if self.description is not None else "--primary-modality"
+
+
+def primary_series(modality: str | None, description: str | None = None) -> PrimarySeries | None:
+    """The primary series the `--primary-modality` and `--primary-series-description` options name
+    (None: neither given, every series is its own case)."""
+    if modality is None and description is None:
+        return None
+    return PrimarySeries(modality, description)
+
+
+def _folded(text: object) -> str:
+    return str(text).strip().casefold()
+
+
+@dataclass(frozen=True)
 class IngestedCase:
     """One accepted case: its de-identified record, its patient's pseudonym (which fixes its split)
     and the names of its mask's label values 1, 2, ... (empty for a binary mask)."""
@@ -114,8 +172,17 @@ class Ingestion:
     """
 
     def __init__(self, dicom_dir: Path, masks_dir: Path | None, secret: bytes, roi: str | None = None,
-                 progress: bool = True, primary_modality: str | None = None, structures: Sequence[str] = ()) -> None:
+                 progress: bool = True, primary_modality: str | PrimarySeries | None = None, structures: Sequence[str] = (),
+                 primary_series_description: str | None = None) -> None:
+        """`primary_modality` is a modality or a whole `PrimarySeries` (how `upload` hands the
+        command line's choice through); `primary_series_description` adds a SeriesDescription to a modality."""
         check_secret(secret)
+        if isinstance(primary_modality, PrimarySeries):
+            if primary_series_description is not None:
+                raise ValueError("give the SeriesDescription inside the PrimarySeries, not beside it")
+            self.primary: PrimarySeries | None = primary_modality
+        else:
+            self.primary = primary_series(primary_modality, primary_series_description)
         if roi is not None and structures:
             raise ValueError(f"--roi {roi!r} and --structures {','.join(structures)} exclude each other: --roi picks "
                              "one ROI for a binary mask, --structures names every structure of a label map; give "
@@ -124,7 +191,6 @@ class Ingestion:
         if masks_dir is not None and not Path(masks_dir).is_dir():
             raise NotADirectoryError(f"{masks_dir}: the --masks folder does not exist or is not a folder")
         self.masks_dir, self.secret, self.roi, self.progress = masks_dir, secret, roi, progress
-        self.primary_modality = primary_modality
         self.scan = scan_folder(Path(dicom_dir), progress=progress, load=False)
         self.result = IngestResult(files=[str(p) for p in self.scan.files],
                                    rejected=[_entry(r.path, r.reason, r.files) for r in self.scan.rejected],
@@ -132,30 +198,63 @@ class Ingestion:
         self._scan_rejections_seen = len(self.scan.rejected)
         self.structure_sets = _by_series(self.scan.rtstructs, read_rtstruct, referenced_series_uids, "RTSTRUCT", self.result)
         self.segs = _by_series(self.scan.segs, _read_dataset, seg_referenced_series_uids, "SEG", self.result)
-        self.joining = self._joining_series()
+        self.joining, self.ambiguous, self.unused = self._group_series()
 
-    def _joining_series(self) -> dict[str, list[str]]:
-        """With a primary modality: each primary series' UID -> the other series in its frame of
-        reference, which join its case as further images (see `series_alignment`)."""
-        if self.primary_modality is None:
-            return {}
-        primaries: dict[str, list[str]] = {}
-        others: dict[str, list[str]] = {}
+    def _series_files(self, uid: str) -> list[Path]:
+        return [*self.scan.pending.get(uid, []), *(p for p, _ in self.scan.damaged.get(uid, []))]
+
+    def _group_series(self) -> tuple[dict[str, list[str]], dict[str, str], dict[str, str]]:
+        """With a primary series: each primary series' UID -> the other series in its frame of
+        reference, which join its case as further images (in series order); and, when primary
+        series are picked by SeriesDescription, the series that make no case, with the reason:
+        primary series sharing a frame with another (rejected) and series in a frame without one
+        (ignored). A series with no readable header is read like any other (and rejected there)."""
+        if self.primary is None:
+            return {}, {}, {}
+        primaries: dict[str | None, list[str]] = {}
+        others: dict[str | None, list[str]] = {}
+        headers: dict[str, Dataset] = {}
         for uid in self.scan.series_uids:
             header = self.scan.first_header(uid)
-            frame = None if header is None else frame_of_reference(header)
-            if frame is None:
+            if header is None:
                 continue
-            modality = str(header.get("Modality", "")).upper()
-            (primaries if modality == self.primary_modality.upper() else others).setdefault(frame, []).append(uid)
-        return {uid: others[frame] for frame, uids in primaries.items() if frame in others for uid in uids}
+            headers[uid] = header
+            frame = frame_of_reference(header)
+            if frame is None and self.primary.description is None:
+                continue  # without a frame of reference a series is its own case, as without a primary modality
+            (primaries if self.primary.matches(header) else others).setdefault(frame, []).append(uid)
+        for uids in (*primaries.values(), *others.values()):
+            uids.sort(key=lambda uid: _series_order(headers[uid], uid))
+        joining = {uid: others[frame] for frame, uids in primaries.items() if frame is not None and frame in others
+                   for uid in uids}
+        if self.primary.description is None:
+            return joining, {}, {}
+        ambiguous = {uid: self._ambiguity_reason(frame, uids) for frame, uids in primaries.items()
+                     if frame is not None and len(uids) > 1 for uid in uids}
+        unused = {uid: self._no_primary_reason(uid, headers[uid], frame) for frame, uids in others.items()
+                  if frame is None or frame not in primaries for uid in uids}
+        return joining, ambiguous, unused
+
+    def _ambiguity_reason(self, frame: str, uids: list[str]) -> str:
+        listed = ", ".join(f"series {uid} (folder {_folder(self._series_files(uid))})" for uid in uids)
+        return (f"{'both' if len(uids) == 2 else 'all'} of {listed} are {self.primary.describe()} in frame of reference "
+                f"{frame}, and a case has one primary image, so none became a case: remove or re-describe all but one, "
+                "or name another series with --primary-series-description")
+
+    def _no_primary_reason(self, uid: str, header: Dataset, frame: str | None) -> str:
+        described = f"series {uid} (SeriesDescription '{str(header.get('SeriesDescription', '')).strip()}')"
+        if frame is None:
+            return (f"{described} is not a {self.primary.describe()} and has no FrameOfReferenceUID, so it joins no "
+                    f"case; ingest it without {self.primary.option} to make it a case of its own")
+        return (f"{described} is not a {self.primary.describe()}, and no {self.primary.describe()} shares its frame of "
+                f"reference {frame}, so it joins no case; check the spelling of {self.primary.option}, or ingest "
+                f"without it to make each series a case of its own")
 
     def _further_images(self, series: DicomSeries, joined: dict[str, str]) -> dict[str, tuple[np.ndarray, DicomSeries]]:
-        """The series joining `series`' case, each resampled onto its grid, keyed by modality."""
+        """The series joining `series`' case, each resampled onto its grid, keyed by `_image_key`."""
         images: dict[str, tuple[np.ndarray, DicomSeries]] = {}
         for other in self.scan.each_series(False, self.joining.get(series.series_uid, [])):
-            base = str(other.header.get("Modality", "image")).upper() or "IMAGE"
-            key = base if base not in images else f"{base}-{sum(k.startswith(base) for k in images) + 1}"
+            key = _image_key(other.header, series.header, images)
             images[key] = (resample_onto(other.volume, other.geometry, series.geometry), other)
             joined[other.series_uid] = series.series_uid
         return images
@@ -167,7 +266,8 @@ class Ingestion:
         joined: dict[str, str] = {}  # series UID -> the primary series whose case it joined
         failed: list[tuple[DicomSeries, str, list[Path]]] = []
         secondary = {uid for uids in self.joining.values() for uid in uids}
-        for series in self.scan.each_series(self.progress, [u for u in self.scan.series_uids if u not in secondary]):
+        left_out = secondary | set(self.ambiguous) | set(self.unused)
+        for series in self.scan.each_series(self.progress, [u for u in self.scan.series_uids if u not in left_out]):
             candidates = [path for index in (self.structure_sets, self.segs) for path in index.get(series.series_uid, [])]
             try:
                 found = _find_mask(series, self.masks_dir, self.structure_sets, self.segs, self.roi, self.structures)
@@ -187,12 +287,16 @@ class Ingestion:
     def _account(self, failed: list[tuple[DicomSeries, str, list[Path]]], mask_of: dict[str, Path],
                  in_tree: set[Path], joined: dict[str, str], secondary: set[str]) -> None:
         result = self.result
+        for uid, reason in self.ambiguous.items():
+            result.rejected.append(_entry(_folder(self._series_files(uid)), reason, self._series_files(uid)))
+        for uid, reason in self.unused.items():
+            result.ignored.append(_entry(_folder(self._series_files(uid)), reason, self._series_files(uid)))
         for uid in sorted(secondary - set(joined)):
-            files = [*self.scan.pending.get(uid, []), *(p for p, _ in self.scan.damaged.get(uid, []))]
+            files = self._series_files(uid)
             if files and not any(str(files[0]) in r.files for r in self.scan.rejected):
                 result.ignored.append(_entry(files[0].parent, (
-                    f"series {uid} was to join the case of a {self.primary_modality} series in its frame of reference, "
-                    "and that series was rejected (see its entry); fix it, or ingest without --primary-modality"), files))
+                    f"series {uid} was to join the case of a {self.primary.describe()} in its frame of reference, "
+                    f"and that series was rejected (see its entry); fix it, or ingest without {self.primary.option}"), files))
         result.rejected.extend(_entry(r.path, r.reason, r.files) for r in self.scan.rejected[self._scan_rejections_seen:])
         claimed = set(mask_of.values()) & in_tree
         for series, reason, candidates in failed:
@@ -207,18 +311,47 @@ class Ingestion:
 
 
 def read_cases(dicom_dir: Path, masks_dir: Path | None, secret: bytes, roi: str | None = None,
-               progress: bool = True, primary_modality: str | None = None,
-               structures: Sequence[str] = ()) -> IngestResult:
+               progress: bool = True, primary_modality: str | PrimarySeries | None = None,
+               structures: Sequence[str] = (), primary_series_description: str | None = None) -> IngestResult:
     """Read, pair with masks, validate and de-identify every case under `dicom_dir`, all in memory
     (a dry run or a small export; `Ingestion` streams them)."""
     ingestion = Ingestion(dicom_dir, masks_dir, secret, roi=roi, progress=progress, primary_modality=primary_modality,
-                          structures=structures)
+                          structures=structures, primary_series_description=primary_series_description)
     ingestion.result.cases = [case.record for case in ingestion.cases()]
     return ingestion.result
 
 
 def _entry(path: str | Path, reason: str, files: Iterable[str | Path]) -> dict[str, Any]:
     return {"path": str(path), "reason": reason, "files": [str(f) for f in files]}
+
+
+def _folder(files: Sequence[Path]) -> Path:
+    """The folder of a series' files (their common ancestor if they are spread out)."""
+    return Path(os.path.commonpath([str(p.parent) for p in files])) if files else Path()
+
+
+def _series_order(header: Dataset, uid: str) -> tuple[int, int, str]:
+    """Series order within a frame: by SeriesNumber (series without one last), then UID, so names
+    and messages do not depend on file names or the order files were found in."""
+    try:
+        return (0, int(header.get("SeriesNumber")), uid)
+    except (TypeError, ValueError):
+        return (1, 0, uid)
+
+
+def _image_key(other: Dataset, primary: Dataset, taken: Collection[str]) -> str:
+    """The name a further image takes in its case: its modality when that differs from the primary
+    series' (`images["CT"]` beside MR), else its de-identified SeriesDescription as an identifier
+    (`images["T2"]` beside T1; the modality if it has none); a name already taken gets -2, -3."""
+    modality = str(other.get("Modality", "")).strip().upper() or "IMAGE"
+    base = modality
+    if modality == str(primary.get("Modality", "")).strip().upper():
+        description = str(acquisition_metadata(other).get("SeriesDescription", ""))
+        base = re.sub(r"[^A-Za-z0-9]+", "_", description).strip("_") or modality
+    key, number = base, 2
+    while key in taken:
+        key, number = f"{base}-{number}", number + 1
+    return key
 
 
 def _uids_by_path(index: dict[str, list[Path]]) -> dict[Path, list[str]]:
@@ -340,7 +473,8 @@ def _add_case(result: IngestResult, series: DicomSeries, mask: LabelMap, source:
         "mask": str(source),
         "mask_voxels": int(np.count_nonzero(mask.values)),
         "files": [str(p) for p in [*series.files, *([source] if source_in_tree else []), *further]],
-        "images": {key: {"folder": str(other.folder), "resampled_from": other.geometry.describe()}
+        "images": {key: {"folder": str(other.folder), "resampled_from": other.geometry.describe(),
+                         "series_description": str(acquisition_metadata(other.header).get("SeriesDescription", ""))}
                    for key, (_, other) in images.items()},
     }
     if structures:

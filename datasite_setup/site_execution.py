@@ -291,6 +291,8 @@ def run_request(config: SiteConfig, code: Any, kwargs: dict[str, Any], who: str)
         granted_paths=granted, warm=config.fork_server,
     )
     about = {"what": label, "code": _code_id(code), "requested_by": who}
+    if isinstance(params, dict) and isinstance(params.get("widths"), dict):
+        about["widths"] = params["widths"]  # the model size released (FedMA), checked against the domain's range
     if manifest_version is not None:
         about["manifest_version"] = manifest_version
     if not outcome.ok:

@@ -35,7 +35,7 @@ from datasite_setup.case_store import CaseStore, ManifestEntry
 from datasite_setup.connection import admin_client
 from datasite_setup.credentials import pseudonym_key
 from datasite_setup.deidentify import pseudonym_of_patient_id
-from datasite_setup.ingest import Ingestion
+from datasite_setup.ingest import Ingestion, PrimarySeries
 from datasite_setup.site_config import SiteConfig
 from domains import DOMAINS
 from domains.case_manifest import manifest_document, manifest_reference, mock_manifest
@@ -137,15 +137,16 @@ def ingest_to_datasite(
     dataset_name: str | None = None,
     domain: str = DEFAULT_DOMAIN,
     progress: bool = True,
-    primary_modality: str | None = None,
+    primary_modality: str | PrimarySeries | None = None,
     split_file: Path | None = None,
     structures: Sequence[str] = (),
 ) -> dict[str, Any]:
     """Read, de-identify, store and publish; return the report of every file (JSON-serialisable).
 
     `domain` names the learning task the cases serve; its mock-case generator renders the mock's cases.
-    With `primary_modality`, series of other modalities in a primary series' frame of reference join
-    its case as further images (`ingest`). `split_file` (CSV: PatientID,split) fixes the split of the
+    With `primary_modality` (a modality, or a `PrimarySeries` that may also name the primary series'
+    SeriesDescription, e.g. T1), the other series in a primary series' frame of reference join its
+    case as further images (`ingest`). `split_file` (CSV: PatientID,split) fixes the split of the
     patients it lists (`case_splits`). With `structures` (liver, lesion) masks are label maps of
     those structures, in order, and the report lists them as `mask_labels`. The report says how many
     cases this run added, which manifest version the dataset serves, and which patients kept a
@@ -162,11 +163,17 @@ def ingest_to_datasite(
     ingestion = Ingestion(dicom_dir, masks_dir, pseudonym_key(config), roi=roi, progress=progress,
                           primary_modality=primary_modality, structures=structures)
     stored = store_cases(config, ingestion, name, listed)
-    store = stored.store
     report = ingestion.result.to_report()
-    report.update(dataset=None, added=stored.added, manifest_version=None, split_conflicts=stored.split_conflicts)
     if ingestion.structures:
         report["mask_labels"] = list(ingestion.structures)
+    return publish_stored(config, stored, name, domain, report)
+
+
+def publish_stored(config: SiteConfig, stored: Any, name: str, domain: str, report: dict[str, Any]) -> dict[str, Any]:
+    """After `store_cases`: drop a version that added nothing, publish the new one if it has cases,
+    and complete the ingestion `report` with what was added and which manifest the dataset serves."""
+    store = stored.store
+    report.update(dataset=None, added=stored.added, manifest_version=None, split_conflicts=stored.split_conflicts)
     if not stored.added:
         store.drop_empty_version(stored.version)
     if store.unpublished_version(name) is not None and store.manifest(collection=name):

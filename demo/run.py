@@ -32,6 +32,38 @@ def banner(text: str) -> None:
     print(f"\n=== {text} " + "=" * max(3, 76 - len(text)), flush=True)
 
 
+BENCHMARK_RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
+
+
+def benchmark_programmes() -> tuple[Any, ...]:
+    """The translation and body-size programmes' sections, from their benchmark folders when a
+    benchmark run left them (`python -m benchmarks translation_federation body_size_federation`)."""
+    from analyses.report import Programme
+
+    simulated = ("Run by the benchmark against simulated sites (the installed site-task code in one process; "
+                 "the same flow through live datasites is tested end to end).")
+    programmes = (
+        Programme("translation", "Image translation, T1 to T2",
+                  "A 2-D U-Net generator (L1 + SSIM loss) synthesising T2 from T1 at four phantom hospitals whose "
+                  "scanners and protocols differ; hospital-d is held out of training and selection and scored as an "
+                  "unseen site. FedAvg, FedProx and FedMA (matched averaging, growing layers) against local-only and "
+                  f"centralized; the metric is PSNR (dB) on held-out patients. {simulated}",
+                  BENCHMARK_RESULTS / "translation_federation",
+                  (("psnr_ssim_curves.png", "pooled validation PSNR and SSIM per round and method"),
+                   ("mock_translations.png", "mock cases (synthetic, never a site's) translated by each method"))),
+        Programme("body_size", "Weight and height from depth frames",
+                  "A CNN regressor of patient weight (kg) and height (cm) from a depth camera over the CT table at four "
+                  "phantom clinics (camera mounting, table, blankets, pose, noise and patient mix differ); the metric "
+                  f"is the weight MAE (kg) on held-out patients. {simulated}",
+                  BENCHMARK_RESULTS / "body_size_federation"),
+        Programme("body_size_membership", "Weight and height: a clinic leaving, a clinic joining",
+                  "FedAvg on the same clinics; clinic-c trains up to round 10 and leaves (its test MAE on every later "
+                  f"round's weights), clinic-d joins at round 12. {simulated}",
+                  BENCHMARK_RESULTS / "body_size_federation" / "membership"),
+    )
+    return tuple(p for p in programmes if (p.folder / "comparison.json").is_file())
+
+
 def run_demo(size: DemoSize, work: Path, report_dir: Path, keep_sites: bool = False) -> DemoResult:
     """Every step of the demo; the sites are stopped in any case unless `keep_sites`."""
     from analyses.report import ReportInputs, write_report
@@ -79,6 +111,7 @@ def run_demo(size: DemoSize, work: Path, report_dir: Path, keep_sites: bool = Fa
             radiomics_harmonized=layout.runs / "radiomics-nyul",
             training=layout.runs / "training",
             steps=[{k: v for k, v in s.items() if not k.startswith("_")} for s in steps[:-1]],
+            programmes=benchmark_programmes(),
         )
         index = write_report(inputs, report_dir)
         steps[-1]["seconds"] = round(time.monotonic() - steps[-1].pop("_t0"), 1)

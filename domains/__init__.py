@@ -10,9 +10,11 @@ import importlib
 from domains.domain import Domain
 
 _MODULES = {
+    "body_weight_height": "domains.body_weight_height",
     "brain_mr_segmentation": "domains.brain_mr_segmentation",
     "brain_mr_tumour_burden": "domains.brain_mr_tumour_burden",
     "liver_ct_segmentation": "domains.liver_ct_segmentation",
+    "mr_translation": "domains.mr_translation",
 }
 DOMAINS: tuple[str, ...] = tuple(_MODULES)
 

@@ -9,6 +9,7 @@ the sites (the fixture's teardown stops them too, whatever happened).
 
 from __future__ import annotations
 
+import html
 import json
 import os
 import re
@@ -111,6 +112,16 @@ def test_the_report_holds_every_plot_and_sane_numbers(demo: dict[str, Any]) -> N
         assert 0 < final[method]["pooled"] <= 1, (method, final[method])
     for method in ("fedavg", "fedprox", "local", "centralized (simulation)"):
         assert f"<td>{method}</td>" in page
+
+    from demo.run import benchmark_programmes
+
+    for programme in benchmark_programmes():  # the translation and body-size benchmarks' folders, when present
+        assert html.escape(programme.title) in page and summary[programme.key]["final"], programme.key
+    if any(p.key == "translation" for p in benchmark_programmes()):
+        assert {"translation_mock_translations.png", "translation_psnr_ssim_curves.png"} <= on_disk
+        assert {"fedma", "pooled (held-out sites)"} <= set(summary["translation"]["final"]) | set(summary["translation"]["final"]["fedma"])
+    if any(p.key == "body_size_membership" for p in benchmark_programmes()):
+        assert {"body_size_membership_longevity.png", "body_size_membership_onboarding.png"} <= on_disk
 
 
 @pytest.mark.skipif(not CHROMIUM.exists(), reason="chromium not installed: run `make browser`")

@@ -208,3 +208,30 @@ def test_the_command_runs_every_method_on_the_same_schedule(simulated_federation
     assert "Time and traffic" in page and page_numbers["training"]["longevity"] == summary["longevity"]
     for name in ("longevity.png", "onboarding.png", "time_fedavg.png", "time_local.png"):
         assert f'src="{name}"' in page and (report_dir / name).read_bytes()[:4] == b"\x89PNG", name
+
+
+def test_a_held_out_site_never_trains_or_selects_and_is_scored_as_unseen(fleet_cases, tmp_path) -> None:
+    from analyses.federation.centralized import train_centralized
+    from analyses.federation.experiment import comparison_tables
+    from analyses.federation.orchestrator import initial_weights
+    from domains import get_domain
+
+    links = {name: CountingSite(name, cases) for name, cases in fleet_cases.items()}
+    plan = TrainingPlan(domain=DOMAIN, strategy="fedavg", rounds=2, batch_size=8, lr=1e-3, min_sites=2,
+                        held_out=("hospital-c",))
+    report = Orchestrator(plan, list(links.values()), tmp_path, progress=False).run()
+    assert all(r["participants"] == ["hospital-a", "hospital-b"] for r in report.history[1:])
+    for record in report.history:  # scored every round, pooled apart and never in the selecting pool
+        trained = {s: m for s, m in record["site_metrics"].items() if s != "hospital-c"}
+        assert record["pooled"]["n_cases"] == sum(m["n_cases"] for m in trained.values())
+        assert record["pooled_held_out"]["n_cases"] == record["site_metrics"]["hospital-c"]["n_cases"]
+    final = report.test["final"]
+    assert final["pooled_held_out"][METRIC] == pytest.approx(final["site_metrics"]["hospital-c"][METRIC])
+    central = train_centralized(plan, fleet_cases, initial_weights(get_domain(DOMAIN), plan.seed), progress=False)
+    assert central["final"]["pooled_held_out"][METRIC] == pytest.approx(central["final"]["site_metrics"]["hospital-c"][METRIC])
+    assert central["final"]["pooled"]["n_cases"] == sum(
+        central["final"]["site_metrics"][s]["n_cases"] for s in ("hospital-a", "hospital-b"))
+    table = comparison_tables({"fedavg": report}, METRIC, central)["final"]
+    assert set(table["fedavg"]) == {*SITES, "pooled", "pooled (held-out sites)"}
+    with pytest.raises(ValueError, match="cannot join or leave"):
+        TrainingPlan(domain=DOMAIN, strategy="fedavg", rounds=2, held_out=("hospital-c",), join_at={"hospital-c": 2})

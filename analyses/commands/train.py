@@ -31,6 +31,9 @@ summary (`update_dp`) say what the sites did and the epsilon each reports spent.
 `--harmonize nyul` fits a Nyul standard scale across the sites first (`intensity_landmarks`) and
 has every site map its images onto it before training and evaluation (the centralized baseline
 uses the same scale); `--no-augmentation` trains without the domain's intensity augmentation.
+`--held-out SITE` keeps a site out of training and selection: it is scored as an unseen hospital.
+`--strategy fedma` matches channels before averaging and grows the model's layers (FedMA); each
+round's record keeps the widths.
 """
 
 from __future__ import annotations
@@ -100,6 +103,9 @@ def register(subparsers: Any) -> None:
                      help="the site trains from this round on (a clinic onboarded mid-run); it is evaluated on "
                           "validation from round 0, and the outputs say how many rounds it needs to reach the "
                           "founding sites' level")
+    cmd.add_argument("--held-out", action="append", default=[], metavar="SITE",
+                     help="the site never trains and never selects a round: it is scored as an unseen hospital "
+                          "(pooled apart, 'pooled (held-out sites)'); repeat for several")
     cmd.add_argument("--semi-supervised-from", type=int, default=0, metavar="ROUND",
                      help="teacher-student from this round on: each site also trains on its unlabelled cases, "
                           "pseudo-labelled at the site by the round's global model (pseudo-labels never leave); "
@@ -151,6 +157,10 @@ def run(args: argparse.Namespace) -> int:
         sites = {s.name for s in federation.datasites}
         leave_after = _site_rounds(args.leave_after, "--leave-after", sites)
         join_at = _site_rounds(args.join_at, "--join-at", sites)
+        unknown = sorted(set(args.held_out) - sites)
+        if unknown:
+            raise ValueError(f"--held-out names sites not in the federation file: {', '.join(unknown)} "
+                             f"(its sites: {', '.join(sorted(sites))})")
         exports = _site_folders(args.centralized_data)
         domain = get_domain(args.domain)
         names = [name.strip() for name in args.strategy.split(",") if name.strip()]
@@ -165,7 +175,7 @@ def run(args: argparse.Namespace) -> int:
                          semi_supervised_from=args.semi_supervised_from, dp_clip=args.dp_clip,
                          dp_clip_quantile=args.dp_clip_quantile, secure_aggregation=args.secure_aggregation,
                          harmonize=args.harmonize, no_augmentation=args.no_augmentation,
-                         min_sites=args.min_sites,
+                         held_out=tuple(sorted(set(args.held_out))), min_sites=args.min_sites,
                          call_timeout_s=args.timeout, name=f"{args.name}_{name}" if args.name else "")
             for name in names
         ]
@@ -207,7 +217,7 @@ def run(args: argparse.Namespace) -> int:
 
     centralized = None
     if exports:
-        cases = read_site_exports(exports)
+        cases = read_site_exports(exports, args.domain)
         prior = reports[plans[0].strategy].initial_model  # the federated runs' pooled prior, for a fair start
         fraction = None if prior is None else prior["foreground_fraction"]
         harmonization = reports[plans[0].strategy].history[0].get("harmonization")

@@ -1,6 +1,6 @@
 """Federated training across datasites: strategies behind one protocol, and the orchestrator.
 
-`strategy.py` says what a strategy is; `fedavg.py`, `fedprox.py`, `fedbn.py`, `fedopt.py` (FedAdam,
+`strategy.py` says what a strategy is; `fedavg.py`, `fedprox.py`, `fedbn.py`, `fedma.py` (matched averaging), `fedopt.py` (FedAdam,
 FedYogi, FedAdagrad), `scaffold.py` (SCAFFOLD's control variates) and `local_only.py` are one small
 class each; `orchestrator.py` runs rounds against live sites (`site_link.py`), checks updates
 (`update_checks.py`) and checkpoints (`checkpoint.py`).
@@ -11,6 +11,7 @@ from typing import Any
 
 from analyses.federation.fedavg import FedAvg
 from analyses.federation.fedbn import FedBN
+from analyses.federation.fedma import FedMA
 from analyses.federation.fedopt import FedAdagrad, FedAdam, FedYogi
 from analyses.federation.fedprox import FedProx
 from analyses.federation.local_only import LocalOnly
@@ -19,11 +20,11 @@ from analyses.federation.strategy import SiteUpdate, Strategy, TrainInstruction,
 
 STRATEGIES = {
     strategy.name: strategy
-    for strategy in (FedAvg, FedProx, FedBN, FedAdam, FedYogi, FedAdagrad, Scaffold, LocalOnly)
+    for strategy in (FedAvg, FedProx, FedBN, FedMA, FedAdam, FedYogi, FedAdagrad, Scaffold, LocalOnly)
 }
 
 __all__ = [
-    "STRATEGIES", "FedAdagrad", "FedAdam", "FedAvg", "FedBN", "FedProx", "FedYogi", "LocalOnly", "Scaffold",
+    "STRATEGIES", "FedAdagrad", "FedAdam", "FedAvg", "FedBN", "FedMA", "FedProx", "FedYogi", "LocalOnly", "Scaffold",
     "SiteUpdate", "Strategy", "TrainInstruction", "Weights", "make_strategy", "options_for", "parse_strategy_options",
 ]
 

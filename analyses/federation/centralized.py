@@ -6,7 +6,8 @@ generated herself. It runs the very site-task code the sites run (`local_train`,
 in this process, on the pooled cases, with the same plan: each "round" is the plan's epochs over
 the pool (step cap scaled by the number of sites, so compute matches a federated round).
 
-It is held to the federation's protocol: it trains on the union of the sites' `train` splits,
+It is held to the federation's protocol: it trains on the union of the sites' `train` splits
+(the plan's held-out sites' excepted, which it scores as unseen sites, as a federated run does),
 selects its round on the pooled `validation` split, and scores the selected and the final weights
 on each site's `test` split. It starts from the federated runs' initial model, output prior
 included (`orchestrator.initial_weights` with the prior they pooled from the sites), so a gap
@@ -32,15 +33,33 @@ from analyses.federation.strategy import Weights
 SIMULATION_LABEL = "centralized (simulation only: pooled data)"
 
 
-def read_site_exports(exports: dict[str, Path]) -> dict[str, list[dict[str, Any]]]:
-    """Cases of each site read straight from its DICOM export folder (phantom fleets only), each
-    with the simulation's split (`with_splits`: the same on every read of the same folder)."""
+# How the sites ingested each domain's exports, so the simulation reads them alike: translation
+# cases pair the T1 series with the other series of its frame of reference; body-size exports are
+# depth frames with a labels file beside them (`domains.body_weight_height.write_phantom_site`).
+PAIRED_BY_DESCRIPTION = {"mr_translation": "T1"}
+DEPTH_FRAME_DOMAINS = frozenset({"body_weight_height"})
+DEPTH_LABELS_FILE = "labels.csv"
+
+
+def read_site_exports(exports: dict[str, Path], domain: str = "") -> dict[str, list[dict[str, Any]]]:
+    """Cases of each site read straight from its export folder (phantom fleets only), each with the
+    simulation's split (`with_splits`: the same on every read of the same folder): DICOM series as
+    `datasite-setup ingest` reads them for `domain`, or a folder of depth frames (its `frames/`
+    and `labels.csv`) for the body-size domain."""
+    from datasite_setup.depth_frames import read_depth_frames
     from datasite_setup.ingest import read_cases
 
     secret = os.urandom(32)
     cases = {}
     for site, folder in exports.items():
-        result = read_cases(Path(folder), None, secret, progress=False)
+        folder = Path(folder)
+        if domain in DEPTH_FRAME_DOMAINS:
+            frames = folder / "frames" if (folder / "frames").is_dir() else folder
+            labels = folder / DEPTH_LABELS_FILE
+            result = read_depth_frames(frames, secret, labels if labels.is_file() else None)
+        else:
+            result = read_cases(folder, None, secret, progress=False,
+                                primary_series_description=PAIRED_BY_DESCRIPTION.get(domain))
         if not result.cases:
             raise ValueError(f"{site}: no readable cases under {folder}")
         cases[site] = with_splits(result.cases)
@@ -48,11 +67,11 @@ def read_site_exports(exports: dict[str, Path]) -> dict[str, list[dict[str, Any]
 
 
 def evaluate_at_sites(domain: str, weights: Weights, cases_by_site: dict[str, list[dict[str, Any]]],
-                      split: str = TEST, inputs: dict[str, Any] | None = None
+                      split: str = TEST, inputs: dict[str, Any] | None = None, held_out: tuple[str, ...] = ()
                       ) -> tuple[dict[str, dict[str, float]], dict[str, float], dict[str, str]]:
     """Per-site and pooled metrics on `split`, computed exactly as the sites' `evaluate` task would
     (with `inputs`, e.g. a harmonization, as a federated run passes them), and the sites whose split
-    is empty (left out, with why)."""
+    is empty (left out, with why). The pool leaves out the `held_out` sites, as a federated run's does."""
     from datasite_setup.site_tasks import TaskRefusal, run_installed_task
     from domains import get_domain
 
@@ -66,8 +85,9 @@ def evaluate_at_sites(domain: str, weights: Weights, cases_by_site: dict[str, li
             continue
         per_site[site] = {k: float(v) for k, v in result.items()}
     pooled: dict[str, float] = {}
-    if per_site:
-        counts = {key: sum(m[key] for m in per_site.values()) for key in next(iter(per_site.values()))}
+    pooling = {site: m for site, m in per_site.items() if site not in held_out}
+    if pooling:
+        counts = {key: sum(m[key] for m in pooling.values()) for key in next(iter(pooling.values()))}
         pooled = {k: float(v) for k, v in get_domain(domain).metrics_from_counts(counts).items()}
         pooled["n_cases"] = counts["n_cases"]
     return per_site, pooled, missed
@@ -91,18 +111,20 @@ def train_centralized(plan: TrainingPlan, cases_by_site: dict[str, list[dict[str
 
     domain = get_domain(plan.domain)
     inputs = {"harmonization": {"nyul": harmonization["scale"]}} if harmonization else {}
-    quorum = min(plan.min_sites, len(cases_by_site))
-    pooled_cases = [case for site in sorted(cases_by_site) for case in cases_by_site[site]]
+    training_sites = [site for site in sorted(cases_by_site) if site not in plan.held_out]
+    quorum = min(plan.min_sites, len(training_sites))
+    pooled_cases = [case for site in training_sites for case in cases_by_site[site]]
     weights = initial
     best: dict[str, Any] = {"round": 0, "value": None, "weights": initial}
     history: list[dict[str, Any]] = []
 
     def score(round_no: int, extra: dict[str, Any]) -> None:
-        per_site, pooled, missed = evaluate_at_sites(plan.domain, weights, cases_by_site, VALIDATION, inputs)
+        per_site, pooled, missed = evaluate_at_sites(plan.domain, weights, cases_by_site, VALIDATION, inputs,
+                                                     held_out=plan.held_out)
         history.append({"round": round_no, "eval_split": VALIDATION, "site_metrics": per_site, "pooled": pooled,
                         "eval_missed": missed, **extra})
         value = pooled.get(domain.primary_metric)
-        if value is None or len(per_site) < quorum:
+        if value is None or sum(site not in plan.held_out for site in per_site) < quorum:
             return
         if best["value"] is None or (value > best["value"] if domain.higher_is_better else value < best["value"]):
             best.update(round=round_no, value=float(value), weights=weights)
@@ -114,7 +136,7 @@ def train_centralized(plan: TrainingPlan, cases_by_site: dict[str, list[dict[str
         params = {
             "domain": plan.domain, "weights": weights, "epochs": plan.epochs, "batch_size": plan.batch_size,
             "lr": float(plan.lr), "optimizer": plan.optimizer, "seed": plan.seed * 100_003 + round_no * 101,
-            "max_steps": plan.max_steps * len(cases_by_site), "split": plan.training_split(round_no), **inputs,
+            "max_steps": plan.max_steps * len(training_sites), "split": plan.training_split(round_no), **inputs,
             **({"augment": False} if plan.no_augmentation else {}),
         }
         result = run_installed_task("local_train", pooled_cases, params, min_cohort=1)
@@ -128,8 +150,12 @@ def train_centralized(plan: TrainingPlan, cases_by_site: dict[str, list[dict[str
                  "min_sites": quorum, "best_round": best["round"], "validation_value": best["value"]}
     tests = {}
     for which, round_no, chosen in (("best", best["round"], best["weights"]), ("final", plan.rounds, weights)):
-        per_site, pooled, missed = evaluate_at_sites(plan.domain, chosen, cases_by_site, TEST, inputs)
+        per_site, pooled, missed = evaluate_at_sites(plan.domain, chosen, cases_by_site, TEST, inputs,
+                                                     held_out=plan.held_out)
         tests[which] = {"round": round_no, "split": TEST, "weights": which, "site_metrics": per_site,
                         "pooled": pooled, "missed": missed}
+        if plan.held_out:
+            tests[which]["pooled_held_out"] = evaluate_at_sites(
+                plan.domain, chosen, {s: c for s, c in cases_by_site.items() if s in plan.held_out}, TEST, inputs)[1]
     return {"label": SIMULATION_LABEL, "history": history, "selection": selection, "initial_model": initial_model,
             "time": seconds, **tests}

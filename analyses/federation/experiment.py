@@ -116,9 +116,12 @@ def local_plan(plan: TrainingPlan) -> TrainingPlan:
 
 
 def _table(scores: dict[str, Any], metric: str) -> dict[str, float]:
-    """site -> `metric` (and "pooled") from one set of test scores."""
+    """site -> `metric` (and "pooled" over the training sites, "pooled (held-out sites)" over the
+    unseen ones when the plan holds some out) from one set of test scores."""
     table = {site: m[metric] for site, m in scores["site_metrics"].items()}
     table["pooled"] = scores["pooled"].get(metric, float("nan"))
+    if "pooled_held_out" in scores:
+        table["pooled (held-out sites)"] = scores["pooled_held_out"].get(metric, float("nan"))
     return table
 
 

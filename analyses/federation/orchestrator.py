@@ -38,6 +38,11 @@ round L has the current weights scored on its `test` split at round L and every 
 (`longevity` in the round record, never used for selection); `RunReport.longevity` says how long
 its information lasts.
 
+A held-out site (`TrainingPlan.held_out`) never trains, gives no output prior or Nyul landmarks
+and never counts toward selection or a quorum: it is the unseen hospital. It is scored each round
+on its validation split (`pooled_held_out`, for curves only) and at the end on its test split, so
+every result says how the model does at a site none of its data came from.
+
 Every training call is timed where it is made: its wall seconds, the seconds the site says its
 training took (`compute_seconds`), the rest (waiting, transfer, the sandbox's start) and the bytes
 each way (`train_calls` in the round record; `RunReport.timing` sums them over the run).
@@ -46,6 +51,10 @@ At sites that noise their updates (`[privacy.update_dp]`) each update arrives cl
 without its training loss; the round's record keeps what the sites say they did and the budget
 they report spent (`update_dp`), and the plan may choose the clip norm, fixed or adaptive
 (`update_clipping`).
+
+A strategy may need more than weights to build a site's model: FedMA grows the global model's
+layers, so every training and evaluation call also carries `strategy.model_params` (its widths),
+and each round's record keeps `strategy.describe()` (the widths after that round).
 
 Site runs are budgeted by the admins' approval (`TrainingPlan.budgets`): a resumed run uses the
 same requests, so it needs no new approval.
@@ -96,9 +105,9 @@ PRIOR_SPLIT = "train"  # the prior is the tumour share of the cases the model tr
 # Fields that change what is trained (and therefore the requests' label); the rest are how to run.
 _IDENTITY = ("domain", "strategy", "strategy_options", "rounds", "epochs", "batch_size", "lr", "optimizer", "max_steps",
              "seed", "leave_after", "join_at", "semi_supervised_from", "dp_clip", "dp_clip_quantile", "secure_aggregation",
-             "harmonize", "nyul_scale", "no_augmentation")
+             "harmonize", "nyul_scale", "no_augmentation", "held_out")
 _OPTIONAL_IDENTITY = ("semi_supervised_from", "dp_clip", "dp_clip_quantile", "secure_aggregation", "harmonize", "nyul_scale",
-                      "no_augmentation")
+                      "no_augmentation", "held_out")
 LANDMARKS_TASK = "intensity_landmarks"  # the site task behind a federated Nyul scale
 KEY_TASK = "secure_aggregation_key"
 # How close a site must come to a reference before it counts as there, relative to the reference:
@@ -137,6 +146,7 @@ class TrainingPlan:
     harmonize: str = ""  # "nyul": every image is mapped onto a Nyul standard scale at its site first
     nyul_scale: dict[str, Any] = field(default_factory=dict)  # a given scale (else fitted across the sites)
     no_augmentation: bool = False  # train without the domain's intensity augmentation
+    held_out: tuple[str, ...] = ()  # sites that never train and never select: scored on their test split as unseen sites
     min_sites: int = 2
     call_timeout_s: float = 600.0
     spare_runs: int = 2  # extra approved runs per task, for rounds redone after a crash
@@ -166,6 +176,9 @@ class TrainingPlan:
             raise ValueError("a nyul_scale is used with harmonize='nyul' only")
         if self.secure_aggregation and self.dp_clip_quantile > 0:
             raise ValueError("adaptive clipping reads each site's noisy bit, which secure aggregation does not sum; use a fixed --dp-clip")
+        scheduled = sorted(set(self.held_out) & (set(self.join_at) | set(self.leave_after)))
+        if scheduled:
+            raise ValueError(f"a held-out site never trains, so it cannot join or leave: {', '.join(scheduled)}")
         late = {site: (k, self.leave_after[site]) for site, k in self.join_at.items()
                 if site in self.leave_after and k > self.leave_after[site]}
         if late:
@@ -208,7 +221,10 @@ class TrainingPlan:
         return TRAIN_AND_UNLABELLED if 0 < self.semi_supervised_from <= round_no else TRAIN
 
     def trains_in(self, site: str, round_no: int) -> bool:
-        """Whether `site` is asked to train in this round: from its joining round to its last."""
+        """Whether `site` is asked to train in this round: from its joining round to its last, never
+        when it is held out."""
+        if site in self.held_out:
+            return False
         return self.join_at.get(site, 1) <= round_no <= self.leave_after.get(site, self.rounds)
 
     def longevity_rounds(self, site: str) -> range:
@@ -371,6 +387,7 @@ class EvaluationOutcome:
     bytes_sent: int
     cross_site: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)
     cross_missed: dict[str, dict[str, str]] = field(default_factory=dict)
+    pooled_held_out: dict[str, float] = field(default_factory=dict)  # over the plan's held-out sites (not in `pooled`)
 
 
 def _reason(exc: BaseException) -> str:
@@ -455,7 +472,7 @@ class Orchestrator:
         if not isinstance(self.domain, OutputPrior):
             return None
         params = {"domain": self.plan.domain, "split": PRIOR_SPLIT}
-        calls = {site: (lambda link=link: link.foreground(params)) for site, link in sorted(self.links.items())}
+        calls = {site: (lambda link=self.links[site]: link.foreground(params)) for site in self._training_sites()}
         answers, left_out = self._call_all(calls, "output prior")
         counts = {}
         for site, answer in sorted(answers.items()):
@@ -489,7 +506,7 @@ class Orchestrator:
             return None
         if self.plan.nyul_scale:
             return {"method": "nyul", "fitted": "given", "scale": dict(self.plan.nyul_scale)}
-        calls = {site: (lambda link=link: link.landmarks({"split": TRAIN})) for site, link in sorted(self.links.items())}
+        calls = {site: (lambda link=self.links[site]: link.landmarks({"split": TRAIN})) for site in self._training_sites()}
         answers, left_out = self._call_all(calls, "Nyul landmarks")
         if len(answers) < self._quorum():
             raise RoundFailed(f"a Nyul scale needs {LANDMARKS_TASK} from {self._quorum()} sites, {len(answers)} answered "
@@ -547,7 +564,8 @@ class Orchestrator:
         others = {site: [m for m in sorted(cross_models or ()) if m != site] for site in sites}
 
         def params(model_site: str) -> dict[str, Any]:
-            return {"domain": self.plan.domain, "weights": source.weights_for(model_site), "split": split, **self._site_inputs()}
+            return {"domain": self.plan.domain, "weights": source.weights_for(model_site), "split": split,
+                    **source.model_params(model_site), **self._site_inputs()}
 
         def at(site: str) -> tuple[dict[str, float], dict[str, dict[str, float]], dict[str, str]]:
             link = self.links[site]
@@ -574,7 +592,9 @@ class Orchestrator:
             for model_site in others[site]:
                 cross_missed.setdefault(model_site, {})[site] = why
         sent = sum(_nbytes(source.weights_for(site)) * (1 + len(others[site])) for site in sites)
-        return EvaluationOutcome(per_site, self._pool(per_site), failures, sent, cross, cross_missed)
+        training = {site: m for site, m in per_site.items() if site not in self.plan.held_out}
+        unseen = {site: m for site, m in per_site.items() if site in self.plan.held_out}
+        return EvaluationOutcome(per_site, self._pool(training), failures, sent, cross, cross_missed, self._pool(unseen))
 
     def _train(self, round_no: int) -> TrainingOutcome:
         """Every participating site trains at once. For each site that answered, `calls` holds the
@@ -665,7 +685,7 @@ class Orchestrator:
         gave none, bytes sent). Recorded apart from validation, never used for selection."""
         sites = [site for site in sorted(self.links) if round_no in self.plan.longevity_rounds(site)]
         params = {site: {"domain": self.plan.domain, "weights": self.strategy.weights_for(site), "split": TEST,
-                         **self._site_inputs()} for site in sites}
+                         **self.strategy.model_params(site), **self._site_inputs()} for site in sites}
 
         def score(site: str) -> dict[str, float]:
             return {k: float(v) for k, v in self.links[site].evaluate(params[site]).items()}
@@ -679,7 +699,8 @@ class Orchestrator:
         train from round 1), the level a joining clinic is compared with; else nothing."""
         if not any(k > 1 for k in self.plan.join_at.values()):
             return {}
-        founding = {site: m for site, m in site_metrics.items() if self.plan.join_at.get(site, 1) <= 1}
+        founding = {site: m for site, m in site_metrics.items()
+                    if self.plan.join_at.get(site, 1) <= 1 and site not in self.plan.held_out}
         return {"pooled_founding": self._pool(founding)}
 
     def _round(self, round_no: int) -> dict[str, Any]:
@@ -710,6 +731,8 @@ class Orchestrator:
             extra.update(longevity=lasting, longevity_missed=lasting_missed)
         if update_dp is not None:
             extra["update_dp"] = update_dp
+        if described := self.strategy.describe():
+            extra["strategy"] = described
         return {
             "round": round_no,
             "eval_split": VALIDATION,
@@ -722,6 +745,7 @@ class Orchestrator:
             "n_samples": {u.site: u.n_samples for u in updates},
             "site_metrics": evaluated.site_metrics,
             "pooled": evaluated.pooled,
+            **({"pooled_held_out": evaluated.pooled_held_out} if self.plan.held_out else {}),
             **extra,
             "train_calls": trained.calls,
             "train_seconds": round(train_seconds, 3),
@@ -733,13 +757,21 @@ class Orchestrator:
         }
 
     def _quorum(self) -> int:
-        return min(self.plan.min_sites, len(self.links))
+        return min(self.plan.min_sites, len(self._training_sites()))
+
+    def _training_sites(self) -> list[str]:
+        """The sites that may train and whose validation selects: all but the held-out ones."""
+        return [site for site in sorted(self.links) if site not in self.plan.held_out]
+
+    def _answered(self, site_metrics: dict[str, Any]) -> int:
+        """How many training sites answered an evaluation (held-out sites do not count toward a quorum)."""
+        return sum(site not in self.plan.held_out for site in site_metrics)
 
     def _consider(self, record: dict[str, Any], best: dict[str, Any]) -> None:
         """Keep this round's weights if its pooled validation metric beats the best so far (the
         earlier round wins a tie) and enough sites answered for the pooled value to count."""
         value = record.get("pooled", {}).get(self.domain.primary_metric)
-        if value is None or not np.isfinite(value) or len(record.get("site_metrics", {})) < self._quorum():
+        if value is None or not np.isfinite(value) or self._answered(record.get("site_metrics", {})) < self._quorum():
             return
         better = best["value"] is None or (value > best["value"] if self.domain.higher_is_better else value < best["value"])
         if better:
@@ -748,6 +780,8 @@ class Orchestrator:
     def _test_record(self, which: str, round_no: int, outcome: EvaluationOutcome) -> dict[str, Any]:
         record = {"round": round_no, "split": TEST, "weights": which, "site_metrics": outcome.site_metrics,
                   "pooled": outcome.pooled, "missed": outcome.missed}
+        if self.plan.held_out:
+            record["pooled_held_out"] = outcome.pooled_held_out
         if self.strategy.site_models:
             record["cross_site"] = outcome.cross_site
             record["cross_site_pooled"] = {model: self._pool(scores) for model, scores in outcome.cross_site.items()}
@@ -777,7 +811,7 @@ class Orchestrator:
             scores["best"] = self._test_record("best", best["round"], self._evaluate(
                 f"test (round {best['round']} weights)", TEST, selected, self._trained_models(history, best["round"])))
         for which, record in scores.items():
-            if len(record["site_metrics"]) < self._quorum():
+            if self._answered(record["site_metrics"]) < self._quorum():
                 raise RoundFailed(
                     f"test evaluation of the {which} weights: {len(record['site_metrics'])} of {len(self.links)} sites "
                     f"answered, min_sites is {self.plan.min_sites} ("
@@ -827,6 +861,8 @@ class Orchestrator:
             evaluated = self._evaluate("initial model validation", VALIDATION)
             history = [{"round": 0, "eval_split": VALIDATION, "site_metrics": evaluated.site_metrics,
                         "pooled": evaluated.pooled, **self._founding_pool(evaluated.site_metrics),
+                        **({"pooled_held_out": evaluated.pooled_held_out} if self.plan.held_out else {}),
+                        **({"strategy": described} if (described := self.strategy.describe()) else {}),
                         "eval_missed": evaluated.missed, "seconds": round(time.perf_counter() - started, 3),
                         "payload_bytes_sent": evaluated.bytes_sent, "payload_bytes_received": 0,
                         **({"initial_model": prior} if prior is not None else {}),

@@ -92,6 +92,15 @@ class Strategy:
         """Extra `local_train` parameters for `site`."""
         return {}
 
+    def model_params(self, site: str) -> dict[str, Any]:
+        """Parameters every call that builds `site`'s model needs besides its weights, training and
+        evaluation alike (FedMA: the widths the global model has grown to)."""
+        return {}
+
+    def describe(self) -> dict[str, Any]:
+        """What the round's record keeps about the strategy's state besides weights (FedMA: widths)."""
+        return {}
+
     def training_instruction(self, site: str) -> TrainInstruction:
         return TrainInstruction(weights=self.weights_for(site), params=self.train_params(site))
 

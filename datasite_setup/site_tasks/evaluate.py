@@ -11,7 +11,8 @@ which no `local_train` run uses by default), at least the site's minimum cohort.
 different weights over the same cases are two questions about one cohort, which the site allows;
 an evaluation over a case set differing from an earlier one by a few cases (a data set re-uploaded
 with one case more) would give that case's counts, and the site's release ledger refuses it.
-With `harmonization` the images are first mapped onto the Nyul standard scale training used.
+With `harmonization` the images are first mapped onto the Nyul standard scale training used; with
+`widths` (FedMA) the model is built at those widths (`model_widths.py`).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from __future__ import annotations
 from typing import Any
 
 from datasite_setup.site_tasks.harmonized_cases import HARMONIZATION_PARAM, harmonized
+from datasite_setup.site_tasks.model_widths import WIDTHS_PARAM, built_model, widths_problem
 from datasite_setup.site_tasks.task import Param, SiteFacts, SiteTask, known_domain
 
 
@@ -27,7 +29,7 @@ def run(cases: list[dict[str, Any]], params: dict[str, Any], site: SiteFacts) ->
     from domains import get_domain
 
     domain = get_domain(params["domain"])
-    model = domain.build_model()
+    model = built_model(domain, params)
     load_weights(model, params["weights"])
     counts = domain.evaluation_counts(model, harmonized(cases, params))
     metrics = domain.metrics_from_counts(counts)
@@ -42,6 +44,11 @@ def contract(params: dict[str, Any], site: SiteFacts) -> Any:
     return ScalarsContract(names=names, max_items=len(names))
 
 
+def site_policy(params: dict[str, Any], site: SiteFacts) -> str | None:
+    """What the site refuses before the run: widths its domain's model cannot have."""
+    return widths_problem(params)
+
+
 TASK = SiteTask(
     name="evaluate",
     summary="the domain's metrics (e.g. Dice, sensitivity, specificity, F1) of the given weights on one split of the local cases (pooled counts; default the test split)",
@@ -49,8 +56,10 @@ TASK = SiteTask(
         "domain": Param(str, "the learning task (e.g. brain_mr_segmentation)", check=known_domain),
         "weights": Param(dict, "weights to evaluate: {state name: float array}"),
         "harmonization": HARMONIZATION_PARAM,
+        "widths": WIDTHS_PARAM,
     },
     run=run,
     contract=contract,
+    policy=site_policy,
     default_split="test",
 )

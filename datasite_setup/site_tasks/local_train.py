@@ -25,6 +25,9 @@ With `harmonization` every image is first mapped onto the request's Nyul standar
 (`harmonized_cases.py`); `augment = false` trains without the domain's intensity augmentation
 (the two are what the harmonization experiment compares).
 
+With `widths` (FedMA) the model is built at those widths (`model_widths.py`): the weights sent and
+returned have that model's shapes, and widths outside the domain's declared range are refused.
+
 In a secure-aggregation session (`secure_aggregation`) the site masks the update after the run
 (`datasite_setup/secure_aggregation/`): only the sum over the session's sites can be read.
 
@@ -49,6 +52,7 @@ import numpy as np
 from datasite_setup.site_tasks.case_selection import labelled_flags
 from datasite_setup.site_tasks.dp_sgd import dp_sgd_problem, train_dp_sgd
 from datasite_setup.site_tasks.harmonized_cases import HARMONIZATION_PARAM, harmonized
+from datasite_setup.site_tasks.model_widths import WIDTHS_PARAM, built_model, widths_problem
 from datasite_setup.site_tasks.pseudo_labels import pseudo_labelled
 from datasite_setup.site_tasks.task import SPLIT_PARAM, TRAIN_AND_UNLABELLED, Param, SiteFacts, SiteTask, TaskRefusal, between, known_domain
 
@@ -111,7 +115,7 @@ def run(cases: list[dict[str, Any]], params: dict[str, Any], site: SiteFacts) ->
         domain = domain.without_augmentation()
     torch.manual_seed(params["seed"])
     rng = np.random.default_rng(params["seed"])
-    model = domain.build_model()
+    model = built_model(domain, params)
     load_weights(model, params["weights"])
     labelled = labelled_flags(cases)
     cases = harmonized(cases, params)
@@ -172,13 +176,15 @@ def contract(params: dict[str, Any], site: SiteFacts) -> Any:
     from datasite_setup.output_contracts import WeightsContract
     from domains import get_domain
 
-    return WeightsContract(param_shapes=declared_shapes(get_domain(params["domain"]).build_model()),
+    return WeightsContract(param_shapes=declared_shapes(built_model(get_domain(params["domain"]), params)),
                            scalar_names=SCALARS | DP_SGD_SCALARS if site.sample_dp is not None else SCALARS)
 
 
 def site_policy(params: dict[str, Any], site: SiteFacts) -> str | None:
     """What the site refuses before the run: a batch below its `min_batch`, and a `control` that does
     not fit the domain's model (so the data scientist learns which key, not just that the run failed)."""
+    if issue := widths_problem(params):
+        return issue
     if params["batch_size"] < site.min_batch:
         return f"batch_size {params['batch_size']} is below this site's minimum of {site.min_batch} samples per step"
     if site.sample_dp is not None:
@@ -198,7 +204,7 @@ def site_policy(params: dict[str, Any], site: SiteFacts) -> str | None:
     if "control" in params:
         from domains import get_domain
 
-        return control_problem(params["control"], params["optimizer"], get_domain(params["domain"]).build_model())
+        return control_problem(params["control"], params["optimizer"], built_model(get_domain(params["domain"]), params))
     return None
 
 
@@ -221,6 +227,7 @@ TASK = SiteTask(
                                 "(default: the site's clip_norm); the noise scales with it, the privacy does not",
                          required=False, check=lambda v: None if 0 < v < float("inf") else "must be a finite number > 0"),
         "harmonization": HARMONIZATION_PARAM,
+        "widths": WIDTHS_PARAM,
         "augment": Param(bool, "false: train on the slices as they are, without the domain's augmentation", required=False),
         "secure_aggregation": Param(dict, "a secure-aggregation session: {'session': id, 'peers': {site: its signed "
                                           "session key}}; the update then leaves masked (sites with [secure_aggregation])",
