@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 CLINICS = ("clinic-a", "clinic-b", "clinic-c", "clinic-d")
-FULL = {"train": 40, "validation": 8, "test": 15, "rounds": 40, "epochs": 3, "batch_size": 8, "leaves": 20, "joins": 25}
+FULL = {"train": 40, "validation": 8, "test": 15, "rounds": 80, "epochs": 3, "batch_size": 8, "leaves": 40, "joins": 50}
 QUICK = {"train": 8, "validation": 2, "test": 3, "rounds": 3, "epochs": 1, "batch_size": 8, "leaves": 1, "joins": 2}
 STRATEGIES = {"fedavg": {}, "fedprox": {"mu": 0.01}}
 METRICS = ("mae_kg", "mae_cm", "p10_weight", "p20_weight", "p10_height", "p20_height")

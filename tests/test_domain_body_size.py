@@ -245,3 +245,20 @@ def test_the_model_trains_under_dp_sgd():
     run = train_dp_sgd(model, DOMAIN, records("clinic-a", 6, 3, "a"), torch.optim.SGD(model.parameters(), lr=0.1), epochs=1,
                        batch_size=3, max_steps=2, noise_multiplier=1.0, max_grad_norm=1.0, rng=np.random.default_rng(0), entropy=1)
     assert run.steps == 2 and any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def test_each_frame_is_preprocessed_once_and_a_changed_frame_again(monkeypatch: pytest.MonkeyPatch) -> None:
+    import domains.body_weight_height as body_domain
+
+    calls = []
+    real = body_domain.model_input
+    monkeypatch.setattr(body_domain, "model_input", lambda case, grid: calls.append(case["case_id"]) or real(case, grid))
+    domain = body_domain.BodyWeightHeight()
+    cases = records("clinic-a", 3, 5, "prep")
+    first, _ = domain.training_samples(cases)
+    again, _ = domain.training_samples(cases)  # another epoch
+    domain.predictions(domain.build_model(), cases)  # an evaluation of the same frames
+    assert len(calls) == 3 and np.array_equal(first, again)
+    changed = {**cases[0], "image": cases[0]["image"] + 50.0}  # same case id, other pixels
+    x, _ = domain.training_samples([changed])
+    assert len(calls) == 4 and not np.array_equal(x[0], first[0])
