@@ -10,9 +10,9 @@ epochs, Adam, same seed and initial network) through the orchestrator against si
    weight and height per clinic and pooled, for the round selected on pooled validation MAE. The
    verdicts the programme asked for: federated test MAE (kg) within 10 % of centralized, and below
    local-only's at every clinic (each clinic's own model on its own test frames).
-2. Longevity and onboarding in one FedAvg run: clinic-c trains up to round `LEAVES` and leaves
+2. Longevity and onboarding in one FedAvg run: clinic-c trains up to round `leaves` and leaves
    (its test MAE scored on every later round's weights: how long its information lasts); clinic-d
-   joins at round `JOINS` (its validation MAE per round against the founding clinics': how fast a
+   joins at round `joins` (its validation MAE per round against the founding clinics': how fast a
    new clinic catches up, and what the model did for it before it trained).
 3. Training time per round and in total: the sites' compute seconds against everything else
    (the orchestrator's timing), and the centralized run's seconds for the same training.
@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 CLINICS = ("clinic-a", "clinic-b", "clinic-c", "clinic-d")
-FULL = {"train": 40, "validation": 8, "test": 15, "rounds": 80, "epochs": 3, "batch_size": 8, "leaves": 40, "joins": 50}
+FULL = {"train": 40, "validation": 8, "test": 15, "rounds": 120, "epochs": 3, "batch_size": 8, "leaves": 60, "joins": 75}
 QUICK = {"train": 8, "validation": 2, "test": 3, "rounds": 3, "epochs": 1, "batch_size": 8, "leaves": 1, "joins": 2}
 STRATEGIES = {"fedavg": {}, "fedprox": {"mu": 0.01}}
 METRICS = ("mae_kg", "mae_cm", "p10_weight", "p20_weight", "p10_height", "p20_height")

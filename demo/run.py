@@ -57,8 +57,8 @@ def benchmark_programmes() -> tuple[Any, ...]:
                   f"is the weight MAE (kg) on held-out patients. {simulated}",
                   BENCHMARK_RESULTS / "body_size_federation"),
         Programme("body_size_membership", "Weight and height: a clinic leaving, a clinic joining",
-                  "FedAvg on the same clinics; clinic-c trains up to round 10 and leaves (its test MAE on every later "
-                  f"round's weights), clinic-d joins at round 12. {simulated}",
+                  "FedAvg on the same clinics; clinic-c trains up to round 60 and leaves (its test MAE on every later "
+                  f"round's weights), clinic-d joins at round 75. {simulated}",
                   BENCHMARK_RESULTS / "body_size_federation" / "membership"),
     )
     return tuple(p for p in programmes if (p.folder / "comparison.json").is_file())
