@@ -166,3 +166,27 @@ def test_training_with_one_sample_per_step_is_refused_before_it_runs(site: LiveS
               "optimizer": "sgd", "seed": 0, "max_steps": 1}
     with pytest.raises(Exception, match="batch_size 1 is below this site's minimum of 8 samples per step"):
         call_site_task(ds, asset, "local_train", "ledger", params)
+
+
+def test_model_widths_outside_the_domain_s_range_or_for_a_fixed_model_are_refused_at_the_live_site(site: LiveSite) -> None:
+    """FedMA's `widths` set the size of what a training run releases: a data scientist asking for a
+    wider model than the domain declares, or widths for a domain with a fixed model, is refused
+    before anything runs; widths that fit but weights that do not are withheld, uniformly."""
+    from datasite_setup.model_weights import exchanged_weights
+    from domains import get_domain
+
+    ds, asset = approved(site, "scanners", "local_train", "widths", max_runs=3)
+    domain = get_domain("mr_translation")
+    base = {"domain": "mr_translation", "weights": exchanged_weights(domain.build_model()), "epochs": 1, "batch_size": 8,
+            "lr": 1e-3, "optimizer": "adam", "seed": 0, "split": "all"}
+    wide = {**domain.max_widths, "bottleneck": 10 * domain.max_widths["bottleneck"]}
+    with pytest.raises(Exception, match=r"widths\['bottleneck'\] = 480 is outside 32-48"):
+        call_site_task(ds, asset, "local_train", "widths", {**base, "widths": wide})
+    with pytest.raises(Exception, match="domain brain_mr_segmentation has a fixed model; it takes no widths"):
+        call_site_task(ds, asset, "local_train", "widths", {**base, "domain": "brain_mr_segmentation", "widths": wide})
+    with pytest.raises(Exception, match=WITHHELD) as withheld:  # base-sized weights for a grown model: the run fails
+        call_site_task(ds, asset, "local_train", "widths", {**base, "widths": dict(domain.max_widths)})
+    reference = str(withheld.value).rsplit("reference ", 1)[1].rstrip(")").strip()
+    (entry,) = [e for e in audit(site, "refused-run") if e["reference"] == reference]
+    assert entry["widths"] == dict(domain.max_widths) and "has shape" in json.dumps(entry)
+    assert not any(e.get("widths") == wide for e in audit(site, "ran"))

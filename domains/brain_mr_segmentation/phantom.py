@@ -425,6 +425,16 @@ def write_rtstruct(case: PhantomCase, series_files: list[Path], path: str | Path
     return path
 
 
+def fresh_case_dir(case_dir: Path, overwrite: bool) -> Path:
+    """`case_dir`, emptied if `overwrite`, refused if it exists otherwise: stale randomly named
+    slices left in it would silently join a series."""
+    if case_dir.exists():
+        if not overwrite:
+            raise FileExistsError(f"{case_dir} already exists; choose an empty out_dir or pass overwrite=True")
+        shutil.rmtree(case_dir)
+    return case_dir
+
+
 def write_phantom_site(
     profile: str | ScannerProfile,
     out_dir: str | Path,
@@ -451,11 +461,7 @@ def write_phantom_site(
     case_dirs = []
     for i in tqdm(range(n_cases), desc=f"phantom {profile.name}", unit="case", disable=n_cases < PROGRESS_FROM_CASES):
         case_id = f"{profile.name}-{i + 1:04d}"
-        case_dir = out_dir / case_id
-        if case_dir.exists():
-            if not overwrite:
-                raise FileExistsError(f"{case_dir} already exists; choose an empty out_dir or pass overwrite=True")
-            shutil.rmtree(case_dir)
+        case_dir = fresh_case_dir(out_dir / case_id, overwrite)
         rng = np.random.default_rng(case_seeds[i])
         case = generate_case(profile, rng)
         series = write_dicom_series(case, profile, case_dir / "image", f"PHANTOM^{case_id}", case_id, rng)

@@ -13,7 +13,6 @@ of reference, with sequence tags matching its contrast.
 
 from __future__ import annotations
 
-import shutil
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -22,7 +21,9 @@ import numpy as np
 import pydicom
 from tqdm import tqdm
 
-from domains.brain_mr_segmentation.phantom import IDENTITY_DIRECTION, PhantomCase, write_dicom_series, write_nifti_mask, write_rtstruct
+from domains.brain_mr_segmentation.phantom import (
+    IDENTITY_DIRECTION, PhantomCase, fresh_case_dir, write_dicom_series, write_nifti_mask, write_rtstruct,
+)
 from domains.case_record import make_case_record
 from domains.mr_translation.anatomy import draw_anatomy, smooth_field
 from domains.mr_translation.contrasts import render_contrast, tissue_signal
@@ -143,11 +144,7 @@ def write_phantom_site(profile: str | PairedProfile, out_dir: str | Path, n_case
     case_dirs = []
     for i in tqdm(range(n_cases), desc=f"paired phantom {profile.name}", unit="case", disable=n_cases < PROGRESS_FROM_CASES):
         case_id = f"{profile.name}-{i + 1:04d}"
-        case_dir = out_dir / case_id
-        if case_dir.exists():
-            if not overwrite:
-                raise FileExistsError(f"{case_dir} already exists; choose an empty out_dir or pass overwrite=True")
-            shutil.rmtree(case_dir)
+        case_dir = fresh_case_dir(out_dir / case_id, overwrite)
         rng = np.random.default_rng(case_seeds[i])
         write_case(generate_pair(profile, rng), profile, case_dir, case_id, rng, mask_format)
         case_dirs.append(case_dir)
