@@ -21,20 +21,18 @@ from typing import Any
 import numpy as np
 import pydicom
 import SimpleITK as sitk
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.sequence import Sequence
-from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, PYDICOM_IMPLEMENTATION_UID, RTStructureSetStorage, generate_uid
+from pydicom.dataset import Dataset
+from pydicom.uid import MRImageStorage, generate_uid
 from pydicom.valuerep import DSfloat
 from scipy.ndimage import gaussian_filter
 from scipy.spatial.transform import Rotation
-from skimage.measure import find_contours
 from tqdm import tqdm
 
 from domains.case_record import make_case_record
 from domains.brain_mr_segmentation.scanner_profiles import PROFILES, ScannerProfile
+from domains.rtstruct_export import Structure, file_meta, write_structure_set
 
 IDENTITY_DIRECTION = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
-STUDY_COMPONENT_MANAGEMENT = "1.2.840.10008.3.1.2.3.1"
 PROGRESS_FROM_CASES = 20
 
 # Tissue intensities of a FLAIR-like contrast in tissue units: CSF suppressed, grey brighter than
@@ -210,16 +208,6 @@ def _random_date(rng: np.random.Generator, first_year: int, last_year: int) -> s
     return (start + dt.timedelta(days=int(rng.integers(0, days + 1)))).strftime("%Y%m%d")
 
 
-def _file_meta(sop_class: str, sop_instance: str) -> FileMetaDataset:
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = sop_class
-    meta.MediaStorageSOPInstanceUID = sop_instance
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
-    meta.ImplementationVersionName = "MEDFED_PHANTOM"
-    return meta
-
-
 def _slice_positions(case: PhantomCase) -> list[list[float]]:
     """ImagePositionPatient of every slice: origin plus k slice steps along the slice normal."""
     direction = np.array(case.direction).reshape(3, 3)
@@ -252,7 +240,7 @@ def write_dicom_series(case: PhantomCase, profile: ScannerProfile, out_dir: str 
     for k, position in enumerate(_slice_positions(case)):
         sop_uid = _uid(rng)
         ds = Dataset()
-        ds.file_meta = _file_meta(MRImageStorage, sop_uid)
+        ds.file_meta = file_meta(MRImageStorage, sop_uid)
         ds.SpecificCharacterSet = "ISO_IR 100"
         ds.ImageType = ["ORIGINAL", "PRIMARY", "M", "ND"]
         ds.SOPClassUID = MRImageStorage
@@ -322,20 +310,6 @@ def write_nifti_mask(case: PhantomCase, path: str | Path) -> Path:
     return path
 
 
-def _contours_mm(mask_slice: np.ndarray, position: np.ndarray, case: PhantomCase) -> list[np.ndarray]:
-    """Closed outlines of one mask slice as [N, 3] patient coordinates; the zero border makes
-    blobs touching the image edge close, and the repeated last point is dropped because
-    CLOSED_PLANAR closes implicitly."""
-    direction = np.array(case.direction).reshape(3, 3)
-    _, spacing_y, spacing_x = case.spacing
-    outlines = []
-    for contour in find_contours(np.pad(mask_slice.astype(float), 1), 0.5):
-        rows, cols = contour[:-1, 0] - 1, contour[:-1, 1] - 1
-        points = position + np.outer(cols * spacing_x, direction[:, 0]) + np.outer(rows * spacing_y, direction[:, 1])
-        outlines.append(points)
-    return outlines
-
-
 def write_rtstruct(case: PhantomCase, series_files: list[Path], path: str | Path) -> Path:
     """An RT Structure Set with one ROI "GTV" outlining `case.mask` on the given series.
 
@@ -343,86 +317,8 @@ def write_rtstruct(case: PhantomCase, series_files: list[Path], path: str | Path
     tumour still gets the ROI, with no contours, as planning systems write it.
     """
     headers = [pydicom.dcmread(file, stop_before_pixels=True) for file in series_files]
-    if len(headers) != case.mask.shape[0]:
-        raise ValueError(f"series has {len(headers)} files but the mask has {case.mask.shape[0]} slices")
-    normal = np.array(case.direction).reshape(3, 3)[:, 2]
-    by_position = {round(float(np.dot(header.ImagePositionPatient, normal)), 2): header for header in headers}
-    first = headers[0]
-    series_uid = str(first.SeriesInstanceUID)
-    sop_uid = generate_uid(entropy_srcs=[series_uid, "rtstruct-sop"])
-
-    def image_reference(header: Dataset) -> Dataset:
-        item = Dataset()
-        item.ReferencedSOPClassUID = header.SOPClassUID
-        item.ReferencedSOPInstanceUID = header.SOPInstanceUID
-        return item
-
-    ds = Dataset()
-    ds.file_meta = _file_meta(RTStructureSetStorage, sop_uid)
-    ds.SpecificCharacterSet = "ISO_IR 100"
-    ds.SOPClassUID = RTStructureSetStorage
-    ds.SOPInstanceUID = sop_uid
-    for keyword in ("StudyDate", "StudyTime", "AccessionNumber", "ReferringPhysicianName", "StudyDescription", "PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyInstanceUID", "StudyID", "InstitutionName"):
-        setattr(ds, keyword, first.get(keyword, ""))
-    ds.Modality = "RTSTRUCT"
-    ds.Manufacturer = "MEDFED PHANTOM"
-    ds.SeriesDescription = "Tumour outline"
-    ds.SeriesInstanceUID = generate_uid(entropy_srcs=[series_uid, "rtstruct-series"])
-    ds.SeriesNumber = 99
-    ds.InstanceNumber = 1
-    ds.StructureSetLabel = "GTV"
-    ds.StructureSetDate = first.StudyDate
-    ds.StructureSetTime = "120000"
-
-    series_ref = Dataset()
-    series_ref.SeriesInstanceUID = series_uid
-    series_ref.ContourImageSequence = Sequence([image_reference(header) for header in headers])
-    study_ref = Dataset()
-    study_ref.ReferencedSOPClassUID = STUDY_COMPONENT_MANAGEMENT
-    study_ref.ReferencedSOPInstanceUID = first.StudyInstanceUID
-    study_ref.RTReferencedSeriesSequence = Sequence([series_ref])
-    frame_ref = Dataset()
-    frame_ref.FrameOfReferenceUID = first.FrameOfReferenceUID
-    frame_ref.RTReferencedStudySequence = Sequence([study_ref])
-    ds.ReferencedFrameOfReferenceSequence = Sequence([frame_ref])
-
-    roi = Dataset()
-    roi.ROINumber = 1
-    roi.ReferencedFrameOfReferenceUID = first.FrameOfReferenceUID
-    roi.ROIName = "GTV"
-    roi.ROIGenerationAlgorithm = "MANUAL"
-    ds.StructureSetROISequence = Sequence([roi])
-
-    contours = []
-    for k, position in enumerate(_slice_positions(case)):
-        if not case.mask[k].any():
-            continue
-        header = by_position[round(float(np.dot(position, normal)), 2)]
-        for points in _contours_mm(case.mask[k], np.array(position), case):
-            contour = Dataset()
-            contour.ContourImageSequence = Sequence([image_reference(header)])
-            contour.ContourGeometricType = "CLOSED_PLANAR"
-            contour.NumberOfContourPoints = len(points)
-            contour.ContourData = [round(float(v), 3) for v in points.ravel()]
-            contours.append(contour)
-    roi_contour = Dataset()
-    roi_contour.ROIDisplayColor = [255, 0, 0]
-    roi_contour.ReferencedROINumber = 1
-    if contours:
-        roi_contour.ContourSequence = Sequence(contours)
-    ds.ROIContourSequence = Sequence([roi_contour])
-
-    observation = Dataset()
-    observation.ObservationNumber = 1
-    observation.ReferencedROINumber = 1
-    observation.RTROIInterpretedType = "GTV"
-    observation.ROIInterpreter = ""
-    ds.RTROIObservationsSequence = Sequence([observation])
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    ds.save_as(path, enforce_file_format=True)
-    return path
+    gtv = Structure("GTV", case.mask, (255, 0, 0), "GTV")
+    return write_structure_set(headers, [gtv], path, label="GTV", description="Tumour outline", series_number=99)
 
 
 def fresh_case_dir(case_dir: Path, overwrite: bool) -> Path:

@@ -28,26 +28,18 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import SimpleITK as sitk
-from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.dataset import Dataset
 from pydicom.pixels import pack_bits
 from pydicom.sequence import Sequence as DicomSequence
-from pydicom.uid import (
-    PYDICOM_IMPLEMENTATION_UID,
-    CTImageStorage,
-    ExplicitVRLittleEndian,
-    RTStructureSetStorage,
-    SegmentationStorage,
-    generate_uid,
-)
+from pydicom.uid import CTImageStorage, SegmentationStorage, generate_uid
 from pydicom.valuerep import DSfloat
-from skimage.measure import find_contours
 from tqdm import tqdm
 
 from domains.liver_ct_segmentation.phantom import LESION, LIVER, PhantomCTCase, case_id_of, case_seeds, generate_case, profile_named
 from domains.liver_ct_segmentation.scanner_profiles import CTScannerProfile
+from domains.rtstruct_export import Structure, copy_patient_and_study, file_meta, image_reference, write_structure_set
 
 MASK_FORMATS = ("seg", "rtstruct", "nifti")
-STUDY_COMPONENT_MANAGEMENT = "1.2.840.10008.3.1.2.3.1"
 PROGRESS_FROM_CASES = 20
 
 _ABDOMEN_WINDOW = (40.0, 400.0)  # WindowCenter, WindowWidth (HU) of the soft-tissue window
@@ -65,16 +57,6 @@ def _uid(rng: np.random.Generator) -> str:
 def _random_date(rng: np.random.Generator, first_year: int, last_year: int) -> dt.date:
     start = dt.date(first_year, 1, 1)
     return start + dt.timedelta(days=int(rng.integers(0, (dt.date(last_year, 12, 31) - start).days + 1)))
-
-
-def _file_meta(sop_class: str, sop_instance: str) -> FileMetaDataset:
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = sop_class
-    meta.MediaStorageSOPInstanceUID = sop_instance
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
-    meta.ImplementationVersionName = "MEDFED_PHANTOM"
-    return meta
 
 
 def _ds(value: float) -> DSfloat:
@@ -115,7 +97,7 @@ def write_ct_series(case: PhantomCTCase, profile: CTScannerProfile, out_dir: str
     for k, position in enumerate(_slice_positions(case)):
         sop_uid = _uid(rng)
         ds = Dataset()
-        ds.file_meta = _file_meta(CTImageStorage, sop_uid)
+        ds.file_meta = file_meta(CTImageStorage, sop_uid)
         ds.SpecificCharacterSet = "ISO_IR 100"
         ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
         ds.SOPClassUID = CTImageStorage
@@ -202,21 +184,6 @@ def _code(value: tuple[str, str, str]) -> Dataset:
     return item
 
 
-def _image_reference(header: Dataset) -> Dataset:
-    item = Dataset()
-    item.ReferencedSOPClassUID = header.SOPClassUID
-    item.ReferencedSOPInstanceUID = header.SOPInstanceUID
-    return item
-
-
-def _copy_patient_and_study(target: Dataset, source: Dataset) -> None:
-    """Patient and study attributes a derived object (SEG, RTSTRUCT) shares with its images."""
-    for keyword in ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "PatientAge", "StudyInstanceUID",
-                    "StudyDate", "StudyTime", "AccessionNumber", "ReferringPhysicianName", "StudyDescription", "StudyID",
-                    "InstitutionName"):
-        setattr(target, keyword, source.get(keyword, ""))
-
-
 _SEGMENTS = (  # number, label, category, type, display colour (CIELab, DICOM-scaled)
     (LIVER, "liver", _SNOMED_ANATOMICAL_STRUCTURE, _SNOMED_LIVER, (40092, 37002, 49800)),
     (LESION, "lesion", _SNOMED_MORPHOLOGICALLY_ALTERED, _SNOMED_NEOPLASM, (43803, 47400, 24440)),
@@ -246,11 +213,11 @@ def write_seg(case: PhantomCTCase, series_files: Sequence[str | Path], path: str
     spacing_z, spacing_y, spacing_x = case.spacing
 
     ds = Dataset()
-    ds.file_meta = _file_meta(SegmentationStorage, sop_uid)
+    ds.file_meta = file_meta(SegmentationStorage, sop_uid)
     ds.SpecificCharacterSet = "ISO_IR 100"
     ds.SOPClassUID = SegmentationStorage
     ds.SOPInstanceUID = sop_uid
-    _copy_patient_and_study(ds, first)
+    copy_patient_and_study(ds, first)
     ds.SeriesDate = ds.ContentDate = first.StudyDate
     ds.SeriesTime = ds.ContentTime = "120000"
     ds.Modality = "SEG"
@@ -292,7 +259,7 @@ def write_seg(case: PhantomCTCase, series_files: Sequence[str | Path], path: str
 
     referenced_series = Dataset()
     referenced_series.SeriesInstanceUID = series_uid
-    referenced_series.ReferencedInstanceSequence = DicomSequence([_image_reference(header) for header in headers])
+    referenced_series.ReferencedInstanceSequence = DicomSequence([image_reference(header) for header in headers])
     ds.ReferencedSeriesSequence = DicomSequence([referenced_series])
 
     organisation = Dataset()
@@ -346,7 +313,7 @@ def _seg_frame(segment_number: int, slice_index: int, header: Dataset) -> Datase
     segment.ReferencedSegmentNumber = segment_number
     position = Dataset()
     position.ImagePositionPatient = header.ImagePositionPatient
-    source = _image_reference(header)
+    source = image_reference(header)
     source.PurposeOfReferenceCodeSequence = DicomSequence([_code(("121322", "DCM", "Source image for image processing operation"))])
     source.SpatialLocationsPreserved = "YES"
     derivation = Dataset()
@@ -360,19 +327,6 @@ def _seg_frame(segment_number: int, slice_index: int, header: Dataset) -> Datase
     return frame
 
 
-def _contours_mm(mask_slice: np.ndarray, position: np.ndarray, case: PhantomCTCase) -> list[np.ndarray]:
-    """Closed outlines of one binary slice as [N, 3] patient coordinates: outer boundaries and
-    holes alike, so even-odd filling gives the slice back. The zero border closes blobs touching
-    the image edge; the repeated last point is dropped because CLOSED_PLANAR closes implicitly."""
-    direction = np.array(case.direction).reshape(3, 3)
-    _, spacing_y, spacing_x = case.spacing
-    outlines = []
-    for contour in find_contours(np.pad(mask_slice.astype(float), 1), 0.5):
-        rows, cols = contour[:-1, 0] - 1, contour[:-1, 1] - 1
-        outlines.append(position + np.outer(cols * spacing_x, direction[:, 0]) + np.outer(rows * spacing_y, direction[:, 1]))
-    return outlines
-
-
 def write_rtstruct(case: PhantomCTCase, series_files: Sequence[str | Path], path: str | Path) -> Path:
     """An RT Structure Set with ROI 1 "liver" (mask >= 1, the organ envelope) and ROI 2 "lesion"
     (mask == 2), as CLOSED_PLANAR contours per slice in patient mm.
@@ -381,83 +335,11 @@ def write_rtstruct(case: PhantomCTCase, series_files: Sequence[str | Path], path
     even-odd filling combines. A case without lesions keeps the "lesion" ROI with no contours, as
     planning systems write it.
     """
-    headers = _series_headers(case, series_files)
-    first = headers[0]
-    series_uid = str(first.SeriesInstanceUID)
-    sop_uid = generate_uid(entropy_srcs=[series_uid, "rtstruct-sop"])
-
-    ds = Dataset()
-    ds.file_meta = _file_meta(RTStructureSetStorage, sop_uid)
-    ds.SpecificCharacterSet = "ISO_IR 100"
-    ds.SOPClassUID = RTStructureSetStorage
-    ds.SOPInstanceUID = sop_uid
-    _copy_patient_and_study(ds, first)
-    ds.Modality = "RTSTRUCT"
-    ds.Manufacturer = "MEDFED PHANTOM"
-    ds.OperatorsName = ""
-    ds.FrameOfReferenceUID = first.FrameOfReferenceUID
-    ds.PositionReferenceIndicator = ""
-    ds.SeriesDescription = "Liver and lesions"
-    ds.SeriesInstanceUID = generate_uid(entropy_srcs=[series_uid, "rtstruct-series"])
-    ds.SeriesNumber = 301
-    ds.InstanceNumber = 1
-    ds.StructureSetLabel = "LIVER"
-    ds.StructureSetDate = first.StudyDate
-    ds.StructureSetTime = "120000"
-
-    series_ref = Dataset()
-    series_ref.SeriesInstanceUID = series_uid
-    series_ref.ContourImageSequence = DicomSequence([_image_reference(header) for header in headers])
-    study_ref = Dataset()
-    study_ref.ReferencedSOPClassUID = STUDY_COMPONENT_MANAGEMENT
-    study_ref.ReferencedSOPInstanceUID = first.StudyInstanceUID
-    study_ref.RTReferencedSeriesSequence = DicomSequence([series_ref])
-    frame_ref = Dataset()
-    frame_ref.FrameOfReferenceUID = first.FrameOfReferenceUID
-    frame_ref.RTReferencedStudySequence = DicomSequence([study_ref])
-    ds.ReferencedFrameOfReferenceSequence = DicomSequence([frame_ref])
-
-    rois, roi_contours, observations = [], [], []
-    positions = _slice_positions(case)
-    for (number, binary), (name, colour, interpreted) in zip(_segment_masks(case).items(),
-                                                            (("liver", [221, 130, 101], "ORGAN"), ("lesion", [255, 255, 0], "GTV"))):
-        roi = Dataset()
-        roi.ROINumber = number
-        roi.ReferencedFrameOfReferenceUID = first.FrameOfReferenceUID
-        roi.ROIName = name
-        roi.ROIGenerationAlgorithm = "MANUAL"
-        rois.append(roi)
-        contours = []
-        for k, header in enumerate(headers):
-            if not binary[k].any():
-                continue
-            for points in _contours_mm(binary[k], np.array(positions[k]), case):
-                contour = Dataset()
-                contour.ContourImageSequence = DicomSequence([_image_reference(header)])
-                contour.ContourGeometricType = "CLOSED_PLANAR"
-                contour.NumberOfContourPoints = len(points)
-                contour.ContourData = [round(float(v), 3) for v in points.ravel()]
-                contours.append(contour)
-        roi_contour = Dataset()
-        roi_contour.ROIDisplayColor = colour
-        roi_contour.ReferencedROINumber = number
-        if contours:
-            roi_contour.ContourSequence = DicomSequence(contours)
-        roi_contours.append(roi_contour)
-        observation = Dataset()
-        observation.ObservationNumber = number
-        observation.ReferencedROINumber = number
-        observation.RTROIInterpretedType = interpreted
-        observation.ROIInterpreter = ""
-        observations.append(observation)
-    ds.StructureSetROISequence = DicomSequence(rois)
-    ds.ROIContourSequence = DicomSequence(roi_contours)
-    ds.RTROIObservationsSequence = DicomSequence(observations)
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    ds.save_as(path, enforce_file_format=True)
-    return path
+    masks = _segment_masks(case)
+    structures = [Structure("liver", masks[LIVER], (221, 130, 101), "ORGAN"),
+                  Structure("lesion", masks[LESION], (255, 255, 0), "GTV")]
+    return write_structure_set(_series_headers(case, series_files), structures, path, label="LIVER",
+                               description="Liver and lesions", series_number=301)
 
 
 def write_nifti_mask(case: PhantomCTCase, path: str | Path) -> Path:
