@@ -156,10 +156,10 @@ def main(argv: list[str] | None = None) -> int:
                 print(json.dumps(budgets, indent=2))
             else:
                 print(f"budget per data scientist: epsilon {budgets['limit']:g}; update noise {budgets['update_dp']}; "
-                      f"DP-SGD {budgets['sample_dp']}")
+                      f"DP-SGD {budgets['sample_dp']}; evaluation noise {budgets['evaluation_dp']}")
                 for row in budgets["data_scientists"]:
                     print(f"{row['email']:32} spent {row['spent']:.4g}, left {row['remaining']:.4g} "
-                          f"(model updates: epsilon {row['model_updates_epsilon']:.4g})")
+                          f"(noised updates and evaluations: epsilon {row['gaussian_epsilon']:.4g})")
             return EXIT_OK
         from datasite_setup.connection import admin_client
 

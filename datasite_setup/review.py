@@ -116,20 +116,23 @@ def list_tasks(config: SiteConfig) -> list[dict[str, Any]]:
 
 def privacy_budgets(config: SiteConfig) -> dict[str, Any]:
     """The site's differential-privacy settings and, per data scientist who has spent any, the
-    budget spent and left, and the epsilon of the model updates released to her (RDP-composed)."""
+    budget spent and left, and the epsilon of the Gaussian releases she has had - noised model
+    updates, DP-SGD runs and noised evaluations - RDP-composed (`gaussian_epsilon`), with their
+    uses as (noise multiplier, sample rate, count)."""
     from datasite_setup.disclosure import PrivacyBudget, UpdateAccountant
 
     privacy = config.privacy
     budget = PrivacyBudget(config.data_dir / "privacy_budget.json", privacy.dp_epsilon_budget)
-    delta = next((dp.delta for dp in (privacy.update_dp, privacy.sample_dp) if dp is not None), 1e-5)
+    delta = next((dp.delta for dp in (privacy.update_dp, privacy.sample_dp, privacy.evaluation_dp) if dp is not None), 1e-5)
     accountant = UpdateAccountant.at_site(config.data_dir, delta)
     people = sorted(set((read_json(budget.path) or {}).get("spent", {})) | set((read_json(accountant.path) or {}).get("history", {})))
     return {
         "limit": budget.limit,
         "update_dp": None if privacy.update_dp is None else asdict(privacy.update_dp),
         "sample_dp": None if privacy.sample_dp is None else asdict(privacy.sample_dp),
+        "evaluation_dp": None if privacy.evaluation_dp is None else asdict(privacy.evaluation_dp),
         "data_scientists": [{"email": who, "spent": round(budget.spent(who), 6), "remaining": round(budget.limit - budget.spent(who), 6),
-                             "model_updates_epsilon": round(accountant.epsilon(who), 6), "model_update_uses": accountant.history(who)}
+                             "gaussian_epsilon": round(accountant.epsilon(who), 6), "gaussian_uses": accountant.history(who)}
                             for who in people],
     }
 

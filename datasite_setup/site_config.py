@@ -39,6 +39,9 @@ Example::
     # noise_multiplier = 1.0            # noise std on each step's sum = noise_multiplier x max_grad_norm
     # max_grad_norm = 1.0               # each sample's gradient clipped to this L2 norm
     # delta = 1e-5
+    # [privacy.evaluation_dp]           # optional: every evaluation leaves noised (a model is a query on labels)
+    # noise_multiplier = 4.0            # per evaluation; counts scaled by what one case can add (domain bounds)
+    # delta = 1e-5                      # as update_dp's / sample_dp's when both are set
 
     # [secure_aggregation]              # optional: model updates leave only masked, summable with peers'
     # peers = { hospital-b = "<64 hex: its datasite-admin secure-aggregation-key>" }
@@ -70,7 +73,7 @@ from pathlib import Path
 from typing import Any
 
 from datasite_setup.case_splits import DEFAULT_FRACTIONS, check_fractions
-from datasite_setup.disclosure import FILTERS, SampleNoise, UpdateNoise
+from datasite_setup.disclosure import FILTERS, EvaluationNoise, SampleNoise, UpdateNoise
 
 _EMAIL = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
 _SITE_NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
@@ -96,6 +99,7 @@ class PrivacySettings:
     filters: tuple[str, ...] = FILTERS
     update_dp: UpdateNoise | None = None  # [privacy.update_dp]: every model update leaves clipped and noised
     sample_dp: SampleNoise | None = None  # [privacy.sample_dp]: every training run is DP-SGD
+    evaluation_dp: EvaluationNoise | None = None  # [privacy.evaluation_dp]: every evaluation leaves noised
 
 
 @dataclass(frozen=True)
@@ -198,12 +202,21 @@ def _privacy_settings(privacy: dict[str, Any], path: Path) -> PrivacySettings:
                                             ("delta",), path))
     if update_dp is not None and sample_dp is not None:
         raise SiteConfigError(f"{path}: 'privacy.update_dp' and 'privacy.sample_dp' are alternatives; keep one")
+    evaluation_dp = None
+    if "evaluation_dp" in privacy:
+        evaluation_dp = EvaluationNoise(**_dp_table(privacy["evaluation_dp"], "evaluation_dp", ("noise_multiplier",), ("delta",), path))
+        training = update_dp or sample_dp
+        if training is not None and training.delta != evaluation_dp.delta:
+            raise SiteConfigError(f"{path}: 'privacy.evaluation_dp.delta' must equal the training one ({training.delta:g}): "
+                                  "one accountant composes both at one delta")
     return PrivacySettings(min_cohort=min_cohort, min_batch=min_batch, dp_epsilon_budget=float(budget),
-                           filters=tuple(f for f in FILTERS if f in filters), update_dp=update_dp, sample_dp=sample_dp)
+                           filters=tuple(f for f in FILTERS if f in filters), update_dp=update_dp, sample_dp=sample_dp,
+                           evaluation_dp=evaluation_dp)
 
 
 def _dp_table(table: Any, name: str, required: tuple[str, ...], optional: tuple[str, ...], path: Path) -> dict[str, float]:
-    """A [privacy.update_dp] or [privacy.sample_dp] table: positive finite numbers, delta in (0, 1)."""
+    """A [privacy.update_dp], [privacy.sample_dp] or [privacy.evaluation_dp] table: positive finite
+    numbers, delta in (0, 1)."""
     table = _typed(table, dict, f"privacy.{name}", path)
     unknown = sorted(set(table) - set(required) - set(optional))
     if unknown:

@@ -31,7 +31,10 @@ private release whatever the request asks: one more release is charged to the bu
 run (its epsilon composed with the earlier ones, `disclosure.update_accountant`), and the update
 leaves clipped and noised (`disclosure.update_noise`), its training loss withheld. At a site with
 `[privacy.sample_dp]` every training run is DP-SGD (`site_tasks.dp_sgd`); its sampling rate and
-steps are known after the run, so it is charged then, and its weights leave only if that fits.
+steps are known after the run, so it is charged then, and its weights leave only if that fits. At a
+site with `[privacy.evaluation_dp]` every `evaluate` is charged before it runs and leaves with its
+counts noised (`disclosure.evaluation_noise`): the model it scores is a query of the data
+scientist's choosing on the site's labels.
 
 syft also runs the function a second time on the mock twin of the inputs; that run returns a
 placeholder without executing anything, so the site never spends compute on it.
@@ -47,8 +50,8 @@ from typing import Any
 from datasite_setup import audit_log
 from datasite_setup.case_store import STORE_DIR, CaseSource, cases_of_manifest
 from datasite_setup.disclosure import (
-    DP_SCALARS, BudgetExhausted, Policy, PrivacyBudget, Released, ReleaseRefused, SampleNoiseMismatch, UpdateAccountant,
-    dp_epsilon, read_task_release, update_noise_problems,
+    DP_SCALARS, NOISE_SCALAR, BudgetExhausted, Policy, PrivacyBudget, Released, ReleaseRefused, SampleNoiseMismatch,
+    UpdateAccountant, dp_epsilon, evaluation_noise_problem, read_task_release, update_noise_problems,
 )
 from datasite_setup.isolation import Limits, run_isolated, start_fork_server
 from datasite_setup.output_contracts import AggregatesContract, ContractViolation, ScalarsContract, WeightsContract
@@ -64,6 +67,7 @@ from domains.case_manifest import is_manifest, read_manifest
 from domains.case_record import is_mock_case
 
 MOCK_PLACEHOLDER = {"mock_run": True}
+EVALUATE = "evaluate"  # the site task whose results `[privacy.evaluation_dp]` noises
 
 _TASK_FUNCTION = "run_task_in_sandbox"
 _TASK_HARNESS = f'''
@@ -207,6 +211,11 @@ def _plan(config: SiteConfig, code: Any, kwargs: dict[str, Any], who: str) -> tu
     problems = task.problems(params, facts)
     if not problems and (issue := update_noise_problems(params, config.privacy.update_dp)):
         problems = [issue]
+    if not problems and task.name == EVALUATE and config.privacy.evaluation_dp is not None:
+        from domains import get_domain
+
+        if issue := evaluation_noise_problem(get_domain(params["domain"])):
+            problems = [issue]
     contract = None if problems else task.contract(params, facts)
     if isinstance(contract, WeightsContract) and (issue := _secure_aggregation_problem(config, params, who)):
         problems = [issue]
@@ -237,18 +246,19 @@ def _charge_privacy_budget(config: SiteConfig, params: dict[str, Any], who: str,
                     "remaining": round(remaining, 6)})
 
 
-def _charge_training(config: SiteConfig, who: str, label: str, uses: list[tuple[float, float, int]], delta: float) -> float:
-    """Charge a model update's uses of the Gaussian mechanism to `who`'s budget (RDP-composed with
-    the earlier ones); return their epsilon."""
+def _charge_training(config: SiteConfig, who: str, label: str, uses: list[tuple[float, float, int]], delta: float,
+                     kind: str = "update_dp") -> float:
+    """Charge a model update's (or, `kind` "evaluation_dp", an evaluation's) uses of the Gaussian
+    mechanism to `who`'s budget (RDP-composed with the earlier ones); return their epsilon."""
     accountant = UpdateAccountant.at_site(config.data_dir, delta)
     budget = _budget(config)
     try:
         epsilon = accountant.charge(who, uses, budget)
     except BudgetExhausted as exc:
-        _audit(config, {"action": "refused-budget", "what": label, "requested_by": who, "update_dp": True})
+        _audit(config, {"action": "refused-budget", "what": label, "requested_by": who, kind: True})
         raise SiteRefusal(str(exc)) from None
     _audit(config, {"action": "charged-budget", "what": label, "requested_by": who, "dp_epsilon": round(epsilon, 6),
-                    "update_dp": True, "remaining": round(budget.limit - budget.spent(who), 6)})
+                    kind: True, "remaining": round(budget.limit - budget.spent(who), 6)})
     return epsilon
 
 
@@ -281,9 +291,13 @@ def run_request(config: SiteConfig, code: Any, kwargs: dict[str, Any], who: str)
     trains = isinstance(contract, WeightsContract)
     update_dp = config.privacy.update_dp if trains else None
     sample_dp = config.privacy.sample_dp if trains else None
-    update_epsilon = None
+    evaluation_dp = config.privacy.evaluation_dp if label == f"task {EVALUATE}" else None
+    update_epsilon = evaluation_epsilon = None
     if update_dp is not None:
         update_epsilon = _charge_training(config, who, label, [(update_dp.release_multiplier(), 1.0, 1)], update_dp.delta)
+    if evaluation_dp is not None:
+        evaluation_epsilon = _charge_training(config, who, label, [(evaluation_dp.noise_multiplier, 1.0, 1)],
+                                              evaluation_dp.delta, kind="evaluation_dp")
     run_source, run_function = reporting(plan_source, plan_function)
     run_kwargs, granted, manifest_version = _with_case_sources(config, plan_kwargs)
     outcome = run_isolated(
@@ -310,6 +324,13 @@ def run_request(config: SiteConfig, code: Any, kwargs: dict[str, Any], who: str)
             result, released = policy.protect(result, params, cohorts)
         contract.check(result)
         policy.record(who, result, cohorts, released)
+        if evaluation_dp is not None:
+            from domains import get_domain
+
+            domain = get_domain(params["domain"])
+            result = evaluation_dp.protect(result, domain.evaluation_bounds, domain.metrics_from_counts)
+            contract = replace(contract, names=contract.names | {NOISE_SCALAR}, max_items=contract.max_items + 1)
+            contract.check(result)
         if update_dp is not None:
             result = update_dp.protect(result, params["weights"], float(params.get("dp_clip", update_dp.clip_norm)))
         if sample_dp is not None:
@@ -341,6 +362,8 @@ def run_request(config: SiteConfig, code: Any, kwargs: dict[str, Any], who: str)
         about.update(dp_sample_rate=result["scalars"]["dp_sample_rate"], dp_steps=result["scalars"]["steps"])
     if update_epsilon is not None:
         about["update_dp_epsilon"] = round(update_epsilon, 6)
+    if evaluation_epsilon is not None:
+        about["evaluation_dp_epsilon"] = round(evaluation_epsilon, 6)
     _audit(config, {"action": "ran", **about, "seconds": round(outcome.seconds, 2), "peak_rss_mb": outcome.peak_rss_mb,
                     "cpu_seconds": outcome.cpu_seconds, **released.audit_fields()})
     return result

@@ -184,8 +184,8 @@ def test_every_update_leaving_the_site_is_clipped_noised_charged_and_refused_pas
     budgets = json.loads(dp_site.admin("privacy-budget", "--json").stdout)
     assert budgets["update_dp"]["noise_multiplier"] == NOISE_MULTIPLIER and budgets["limit"] == 5e6
     (mine,) = budgets["data_scientists"]
-    assert mine["email"] == DS and mine["model_update_uses"] == [[NOISE_MULTIPLIER / 2, 1.0, 2]]
-    assert mine["spent"] == pytest.approx(second["scalars"]["dp_epsilon_spent"]) == pytest.approx(mine["model_updates_epsilon"])
+    assert mine["email"] == DS and mine["gaussian_uses"] == [[NOISE_MULTIPLIER / 2, 1.0, 2]]
+    assert mine["spent"] == pytest.approx(second["scalars"]["dp_epsilon_spent"]) == pytest.approx(mine["gaussian_epsilon"])
     log = [json.loads(line) for line in (dp_site.config.data_dir / "audit.log").read_text().splitlines()]
     charges = [e for e in log if e.get("update_dp")]
     assert [e["action"] for e in charges] == ["charged-budget", "charged-budget", "refused-budget", "refused-budget"]

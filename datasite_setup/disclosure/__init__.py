@@ -9,10 +9,13 @@ scientist has had, using the cohorts the task reports privately (`cohorts.py`). 
 have their own filter, chosen by `[privacy.update_dp]` (`update_noise.py`): clipped and noised at
 the site, their privacy loss composed per data scientist (`update_accountant.py`) and charged to
 the same budget; `[privacy.sample_dp]` makes training itself DP-SGD (`sample_noise.py`), accounted
-the same way.
+the same way. Evaluations have theirs, `[privacy.evaluation_dp]` (`evaluation_noise.py`): a model of
+the data scientist's choosing is a query on the labels, so its error sums leave noised, accounted
+the same way again.
 """
 
 from datasite_setup.disclosure.budget import BudgetExhausted, PrivacyBudget
+from datasite_setup.disclosure.evaluation_noise import NOISE_SCALAR, EvaluationNoise, evaluation_noise_problem
 from datasite_setup.disclosure.cohorts import (
     CohortRecord, LedgerRefused, ReleaseRefused, TaskDeclined, read_task_release,
 )
@@ -25,7 +28,7 @@ from datasite_setup.disclosure.update_accountant import UpdateAccountant
 from datasite_setup.disclosure.update_noise import DP_SCALARS, UpdateNoise, update_noise_problems
 
 __all__ = [
-    "DP_SCALARS", "FILTERS", "BudgetExhausted", "CohortRecord", "LedgerRefused", "Policy", "PrivacyBudget", "Released",
+    "DP_SCALARS", "FILTERS", "NOISE_SCALAR", "EvaluationNoise", "evaluation_noise_problem", "BudgetExhausted", "CohortRecord", "LedgerRefused", "Policy", "PrivacyBudget", "Released",
     "ReleaseLedger", "ReleaseRefused", "TaskDeclined", "dp_epsilon", "dp_problems", "protect", "read_task_release",
     "SampleNoise", "SampleNoiseMismatch", "UpdateAccountant", "UpdateNoise", "update_noise_problems",
 ]

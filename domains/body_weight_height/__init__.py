@@ -30,7 +30,9 @@ import torch
 
 from domains.body_weight_height.augmentation import DEFAULT_AUGMENTATION, FrameAugmentation, augment_frames
 from domains.body_weight_height.clinic_profiles import PROFILES, ClinicProfile, PatientMix
-from domains.body_weight_height.metrics import COUNT_KEYS, METRIC_KEYS, add_counts, error_counts, metrics_from_counts
+from domains.body_weight_height.metrics import (
+    COUNT_KEYS, EVALUATION_BOUNDS, METRIC_KEYS, add_counts, error_counts, metrics_from_counts,
+)
 from domains.body_weight_height.mock_cases import mock_cases
 from domains.body_weight_height.model import TARGETS, BodySizeNet, in_units, standardised
 from domains.body_weight_height.phantom import PhantomFrame, generate_frame, phantom_fleet, write_phantom_site
@@ -83,6 +85,7 @@ class BodyWeightHeight:
     evaluation_scalars = COUNT_KEYS | METRIC_KEYS
     primary_metric = "mae_kg"
     higher_is_better = False
+    evaluation_bounds = EVALUATION_BOUNDS  # what one patient adds to each count at most (noised evaluations)
 
     # Model inputs kept per frame (at most this many, ~24 KB each): every epoch and every evaluation
     # would otherwise find the table and resample the same frame again, most of a round's time.

@@ -1,0 +1,160 @@
+"""Evaluations as a query channel on the labels, and the site's answer: `[privacy.evaluation_dp]`.
+
+The attack: a body-size "model" that outputs the constant c for every frame makes the evaluation's
+weight-error sum S(c) = sum_i |c - w_i|, whose slope in c is (#patients below c) - (#above). Two
+evaluations a kilogram apart count the patients lighter than c; a sweep of c gives every patient's
+weight. Nothing about cohorts sees it: every evaluation covers the same cohort. In process (what a
+site without evaluation noise releases) the sweep recovers the weights; at a live site with
+evaluation noise every evaluation's counts carry the calibrated Gaussian noise, each is charged to
+the data scientist's budget (RDP-composed), the budget refuses further evaluations across a
+restart, and a domain that does not bound what one case adds to its counts is refused there.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any, Iterator
+
+import numpy as np
+import pytest
+import syft as sy
+import torch
+
+from analyses.site_requests import call_site_task
+from datasite_setup.disclosure.evaluation_noise import EvaluationNoise
+from datasite_setup.disclosure.update_accountant import composed_epsilon
+from datasite_setup.site_tasks import run_installed_task
+from domains.body_weight_height import DOMAIN, PROFILES, phantom_fleet
+from domains.body_weight_height.metrics import EVALUATION_BOUNDS, FIXED_POINT
+from domains.body_weight_height.model import standardised
+from tests.conftest import LiveSite, start_site
+from tests.test_datasite_server import asset_of
+from tests.test_disclosure_attacks import approved
+
+NOISE_MULTIPLIER, DELTA, EVALUATIONS = 0.2, 1e-5, 12  # little noise, so that it can be measured
+BUDGET = composed_epsilon([(NOISE_MULTIPLIER, 1.0, EVALUATIONS)], DELTA) * 1.0001  # exactly EVALUATIONS fit
+EVALUATION_DP = f"dp_epsilon_budget = {BUDGET!r}\n[privacy.evaluation_dp]\nnoise_multiplier = {NOISE_MULTIPLIER}\ndelta = {DELTA}\n"
+
+
+def frames(n: int) -> list[dict[str, Any]]:
+    profile = PROFILES["clinic-a"].with_size(96, 40)
+    return [{**frame.as_record(f"frame-{i}"), "split": "test"} for i, frame in enumerate(phantom_fleet(profile, n, 4))]
+
+
+def constant_model(weight_kg: float) -> dict[str, np.ndarray]:
+    """Weights of a body-size model whose estimate is (weight_kg, 170 cm) for every frame."""
+    torch.manual_seed(0)
+    model = DOMAIN.build_model()
+    weights = {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}
+    last = max(k for k in weights if k.startswith("head.") and k.endswith(".weight"))
+    weights[last][:] = 0.0
+    weights[last.replace("weight", "bias")][:] = standardised({"weight_kg": weight_kg, "height_cm": 170.0})
+    return weights
+
+
+def weight_error_sum(answer: dict[str, float]) -> float:
+    return answer["weight_abs_error_micro"] / FIXED_POINT
+
+
+def test_a_sweep_of_constant_models_gives_every_patient_s_weight_without_evaluation_noise() -> None:
+    """S(c) = sum_i min(|c - w_i|, 30 kg) bends by +2 at each patient's weight (and by -1 where an
+    error reaches the domain's clip): the bends of a 1 kg sweep locate every weight."""
+    cases = frames(6)
+    truth = sorted(case["labels"]["weight_kg"] for case in cases)
+    grid = np.arange(40.0, 151.0, 1.0)  # adult weights
+    sums = np.array([weight_error_sum(run_installed_task("evaluate", cases, {"domain": DOMAIN.name, "weights": constant_model(c),
+                                                                              "split": "test"}, min_cohort=5)) for c in grid])
+    bends = sums[2:] - 2 * sums[1:-1] + sums[:-2]
+    found, cluster = [], []
+    for c, bend in zip(grid[1:-1], bends):
+        if bend > 0.2:
+            cluster.append((c, bend))
+        elif cluster:
+            found.append(sum(c * b for c, b in cluster) / sum(b for _, b in cluster))
+            cluster = []
+    assert np.allclose(found, truth, atol=0.2)  # every weight, to 0.2 kg, from evaluations alone
+
+
+@pytest.fixture(scope="module")
+def noised_site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveSite]:
+    live = start_site(tmp_path_factory.mktemp("evaluation-dp-site"), "clinic-evaluation-dp", extra=EVALUATION_DP)
+    try:
+        cases = frames(6)
+        mock = [{**case, "case_id": f"mock-{i}", "image": np.zeros_like(case["image"]),
+                 "labels": {name: 0.0 for name in case["labels"]}} for i, case in enumerate(cases)]
+        dataset = sy.Dataset(name="frames", description="six depth frames with weight and height")
+        dataset.add_asset(sy.Asset(name="cases", data=cases, mock=mock))
+        assert not isinstance(live.admin_client().upload_dataset(dataset), sy.SyftError)
+        yield live
+    finally:
+        live.setup("down", check=False)
+
+
+def test_every_evaluation_leaves_noised_charged_and_refused_past_the_budget(noised_site: LiveSite) -> None:
+    cases = frames(6)
+    params = {"domain": DOMAIN.name, "weights": constant_model(80.0), "split": "test"}
+    exact = run_installed_task("evaluate", cases, params, min_cohort=5)
+    ds, asset = approved(noised_site, "frames", "evaluate", "noised", max_runs=EVALUATIONS + 2)
+    answers = [call_site_task(ds, asset, "evaluate", "noised", params) for _ in range(EVALUATIONS)]
+
+    sigma = NOISE_MULTIPLIER * math.sqrt(sum(bound > 0 for bound in EVALUATION_BOUNDS.values()))
+    for key in ("weight_abs_error_micro", "height_within_20pct"):  # far enough from 0 not to be floored
+        scaled = np.array([(a[key] - exact[key]) / EVALUATION_BOUNDS[key] for a in answers])
+        assert 0.5 * sigma < scaled.std(ddof=1) < 1.6 * sigma and abs(scaled.mean()) < 3 * sigma / math.sqrt(EVALUATIONS)
+    assert all(a["n_cases"] == 6 and a["dp_noise_multiplier"] == NOISE_MULTIPLIER for a in answers)
+    assert all(a["mae_kg"] == pytest.approx(max(0.0, round(a["weight_abs_error_micro"])) / FIXED_POINT / 6) for a in answers)
+    # even this little noise (SD sigma x 30 kg = 17 kg per evaluation) drowns a sweep's bends of 2 kg per
+    # patient: a second difference of three evaluations carries sqrt(6) x 17 = 42 kg of it
+    assert np.std([a["weight_abs_error_micro"] for a in answers]) / FIXED_POINT * math.sqrt(6) > 10 * 2
+
+    with pytest.raises(Exception, match="differential-privacy budget exhausted"):
+        call_site_task(ds, asset, "evaluate", "noised", params)
+    noised_site.setup("down")
+    noised_site.setup("up")
+    ds = noised_site.ds_client()
+    with pytest.raises(Exception, match="differential-privacy budget exhausted"):
+        call_site_task(ds, asset_of(ds, "frames"), "evaluate", "noised", params)
+    log = [json.loads(line) for line in (noised_site.config.data_dir / "audit.log").read_text().splitlines()]
+    charges = [e["action"] for e in log if e.get("evaluation_dp")]
+    assert charges == ["charged-budget"] * EVALUATIONS + ["refused-budget"] * 2
+    assert [e["evaluation_dp_epsilon"] > 0 for e in log if e.get("action") == "ran"] == [True] * EVALUATIONS
+
+
+def test_a_domain_that_does_not_bound_one_case_s_contribution_is_refused_at_a_noised_site(noised_site: LiveSite) -> None:
+    from datasite_setup.model_weights import exchanged_weights
+    from domains import get_domain
+
+    ds, asset = approved(noised_site, "frames", "evaluate", "unbounded", max_runs=1)
+    weights = exchanged_weights(get_domain("brain_mr_segmentation").build_model())
+    with pytest.raises(Exception, match="does not bound what one case adds to its evaluation counts"):
+        call_site_task(ds, asset, "evaluate", "unbounded", {"domain": "brain_mr_segmentation", "weights": weights, "split": "test"})
+
+
+def test_noise_is_scaled_per_count_by_what_one_case_adds_and_public_counts_leave_exact() -> None:
+    counts = {"n_cases": 10, "a": 5_000, "b": 3}
+    bounds = {"n_cases": 0.0, "a": 1_000.0, "b": 1.0}
+    draws = [EvaluationNoise(2.0).protect(counts, bounds, lambda c: {"share": c["b"] / c["n_cases"]},
+                                          np.random.default_rng(seed)) for seed in range(2000)]
+    assert {d["n_cases"] for d in draws} == {10.0}
+    sigma = 2.0 * math.sqrt(2)
+    assert np.std([d["a"] for d in draws]) == pytest.approx(sigma * 1_000, rel=0.06)
+    assert min(d["b"] for d in draws) == 0.0  # floored: a count is never negative
+    assert all(d["share"] == d["b"] / 10 for d in draws)
+    assert set(draws[0]) == {"n_cases", "a", "b", "share", "dp_noise_multiplier"}
+
+
+def test_the_site_config_reads_evaluation_privacy_and_one_delta_for_the_accountant(tmp_path) -> None:
+    from datasite_setup.site_config import SiteConfigError, load_site_config
+    from tests.conftest import write_site_config
+
+    def config(extra: str) -> Any:
+        return load_site_config(write_site_config(tmp_path, "site-eval-dp", 8081, extra=extra))
+
+    assert config("[privacy.evaluation_dp]\nnoise_multiplier = 4\n").privacy.evaluation_dp == EvaluationNoise(4.0, 1e-5)
+    both = "[privacy.update_dp]\nnoise_multiplier = 1\nclip_norm = 1\ndelta = 1e-6\n[privacy.evaluation_dp]\nnoise_multiplier = 4\n"
+    with pytest.raises(SiteConfigError, match="'privacy.evaluation_dp.delta' must equal the training one"):
+        config(both)
+    with pytest.raises(SiteConfigError, match="missing key 'privacy.evaluation_dp.noise_multiplier'"):
+        config("[privacy.evaluation_dp]\ndelta = 1e-5\n")
+    assert config("").privacy.evaluation_dp is None
