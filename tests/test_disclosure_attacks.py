@@ -6,6 +6,10 @@
 (c) combat_statistics: a covariate level held by one case put that case's features into X'Y.
 (d) local_train: batch_size 1, max_steps 1, lr 1 turned the update into one slice's label.
 
+Later release paths are attacked the same way: FedMA's model widths, and teacher-student training
+(a `teacher` of the data scientist's choosing labels the site's unlabelled cases; nothing about
+them but their count may leave, and no split evaluates a pseudo-label).
+
 The task-level rules run in-process; the attacks run against one live datasite (minimum cohort 5)
 shared by the module, holding eight small cases and a re-upload of seven of them.
 """
@@ -86,12 +90,26 @@ def upload(site: LiveSite, name: str, cases: list[dict[str, Any]]) -> None:
     assert not isinstance(site.admin_client().upload_dataset(dataset), sy.SyftError)
 
 
+def upload_partly_labelled(site: LiveSite, name: str, cases: list[dict[str, Any]], labelled: int) -> None:
+    """`cases` as a training split whose first `labelled` cases carry masks; the others are
+    unlabelled (no mask), as scans nobody has contoured yet."""
+    private = [{**case, "split": "train"} if i < labelled else
+               {**{k: v for k, v in case.items() if k != "mask"}, "split": "train", "labelled": False}
+               for i, case in enumerate(cases)]
+    mock = [{**case, "case_id": f"mock-{i}", "image": np.zeros_like(case["image"]),
+             **({"mask": np.zeros_like(case["mask"])} if "mask" in case else {})} for i, case in enumerate(private)]
+    dataset = sy.Dataset(name=name, description="a training split, mostly not contoured")
+    dataset.add_asset(sy.Asset(name="cases", data=private, mock=mock))
+    assert not isinstance(site.admin_client().upload_dataset(dataset), sy.SyftError)
+
+
 @pytest.fixture(scope="module")
 def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveSite]:
     live = start_site(tmp_path_factory.mktemp("ledger-site"), "hospital-ledger", min_cohort=MIN_COHORT)
     try:
         upload(live, "scanners", scanner_cases())
         upload(live, "scanners-v2", scanner_cases()[1:])  # the same study re-uploaded with one case withdrawn
+        upload_partly_labelled(live, "partly-labelled", scanner_cases(), labelled=3)
         yield live
     finally:
         live.setup("down", check=False)
@@ -190,3 +208,39 @@ def test_model_widths_outside_the_domain_s_range_or_for_a_fixed_model_are_refuse
     (entry,) = [e for e in audit(site, "refused-run") if e["reference"] == reference]
     assert entry["widths"] == dict(domain.max_widths) and "has shape" in json.dumps(entry)
     assert not any(e.get("widths") == wide for e in audit(site, "ran"))
+
+
+def test_teacher_student_releases_weights_and_a_count_and_no_split_scores_a_pseudo_label(site: LiveSite) -> None:
+    """A teacher labels the unlabelled cases inside the run: the release is the student's weights
+    and the counts (how many cases were pseudo-labelled), never a pseudo-label or a value derived
+    from one alone. A teacher is refused outside a teacher-student split and when it does not fit
+    the model (the key named, no value); evaluating on the unlabelled cases - the only place a
+    pseudo-label could be scored - fails, uniformly, since they have no expert mask."""
+    from datasite_setup.model_weights import exchanged_weights
+    from domains import get_domain
+
+    ds, asset = approved(site, "partly-labelled", "local_train", "semi", max_runs=3)
+    model = get_domain("brain_mr_segmentation").build_model()
+    weights = exchanged_weights(model)
+    params = {"domain": "brain_mr_segmentation", "weights": weights, "epochs": 1, "batch_size": 8, "lr": 1e-3,
+              "optimizer": "adam", "seed": 0, "max_steps": 2, "split": "train+unlabelled", "teacher": weights}
+    with pytest.raises(Exception, match="a teacher labels unlabelled cases; it is taken with split train\+unlabelled only"):
+        call_site_task(ds, asset, "local_train", "semi", {**params, "split": "train"})
+    name = next(iter(weights))
+    with pytest.raises(Exception, match=f"teacher\['{name}'\] has shape \(1,\)"):
+        call_site_task(ds, asset, "local_train", "semi", {**params, "teacher": {**weights, name: np.zeros(1, np.float32)}})
+
+    result = call_site_task(ds, asset, "local_train", "semi", params)
+    assert set(result) == {"weights", "scalars"} and set(result["weights"]) == set(weights)
+    assert all(result["weights"][k].shape == weights[k].shape for k in weights)
+    assert set(result["scalars"]) == {"n_samples", "train_loss", "steps", "compute_seconds", "pseudo_labelled_cases"}
+    assert result["scalars"]["pseudo_labelled_cases"] == 5.0
+
+    ds, asset = approved(site, "partly-labelled", "evaluate", "semi", max_runs=1)
+    with pytest.raises(Exception, match=WITHHELD) as withheld:
+        call_site_task(ds, asset, "evaluate", "semi", {"domain": "brain_mr_segmentation", "weights": weights,
+                                                        "split": "unlabelled"})
+    assert "mask" not in str(withheld.value)
+    reference = str(withheld.value).rsplit("reference ", 1)[1].rstrip(")").strip()
+    (entry,) = [e for e in audit(site, "refused-run") if e["reference"] == reference]
+    assert "mask" in json.dumps(entry)

@@ -13,7 +13,8 @@ from datasite_setup.site_tasks import TASKS, run_installed_task
 from datasite_setup.site_tasks.case_selection import positions_in_split
 from datasite_setup.site_tasks.pseudo_labels import pseudo_labelled
 from domains import get_domain
-from domains.liver_ct_segmentation import DOMAIN, PatchSampling, preprocess_ct
+from datasite_setup.site_tasks.task import SiteFacts
+from domains.liver_ct_segmentation import DOMAIN, PatchSampling, largest_organ, preprocess_ct
 from domains.liver_ct_segmentation.metrics import add_counts, case_counts, metrics_from_counts
 from domains.liver_ct_segmentation.patches import case_patches
 
@@ -178,7 +179,48 @@ def test_pseudo_labels_leave_out_the_voxels_the_teacher_is_unsure_of(cases: list
     probabilities = DOMAIN.predict_probabilities(untrained, cases[0])
     unsure = probabilities.max(axis=0) < DOMAIN.pseudo_label_confidence
     assert labels.shape == cases[0]["image"].shape and unsure.any()
-    assert (labels[unsure] == IGNORE).all() and (labels[~unsure] == np.argmax(probabilities, axis=0)[~unsure]).all()
+    organ = largest_organ(np.argmax(probabilities, axis=0).astype(np.uint8))
+    assert (labels[unsure] == IGNORE).all() and (labels[~unsure] == organ[~unsure]).all()
+
+
+def test_pseudo_labels_keep_only_the_largest_connected_liver_with_its_lesions() -> None:
+    labels = np.zeros((12, 20, 20), np.uint8)
+    labels[2:10, 2:12, 2:12] = 1  # the liver
+    labels[4:6, 4:6, 4:6] = 2  # a lesion in it
+    labels[2:4, 15:18, 15:18] = 1  # an island the teacher took for liver (spleen, bowel)
+    labels[9:11, 16:18, 2:4] = 2  # a "lesion" outside the liver
+    kept = largest_organ(labels)
+    assert (kept[2:10, 2:12, 2:12] == labels[2:10, 2:12, 2:12]).all()
+    assert np.count_nonzero(kept) == np.count_nonzero(labels[2:10, 2:12, 2:12])
+    assert (largest_organ(np.zeros_like(labels)) == 0).all()
+
+
+def test_a_teacher_sent_beside_the_weights_labels_the_unlabelled_cases(cases: list[dict]) -> None:
+    """The student trains from `weights`; the unlabelled cases are labelled by `teacher` when one is
+    sent (the federation's best model so far), else by `weights`. A teacher is checked like the
+    weights and taken only for a teacher-student split."""
+    fleet = [dict(case, split="train") for case in cases[:4]]
+    fleet[2] = {k: v for k, v in fleet[2].items() if k != "mask"} | {"labelled": False}
+    fleet[3] = {k: v for k, v in fleet[3].items() if k != "mask"} | {"labelled": False}
+    torch.manual_seed(0)
+    weights = {k: v.numpy().copy() for k, v in DOMAIN.build_model().state_dict().items()}
+    bias = [name for name in weights if name.endswith("bias") and weights[name].shape == (3,)][-1]  # the output layer
+    sure_liver = {**weights, bias: np.array([0.0, 30.0, 0.0], np.float32)}  # every voxel liver, confidently
+    params = {"domain": DOMAIN.name, "weights": weights, "epochs": 1, "batch_size": 4, "lr": 1e-3, "optimizer": "adam",
+              "seed": 1, "max_steps": 2, "split": "train+unlabelled"}
+    received = run_installed_task("local_train", fleet, params, min_cohort=2)["weights"]
+    same = run_installed_task("local_train", fleet, {**params, "teacher": weights}, min_cohort=2)["weights"]
+    taught = run_installed_task("local_train", fleet, {**params, "teacher": sure_liver}, min_cohort=2)["weights"]
+    assert all(np.array_equal(received[k], same[k]) for k in received)
+    assert any(not np.allclose(received[k], taught[k]) for k in received)
+
+    task = TASKS["local_train"]
+    assert task.problems({**params, "teacher": sure_liver}) == []
+    assert "train+unlabelled only" in task.policy({**params, "split": "train", "teacher": weights}, SiteFacts(min_cohort=2))
+    wrong = {**weights, bias: np.zeros(4, np.float32)}
+    assert f"teacher['{bias}'] has shape (4,)" in task.policy({**params, "teacher": wrong}, SiteFacts(min_cohort=2))
+    assert "weight names" in task.policy({**params, "teacher": {"x": np.zeros(1, np.float32)}}, SiteFacts(min_cohort=2))
+    assert "NaN" in task.policy({**params, "teacher": {**weights, bias: np.full(3, np.nan, np.float32)}}, SiteFacts(min_cohort=2))
 
 
 def test_a_case_whose_pseudo_label_is_unsure_everywhere_gives_no_patches(cases: list[dict]) -> None:

@@ -291,6 +291,42 @@ def test_the_round_is_selected_on_pooled_validation_and_scored_on_test(tmp_path)
         np.testing.assert_array_equal(best["global::head.bias"], report.best_state["global"]["head.bias"])
 
 
+@dataclass
+class TeachingSite(ScriptedSite):
+    """A scripted site that records, per training call, the round of the weights it was sent and of
+    the teacher beside them (None without one) and the split it was asked to train on."""
+
+    calls: list[tuple[int, int | None, str]] = field(default_factory=list)
+
+    def train(self, params: dict[str, Any]) -> Any:
+        teacher = self._round(params["teacher"]) if "teacher" in params else None
+        self.calls.append((self._round(params["weights"]), teacher, params.get("split", "train")))
+        return super().train(params)
+
+
+def test_teacher_student_rounds_are_taught_by_the_best_round_so_far_held_fixed(tmp_path) -> None:
+    """From `semi_supervised_from` each site gets, beside the weights, the teacher: the round
+    selected on validation so far, which changes only when a round validates better; the round
+    record says which round taught. A resumed run picks up the same teacher."""
+    script = [5.0, 3.0, 1.0, 2.0, 4.0, 6.0]  # RMSE per round: round 2 stays best from round 2 on
+    plan = TrainingPlan(domain="brain_mr_tumour_burden", strategy="fedavg", rounds=5, min_sites=1, semi_supervised_from=2)
+    site = TeachingSite("a", script)
+    report = Orchestrator(plan, [site], tmp_path, progress=False).run()
+    assert site.calls == [(0, None, "train"), (1, 1, "train+unlabelled"), (2, 2, "train+unlabelled"),
+                          (3, 2, "train+unlabelled"), (4, 2, "train+unlabelled")]
+    assert [r.get("teacher_round") for r in report.history] == [None, None, 1, 2, 2, 2]
+
+    checkpoint = load_checkpoint(tmp_path / "checkpoint")
+    save_checkpoint(tmp_path / "resumed" / "checkpoint", Checkpoint(3, checkpoint.plan, checkpoint.history[:4],
+                                                                    {"global": {k: v - 2 for k, v in checkpoint.state["global"].items()}},
+                                                                    2, {"global": {k: v - 3 for k, v in checkpoint.state["global"].items()}}))
+    again = TeachingSite("a", script, base=site.base)
+    Orchestrator(plan, [again], tmp_path / "resumed", progress=False).run()
+    assert again.calls == [(3, 2, "train+unlabelled"), (4, 2, "train+unlabelled")]
+    with pytest.raises(ValueError, match="FedMA"):
+        TrainingPlan(domain="brain_mr_segmentation", strategy="fedma", rounds=3, semi_supervised_from=2)
+
+
 def test_the_selected_weights_survive_a_resume(tmp_path) -> None:
     script = [5.0, 1.0, 3.0, 4.0]
     plan = TrainingPlan(domain="brain_mr_tumour_burden", strategy="fedavg", rounds=3, min_sites=1)

@@ -23,8 +23,9 @@ reach the founding sites' level (`onboarding`) and how the departed site's test 
 on the later weights (`longevity`), with plots. Every training call is timed (compute at the site
 against waiting and transfer; training_time.png), and `time` sets each method's wall time beside
 the centralized simulation's. `--semi-supervised-from K` makes rounds K on teacher-student: the
-sites add their unlabelled cases (`--splits` marks them at ingestion), pseudo-labelled by the
-round's global model at the site. At sites that noise their updates (`[privacy.update_dp]`),
+sites add their unlabelled cases (`--splits` marks them at ingestion), pseudo-labelled at the site
+by the teacher: the round selected on validation so far, sent beside the weights and held fixed
+until a round validates better. At sites that noise their updates (`[privacy.update_dp]`),
 `--dp-clip` chooses the clip norm and `--dp-clip-quantile` adapts it; each round's record and the
 summary (`update_dp`) say what the sites did and the epsilon each reports spent.
 `--secure-aggregation` has the sites mask their updates so that only each round's sum is read.
@@ -108,7 +109,7 @@ def register(subparsers: Any) -> None:
                           "(pooled apart, 'pooled (held-out sites)'); repeat for several")
     cmd.add_argument("--semi-supervised-from", type=int, default=0, metavar="ROUND",
                      help="teacher-student from this round on: each site also trains on its unlabelled cases, "
-                          "pseudo-labelled at the site by the round's global model (pseudo-labels never leave); "
+                          "pseudo-labelled at the site by the best model so far on validation (pseudo-labels never leave); "
                           "0 = never")
     cmd.add_argument("--dp-clip", type=float, default=0.0, metavar="NORM",
                      help="at sites that noise their updates ([privacy.update_dp]): the L2 norm each update is clipped "

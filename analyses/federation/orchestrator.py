@@ -139,7 +139,7 @@ class TrainingPlan:
     seed: int = 0
     leave_after: dict[str, int] = field(default_factory=dict)  # site -> last round it trains in
     join_at: dict[str, int] = field(default_factory=dict)  # site -> first round it trains in
-    semi_supervised_from: int = 0  # from this round on, sites also train on pseudo-labelled unlabelled cases (0: never)
+    semi_supervised_from: int = 0  # from this round on, sites also train on unlabelled cases pseudo-labelled by the best model so far (0: never)
     dp_clip: float = 0.0  # update norm asked of sites that noise updates (0: each site's own); the start of an adaptive one
     dp_clip_quantile: float = 0.0  # adaptive clipping toward this quantile of the update norms (0: a fixed clip)
     secure_aggregation: bool = False  # sites mask their updates; only their sum is read (`secure_sum`)
@@ -158,6 +158,9 @@ class TrainingPlan:
             raise ValueError(f"rounds must be at least 1, got {self.rounds}")
         if not 0 <= self.semi_supervised_from <= self.rounds:
             raise ValueError(f"semi_supervised_from must be 0 (never) or a round from 1 to {self.rounds}, got {self.semi_supervised_from}")
+        if self.semi_supervised_from and self.strategy == "fedma":
+            raise ValueError("teacher-student sends the best model so far as the teacher, whose widths FedMA has since "
+                             "changed; use another strategy with semi_supervised_from")
         for flag, rounds in (("leave_after", self.leave_after), ("join_at", self.join_at)):
             outside = {site: k for site, k in rounds.items() if not 1 <= k <= self.rounds}
             if outside:
@@ -217,7 +220,8 @@ class TrainingPlan:
 
     def training_split(self, round_no: int) -> str:
         """The cases a round trains on: the training split, joined by the sites' unlabelled cases
-        (pseudo-labelled at each site by the round's received weights) from `semi_supervised_from`."""
+        (pseudo-labelled at each site by the teacher, see `Orchestrator._teacher`) from
+        `semi_supervised_from`."""
         return TRAIN_AND_UNLABELLED if 0 < self.semi_supervised_from <= round_no else TRAIN
 
     def trains_in(self, site: str, round_no: int) -> bool:
@@ -456,6 +460,8 @@ class Orchestrator:
         self.progress = progress
         self._clip = plan.dp_clip  # the update norm asked of the sites this round (adaptive: changes per round)
         self._harmonization: dict[str, Any] | None = None  # the Nyul scale of the run (round 0's record)
+        self._best: dict[str, Any] = {"round": None, "value": None, "state": None}  # the round selected on validation so far
+        self._teachers: dict[int, Strategy] = {}  # the teacher's weights, by the round they are from
         self.domain = get_domain(plan.domain)
         self.strategy: Strategy = make_strategy(plan.strategy, **plan.strategy_options)
         self.strategy.check_plan(plan)
@@ -596,7 +602,24 @@ class Orchestrator:
         unseen = {site: m for site, m in per_site.items() if site in self.plan.held_out}
         return EvaluationOutcome(per_site, self._pool(training), failures, sent, cross, cross_missed, self._pool(unseen))
 
-    def _train(self, round_no: int) -> TrainingOutcome:
+    def _teacher(self, round_no: int) -> tuple[int, Strategy] | None:
+        """Teacher-student: the model that pseudo-labels the sites' unlabelled cases this round - the
+        round selected on validation so far, i.e. the best model the federation has. It stays fixed
+        while the student (the live model) trains and is replaced only when a round validates
+        better, so a student never learns from its own latest, unvalidated guesses: a teacher that
+        moved with the student taught its errors back and fell below labelled-only training. None
+        before `semi_supervised_from`, or while no round has a usable validation score (the sites
+        then use the received weights)."""
+        if self.plan.training_split(round_no) == TRAIN or self._best["state"] is None:
+            return None
+        teacher_round = self._best["round"]
+        if teacher_round not in self._teachers:
+            teacher = make_strategy(self.plan.strategy, **self.plan.strategy_options)
+            teacher.load_state(self._best["state"])
+            self._teachers = {teacher_round: teacher}
+        return teacher_round, self._teachers[teacher_round]
+
+    def _train(self, round_no: int, teacher: tuple[int, Strategy] | None = None) -> TrainingOutcome:
         """Every participating site trains at once. For each site that answered, `calls` holds the
         call's wall seconds here, the seconds the site reports its training took (0 if it reports
         none or its update was rejected), the rest (wall - compute: waiting, transfer, the sandbox's
@@ -608,8 +631,10 @@ class Orchestrator:
             if not self.plan.trains_in(site, round_no):
                 continue
             instruction = self.strategy.training_instruction(site)
+            teaching = {} if teacher is None else {"teacher": teacher[1].weights_for(site)}
             sent_to[site] = _nbytes(instruction.weights) + sum(
-                _nbytes(value) for value in instruction.params.values() if isinstance(value, dict))  # e.g. SCAFFOLD's control
+                _nbytes(value) for value in {**instruction.params, **teaching}.values()
+                if isinstance(value, dict))  # e.g. SCAFFOLD's control, the teacher
             sent += sent_to[site]
             params = {
                 "domain": self.plan.domain,
@@ -625,6 +650,7 @@ class Orchestrator:
                 **self._site_inputs(),
                 **({"augment": False} if self.plan.no_augmentation else {}),
                 **({} if self.plan.training_split(round_no) == TRAIN else {"split": self.plan.training_split(round_no)}),
+                **teaching,
                 **instruction.params,
             }
             calls[site] = lambda link=self.links[site], p=params: _timed(lambda: link.train(p))
@@ -706,7 +732,8 @@ class Orchestrator:
     def _round(self, round_no: int) -> dict[str, Any]:
         started = time.perf_counter()
         participants = [s for s in sorted(self.links) if self.plan.trains_in(s, round_no)]
-        trained = self._train(round_no)
+        teacher = self._teacher(round_no)
+        trained = self._train(round_no, teacher)
         updates = trained.updates
         needed = self.strategy.required_updates(len(participants), self.plan.min_sites)
         usable = len(participants) if self.plan.secure_aggregation else len(updates)  # a session sums all or fails
@@ -731,6 +758,8 @@ class Orchestrator:
             extra.update(longevity=lasting, longevity_missed=lasting_missed)
         if update_dp is not None:
             extra["update_dp"] = update_dp
+        if teacher is not None:
+            extra["teacher_round"] = teacher[0]
         if described := self.strategy.describe():
             extra["strategy"] = described
         return {
@@ -872,6 +901,7 @@ class Orchestrator:
                                                             best["round"], best["state"]))
             start = 1
         self._clip = clip_for_round(self.plan.dp_clip, self.plan.dp_clip_quantile, history)
+        self._best = best
         rounds = tqdm(range(start, self.plan.rounds + 1), desc=f"{self.plan.strategy} rounds", unit="round",
                       disable=not self.progress, initial=start - 1, total=self.plan.rounds)
         for round_no in rounds:

@@ -14,9 +14,12 @@ mean training loss, the optimiser steps taken and the seconds the training itsel
 site (so a round's time splits into compute and the rest: waiting, transfer, the site's own
 overhead).
 
-Over the split `train+unlabelled` the run is teacher-student (`pseudo_labels`): the received
-weights first label the site's unlabelled cases, which then train with the expert-labelled ones;
-only the count of pseudo-labelled cases is returned about them.
+Over the split `train+unlabelled` the run is teacher-student (`pseudo_labels`): a teacher first
+labels the site's unlabelled cases, which then train with the expert-labelled ones; only the count
+of pseudo-labelled cases is returned about them. The teacher is the request's `teacher` weights
+(the federation's best model so far, held fixed while the student trains), else the received
+weights. A `teacher` gives the data scientist nothing `weights` does not: either one is a model of
+her choosing run on the site's images inside this run, and only the student's weights leave.
 
 At a site with update privacy (`[privacy.update_dp]`) the update leaves clipped to `dp_clip` and
 noised, without the training loss; the site does that after the run (`disclosure.update_noise`).
@@ -91,15 +94,37 @@ def control_problem(control: dict[Any, Any], optimizer: str, model: Any) -> str 
     for name, value in control.items():
         if not isinstance(name, str):
             return "control has a key that is not a parameter name"
-        key = name[:100]
         if name not in shapes:
-            return f"control['{key}'] is not a trainable parameter of the model"
-        if not isinstance(value, np.ndarray) or value.dtype.kind != "f":
-            return f"control['{key}'] must be a float array"
-        if value.shape != shapes[name]:
-            return f"control['{key}'] has shape {value.shape}, the parameter has {shapes[name]}"
-        if not np.isfinite(value).all():
-            return f"control['{key}'] holds NaN or Inf"
+            return f"control['{name[:100]}'] is not a trainable parameter of the model"
+        if issue := array_problem("control", name, value, shapes[name]):
+            return issue
+    return None
+
+
+def array_problem(param: str, name: str, value: Any, shape: tuple[int, ...]) -> str | None:
+    """Why `param[name]` is not a finite float array of `shape` (None when it is); the message names
+    the key, never a value."""
+    key = name[:100]
+    if not isinstance(value, np.ndarray) or value.dtype.kind != "f":
+        return f"{param}['{key}'] must be a float array"
+    if value.shape != shape:
+        return f"{param}['{key}'] has shape {value.shape}, the model has {shape}"
+    if not np.isfinite(value).all():
+        return f"{param}['{key}'] holds NaN or Inf"
+    return None
+
+
+def teacher_problem(teacher: dict[Any, Any], model: Any) -> str | None:
+    """Why `teacher` cannot be loaded into the request's model (None when it fits): the same names
+    and shapes as the weights, finite float arrays. The message names a key, never a value."""
+    from datasite_setup.model_weights import declared_shapes
+
+    shapes = declared_shapes(model)
+    if set(teacher) != set(shapes):
+        return "teacher does not have the model's weight names; send the weights of the same model"
+    for name, value in teacher.items():
+        if issue := array_problem("teacher", name, value, shapes[name]):
+            return issue
     return None
 
 
@@ -120,8 +145,12 @@ def run(cases: list[dict[str, Any]], params: dict[str, Any], site: SiteFacts) ->
     labelled = labelled_flags(cases)
     cases = harmonized(cases, params)
     if not all(labelled):
-        teacher = getattr(domain, "pseudo_label", None) or domain.predict_mask
-        cases = pseudo_labelled(cases, labelled, lambda case: teacher(model, case))
+        label = getattr(domain, "pseudo_label", None) or domain.predict_mask
+        teacher = model
+        if "teacher" in params:
+            teacher = built_model(domain, params)
+            load_weights(teacher, params["teacher"])
+        cases = pseudo_labelled(cases, labelled, lambda case: label(teacher, case))
     anchor = [p.detach().clone() for p in model.parameters()]
     if params["optimizer"] == "sgd":
         optimiser = torch.optim.SGD(model.parameters(), lr=params["lr"])
@@ -195,12 +224,16 @@ def site_policy(params: dict[str, Any], site: SiteFacts) -> str | None:
             return f"this site trains with DP-SGD only; {issue}"
         if "control" in params or params.get("mu", 0.0) > 0 or params.get(SPLIT_PARAM) == TRAIN_AND_UNLABELLED:
             return "this site trains with DP-SGD only, which takes no control, mu or pseudo-labelled cases"
+    if "teacher" in params and params.get(SPLIT_PARAM) != TRAIN_AND_UNLABELLED:
+        return f"a teacher labels unlabelled cases; it is taken with split {TRAIN_AND_UNLABELLED} only"
     if params.get(SPLIT_PARAM) == TRAIN_AND_UNLABELLED:
         from domains import get_domain
 
         domain = get_domain(params["domain"])
         if not (hasattr(domain, "pseudo_label") or hasattr(domain, "predict_mask")):
             return f"domain {params['domain']} cannot pseudo-label unlabelled cases (it has no pseudo_label or predict_mask)"
+        if "teacher" in params:
+            return teacher_problem(params["teacher"], built_model(domain, params))
     if "control" in params:
         from domains import get_domain
 
@@ -228,6 +261,9 @@ TASK = SiteTask(
                          required=False, check=lambda v: None if 0 < v < float("inf") else "must be a finite number > 0"),
         "harmonization": HARMONIZATION_PARAM,
         "widths": WIDTHS_PARAM,
+        "teacher": Param(dict, "teacher-student (split train+unlabelled): the weights that pseudo-label the "
+                               "unlabelled cases, {state name: float array} of the same model (default: weights)",
+                         required=False),
         "augment": Param(bool, "false: train on the slices as they are, without the domain's augmentation", required=False),
         "secure_aggregation": Param(dict, "a secure-aggregation session: {'session': id, 'peers': {site: its signed "
                                           "session key}}; the update then leaves masked (sites with [secure_aggregation])",

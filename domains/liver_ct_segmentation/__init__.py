@@ -11,14 +11,17 @@ with SEG / RTSTRUCT masks).
 
 from __future__ import annotations
 
+import hashlib
+import threading
 import warnings
+from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
 import torch
 
-from domains.case_record import check_case_record
+from domains.case_record import check_case_record, record_affine
 from domains.liver_ct_segmentation.metrics import COUNT_KEYS, METRIC_KEYS, add_counts, case_counts, metrics_from_counts
 from domains.liver_ct_segmentation.mock_cases import mock_cases
 from domains.liver_ct_segmentation.patches import DEFAULT_SAMPLING, PatchSampling, patch_batches
@@ -49,6 +52,19 @@ LABELS = ("background", "liver", "lesion")
 IGNORE = 255  # a mask value the loss skips: a voxel the teacher of a pseudo-label was unsure of
 
 
+def largest_organ(labels: np.ndarray) -> np.ndarray:
+    """`labels` with every liver-or-lesion voxel outside the largest connected (26-neighbour)
+    liver-or-lesion component set to background."""
+    from scipy import ndimage
+
+    components, count = ndimage.label(labels > 0, structure=np.ones((3, 3, 3), bool))
+    if count <= 1:
+        return labels
+    sizes = np.bincount(components.ravel())
+    sizes[0] = 0
+    return np.where(components == np.argmax(sizes), labels, 0).astype(labels.dtype)
+
+
 class LiverCTSegmentation:
     """A 3-D U-Net (MONAI `UNet`, instance norm, residual units) with three output classes, trained
     with Dice + cross-entropy on class-balanced patches of preprocessed cases and evaluated by
@@ -59,6 +75,10 @@ class LiverCTSegmentation:
     evaluation_scalars = frozenset(COUNT_KEYS) | frozenset(METRIC_KEYS)
     primary_metric = "liver_dice"
     higher_is_better = True
+
+    # Preprocessed training cases kept (a few MB each at 4 mm): a run's epochs and a simulation's
+    # rounds would otherwise resample the same scans again and again.
+    PREPARED_CASES = 64
 
     def __init__(self, channels: tuple[int, ...] = (8, 16, 32, 64), preprocessing: CTPreprocessing = DEFAULT_PREPROCESSING,
                  sampling: PatchSampling = DEFAULT_SAMPLING, sw_batch_size: int = 4, sw_overlap: float = 0.25,
@@ -72,6 +92,8 @@ class LiverCTSegmentation:
         self.sw_batch_size = sw_batch_size
         self.sw_overlap = sw_overlap
         self.pseudo_label_confidence = pseudo_label_confidence
+        self._prepared: OrderedDict[tuple[str, bytes], PreprocessedCT] = OrderedDict()
+        self._prepared_lock = threading.Lock()
 
     def build_model(self) -> torch.nn.Module:
         from monai.networks.nets import UNet
@@ -101,8 +123,27 @@ class LiverCTSegmentation:
         processed = []
         for case in cases:
             check_case_record(case, require=("mask",))
-            processed.append(preprocess_ct(case, self.preprocessing))
+            processed.append(self.prepared_case(case))
         return patch_batches(processed, self.sampling, batch_size, rng)
+
+    def prepared_case(self, case: dict[str, Any]) -> PreprocessedCT:
+        """`preprocess_ct` of a training case, computed once per content: keyed by the case id and a
+        digest of its image, mask (a pseudo-label changes with its teacher) and geometry, so every
+        epoch after the first skips the resampling, and a changed case never shares an entry."""
+        digest = hashlib.blake2b(digest_size=16)
+        for array in (case["image"], case["mask"], record_affine(case)):
+            digest.update(np.ascontiguousarray(array).tobytes())
+        key = (str(case.get("case_id")), digest.digest())
+        with self._prepared_lock:
+            if key in self._prepared:
+                self._prepared.move_to_end(key)
+                return self._prepared[key]
+        prepared = preprocess_ct(case, self.preprocessing)
+        with self._prepared_lock:
+            self._prepared[key] = prepared
+            while len(self._prepared) > self.PREPARED_CASES:
+                self._prepared.popitem(last=False)
+        return prepared
 
     def predict_probabilities(self, model: torch.nn.Module, case: dict[str, Any]) -> np.ndarray:
         """Class probabilities float32 [3, Z, Y, X] on the case's own grid; air cropped away before
@@ -130,12 +171,14 @@ class LiverCTSegmentation:
         return np.argmax(self.predict_probabilities(model, case), axis=0).astype(np.uint8)
 
     def pseudo_label(self, model: torch.nn.Module, case: dict[str, Any]) -> np.ndarray:
-        """A teacher's label map for an unlabelled case: `predict_mask`, with `IGNORE` wherever the
-        teacher's top class is below `pseudo_label_confidence`. A student fitted to every voxel of
-        a teacher learns its mistakes back and, round after round, drifts below it; its unsure
-        voxels (organ borders, lesions it half sees) are where the mistakes are."""
+        """A teacher's label map for an unlabelled case: `predict_mask` reduced to its largest
+        connected liver (with the lesions in it), and `IGNORE` wherever the teacher's top class is
+        below `pseudo_label_confidence`. A student fitted to every voxel of a teacher learns its
+        mistakes back; a weak teacher's mistakes are islands away from the liver (the liver is one
+        organ, so they become background) and unsure voxels (organ borders, lesions it half sees),
+        which are left out of the loss."""
         probabilities = self.predict_probabilities(model, case)
-        labels = np.argmax(probabilities, axis=0).astype(np.uint8)
+        labels = largest_organ(np.argmax(probabilities, axis=0).astype(np.uint8))
         labels[probabilities.max(axis=0) < self.pseudo_label_confidence] = IGNORE
         return labels
 
