@@ -610,6 +610,25 @@ def test_the_site_preloads_run_monai_warm_and_cold_without_a_user_name(warm: boo
     assert outcome.result["loss"] > 0
 
 
+@pytest.mark.parametrize("warm", [True, False])
+def test_a_preload_that_configures_logging_does_not_send_library_logs_to_stderr(warm: bool) -> None:
+    """opacus calls `logging.basicConfig` at import: with it in the preloads, every INFO record of
+    every library (pyradiomics logs a dozen lines per case) was formatted and written to the run's
+    stderr pipe. A run starts with the root logger as a fresh interpreter has it."""
+    preload = ("numpy", "opacus")
+    stop_fork_servers()
+    if warm:
+        start_fork_server(preload)
+    source = _code("import logging\nlogging.getLogger('some.library').setLevel(logging.INFO)\n"
+                   "logging.getLogger('some.library').info('per-case line')\n"
+                   "return {'root_handlers': float(len(logging.getLogger().handlers))}")
+    outcome = run_isolated(source, "f", {}, LIMITS, preload=preload, warm=warm)
+    stop_fork_servers()
+    assert outcome.ok and outcome.warm == warm, outcome.stderr_tail[-2000:]
+    assert outcome.result == {"root_handlers": 0.0}
+    assert "per-case line" not in outcome.stderr_tail
+
+
 def test_a_stuck_zygote_costs_a_run_seconds_not_its_wall_clock(monkeypatch: pytest.MonkeyPatch) -> None:
     """A zygote that has forked before and then stops answering: the next run starts cold after
     FORK_REPLY_S, not after its wall clock, and the stuck zygote is replaced."""

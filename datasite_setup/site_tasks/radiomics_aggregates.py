@@ -151,6 +151,9 @@ def feature_extractor(settings: dict[str, Any]) -> Any:
     from radiomics.featureextractor import RadiomicsFeatureExtractor
 
     radiomics.setVerbosity(logging.ERROR)
+    # setVerbosity sets only pyradiomics' own handler: its logger stays at INFO and builds a dozen
+    # records per case (each frame lookup an audit event in the sandbox) that nothing shows.
+    radiomics.logger.setLevel(logging.ERROR)
     return RadiomicsFeatureExtractor(settings)
 
 
