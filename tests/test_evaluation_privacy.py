@@ -99,9 +99,12 @@ def test_every_evaluation_leaves_noised_charged_and_refused_past_the_budget(nois
     answers = [call_site_task(ds, asset, "evaluate", "noised", params) for _ in range(EVALUATIONS)]
 
     sigma = NOISE_MULTIPLIER * math.sqrt(sum(bound > 0 for bound in EVALUATION_BOUNDS.values()))
-    for key in ("weight_abs_error_micro", "height_within_20pct"):  # far enough from 0 not to be floored
-        scaled = np.array([(a[key] - exact[key]) / EVALUATION_BOUNDS[key] for a in answers])
-        assert 0.5 * sigma < scaled.std(ddof=1) < 1.6 * sigma and abs(scaled.mean()) < 3 * sigma / math.sqrt(EVALUATIONS)
+    scaled = np.array([(a["weight_abs_error_micro"] - exact["weight_abs_error_micro"]) / EVALUATION_BOUNDS["weight_abs_error_micro"]
+                       for a in answers])  # far enough from 0 not to be floored, fine enough not to be rounded
+    assert 0.5 * sigma < scaled.std(ddof=1) < 1.6 * sigma and abs(scaled.mean()) < 3 * sigma / math.sqrt(EVALUATIONS)
+    within = [f"{q}_within_{p}pct" for q in ("weight", "height") for p in (10, 20)]  # bound 1: noise SD 0.57 each
+    assert all(a[key] == round(a[key]) >= 0 for a in answers for key in within)
+    assert any(a[key] != exact[key] for a in answers for key in within)  # all 48 unchanged: chance below 1e-4
     assert all(a["n_cases"] == 6 and a["dp_noise_multiplier"] == NOISE_MULTIPLIER for a in answers)
     assert all(a["mae_kg"] == pytest.approx(max(0.0, round(a["weight_abs_error_micro"])) / FIXED_POINT / 6) for a in answers)
     # even this little noise (SD sigma x 30 kg = 17 kg per evaluation) drowns a sweep's bends of 2 kg per
@@ -142,6 +145,57 @@ def test_noise_is_scaled_per_count_by_what_one_case_adds_and_public_counts_leave
     assert min(d["b"] for d in draws) == 0.0  # floored: a count is never negative
     assert all(d["share"] == d["b"] / 10 for d in draws)
     assert set(draws[0]) == {"n_cases", "a", "b", "share", "dp_noise_multiplier"}
+
+
+def _liver_patients() -> list[dict[str, int]]:
+    """Four patients' liver CT counts: three segmented perfectly, one with nothing predicted."""
+    from domains.liver_ct_segmentation.metrics import case_counts
+
+    truth = np.zeros((16, 32, 32), np.uint8)
+    truth[4:12, 8:24, 8:24] = 1
+    truth[6:9, 12:15, 12:15] = 2
+    spacing = (4.0, 2.0, 2.0)
+    return [case_counts(truth, truth, spacing) for _ in range(3)] + [case_counts(np.zeros_like(truth), truth, spacing)]
+
+
+def test_a_liver_evaluation_leaves_per_patient_metrics_noised_and_voxel_counts_withheld() -> None:
+    """Segmentation's voxel counts move by a whole liver per patient: noise that hid one would hide
+    everything, so a noised site withholds them and releases the per-patient sums, detection and
+    HD95 (each patient's capped), which one patient moves by at most 1 (or 100 mm)."""
+    from domains.liver_ct_segmentation.metrics import (
+        EVALUATION_BOUNDS as LIVER_BOUNDS, MAX_HD95_MM, VOXEL_COUNT_KEYS, add_counts, metrics_from_counts,
+    )
+
+    patients = _liver_patients()
+    assert patients[-1]["liver_hd95_sum_um"] == MAX_HD95_MM * 1000  # the grid's diagonal, 111 mm, capped
+    result = {**add_counts(*patients), "n_cases": 4}
+    plain = metrics_from_counts(result)
+    released = EvaluationNoise(1e-9).protect(result, LIVER_BOUNDS, metrics_from_counts, np.random.default_rng(0))
+    assert not set(VOXEL_COUNT_KEYS) & set(released)
+    assert not [key for key in released if key.endswith("_pooled")] and "liver_dice_pooled" in plain
+    assert released["liver_dice"] == plain["liver_dice"] == pytest.approx(0.75)
+    assert released["detection_sensitivity"] == plain["detection_sensitivity"] == pytest.approx(0.75)
+    assert released["liver_hd95_mm"] == pytest.approx(MAX_HD95_MM / 4)
+    sums = [EvaluationNoise(0.1).protect(result, LIVER_BOUNDS, metrics_from_counts, np.random.default_rng(seed))["liver_dice_sum_ppm"]
+            for seed in range(1000)]
+    assert np.std(sums) == pytest.approx(0.1 * math.sqrt(11) * 1e6, rel=0.08)  # 11 noised counts, bound 1 (in ppm) each
+
+
+def test_the_orchestrator_pools_only_the_counts_every_site_released() -> None:
+    from types import SimpleNamespace
+
+    from analyses.federation.orchestrator import Orchestrator
+    from domains import get_domain
+    from domains.liver_ct_segmentation.metrics import EVALUATION_BOUNDS as LIVER_BOUNDS, add_counts, metrics_from_counts
+
+    patients = _liver_patients()
+    plain_site = {k: float(v) for k, v in {**add_counts(*patients[:2]), "n_cases": 2}.items()}
+    plain_site.update(metrics_from_counts(add_counts(*patients[:2])))
+    noised_site = EvaluationNoise(1e-9).protect({**add_counts(*patients[2:]), "n_cases": 2}, LIVER_BOUNDS, metrics_from_counts,
+                                                np.random.default_rng(0))
+    pooled = Orchestrator._pool(SimpleNamespace(domain=get_domain("liver_ct_segmentation")), {"a": plain_site, "b": noised_site})
+    assert pooled["liver_dice"] == pytest.approx(0.75) and pooled["n_cases"] == 4
+    assert "liver_dice_pooled" not in pooled
 
 
 def test_the_site_config_reads_evaluation_privacy_and_one_delta_for_the_accountant(tmp_path) -> None:

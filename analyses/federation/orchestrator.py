@@ -552,10 +552,12 @@ class Orchestrator:
         return results, failures
 
     def _pool(self, per_site: dict[str, dict[str, float]]) -> dict[str, float]:
-        """Metrics from the sites' counts summed (exact, since counts are additive); empty without sites."""
+        """Metrics from the sites' counts summed (exact, since counts are additive); empty without sites.
+        Only counts every site released are pooled: a site that noises its evaluations withholds some."""
         if not per_site:
             return {}
-        counts = {key: sum(m[key] for m in per_site.values()) for key in next(iter(per_site.values()))}
+        shared = set.intersection(*(set(m) for m in per_site.values()))
+        counts = {key: sum(m[key] for m in per_site.values()) for key in sorted(shared)}
         pooled = {k: float(v) for k, v in self.domain.metrics_from_counts(counts).items()}
         pooled["n_cases"] = counts.get("n_cases", 0.0)
         return pooled

@@ -22,7 +22,9 @@ import numpy as np
 import torch
 
 from domains.case_record import check_case_record, record_affine
-from domains.liver_ct_segmentation.metrics import COUNT_KEYS, METRIC_KEYS, add_counts, case_counts, metrics_from_counts
+from domains.liver_ct_segmentation.metrics import (
+    COUNT_KEYS, EVALUATION_BOUNDS, METRIC_KEYS, add_counts, case_counts, metrics_from_counts,
+)
 from domains.liver_ct_segmentation.mock_cases import mock_cases
 from domains.liver_ct_segmentation.patches import DEFAULT_SAMPLING, PatchSampling, patch_batches
 from domains.liver_ct_segmentation.phantom import generate_case, phantom_fleet
@@ -74,6 +76,7 @@ class LiverCTSegmentation:
     name = "liver_ct_segmentation"
     evaluation_scalars = frozenset(COUNT_KEYS) | frozenset(METRIC_KEYS)
     primary_metric = "liver_dice"
+    evaluation_bounds = EVALUATION_BOUNDS  # what one patient adds to each released count at most (noised evaluations)
     higher_is_better = True
 
     # Preprocessed training cases kept (a few MB each at 4 mm): a run's epochs and a simulation's
