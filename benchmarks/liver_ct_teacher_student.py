@@ -4,7 +4,7 @@ annotation the federation can save on the phantom CT fleet.
 Same fleet, schedule and initial model as benchmarks/liver_ct_quality.py (three hospitals, FedAvg,
 held-out test patients, round selected on validation). Of each site's training patients only the
 first 25 % / 50 % keep their masks; the others are marked unlabelled and lose them, as a site's
-not-yet-contoured scans. Three arms per share:
+not-yet-contoured scans. Five arms per share:
 
 - labelled-only: FedAvg on the labelled patients, the same rounds and epochs as every other arm;
 - labelled-only, equal steps: the same with more epochs per round, so that it takes as many

@@ -64,11 +64,18 @@ def image_reference(header: Dataset) -> Dataset:
     return item
 
 
-def copy_patient_and_study(target: Dataset, source: Dataset) -> None:
-    """Patient and study attributes a derived object (SEG, RTSTRUCT) shares with its images, so
-    archives file it into the same patient and study; absent ones become empty."""
+def derived_object(sop_class: str, sop_instance: str, source: Dataset) -> Dataset:
+    """A new derived object (SEG, RTSTRUCT) of `sop_class` on the images of `source`: its file meta
+    and SOP identity, and the patient and study attributes it shares with its images, so archives
+    file it into the same patient and study (absent ones become empty)."""
+    ds = Dataset()
+    ds.file_meta = file_meta(sop_class, sop_instance)
+    ds.SpecificCharacterSet = "ISO_IR 100"
+    ds.SOPClassUID = sop_class
+    ds.SOPInstanceUID = sop_instance
     for keyword in _PATIENT_AND_STUDY:
-        setattr(target, keyword, source.get(keyword, ""))
+        setattr(ds, keyword, source.get(keyword, ""))
+    return ds
 
 
 def _slice_order(headers: Sequence[Dataset]) -> list[Dataset]:
@@ -129,12 +136,7 @@ def write_structure_set(headers: Sequence[Dataset], structures: Sequence[Structu
     series_uid = str(first.SeriesInstanceUID)
     sop_uid = generate_uid(entropy_srcs=[series_uid, "rtstruct-sop"])
 
-    ds = Dataset()
-    ds.file_meta = file_meta(RTStructureSetStorage, sop_uid)
-    ds.SpecificCharacterSet = "ISO_IR 100"
-    ds.SOPClassUID = RTStructureSetStorage
-    ds.SOPInstanceUID = sop_uid
-    copy_patient_and_study(ds, first)
+    ds = derived_object(RTStructureSetStorage, sop_uid, first)
     ds.Modality = "RTSTRUCT"
     ds.Manufacturer = "MEDFED PHANTOM"
     ds.OperatorsName = ""

@@ -182,9 +182,7 @@ def test_a_liver_evaluation_leaves_per_patient_metrics_noised_and_voxel_counts_w
 
 
 def test_the_orchestrator_pools_only_the_counts_every_site_released() -> None:
-    from types import SimpleNamespace
-
-    from analyses.federation.orchestrator import Orchestrator
+    from analyses.federation.pooled_metrics import pooled_metrics
     from domains import get_domain
     from domains.liver_ct_segmentation.metrics import EVALUATION_BOUNDS as LIVER_BOUNDS, add_counts, metrics_from_counts
 
@@ -193,7 +191,7 @@ def test_the_orchestrator_pools_only_the_counts_every_site_released() -> None:
     plain_site.update(metrics_from_counts(add_counts(*patients[:2])))
     noised_site = EvaluationNoise(1e-9).protect({**add_counts(*patients[2:]), "n_cases": 2}, LIVER_BOUNDS, metrics_from_counts,
                                                 np.random.default_rng(0))
-    pooled = Orchestrator._pool(SimpleNamespace(domain=get_domain("liver_ct_segmentation")), {"a": plain_site, "b": noised_site})
+    pooled = pooled_metrics(get_domain("liver_ct_segmentation"), {"a": plain_site, "b": noised_site})
     assert pooled["liver_dice"] == pytest.approx(0.75) and pooled["n_cases"] == 4
     assert "liver_dice_pooled" not in pooled
 

@@ -27,6 +27,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from analyses.federation.orchestrator import TEST, VALIDATION, TrainingPlan
+from analyses.federation.pooled_metrics import pooled_metrics
 from analyses.federation.simulated_site import with_splits
 from analyses.federation.strategy import Weights
 
@@ -73,6 +74,7 @@ def evaluate_at_sites(domain: str, weights: Weights, cases_by_site: dict[str, li
     (with `inputs`, e.g. a harmonization, as a federated run passes them), and the sites whose split
     is empty (left out, with why). The pool leaves out the `held_out` sites, as a federated run's does."""
     from datasite_setup.site_tasks import TaskRefusal, run_installed_task
+    from domains import get_domain
 
     per_site, missed = {}, {}
     for site, cases in cases_by_site.items():
@@ -83,20 +85,8 @@ def evaluate_at_sites(domain: str, weights: Weights, cases_by_site: dict[str, li
             missed[site] = str(refusal)
             continue
         per_site[site] = {k: float(v) for k, v in result.items()}
-    pooled = pooled_metrics(domain, {site: m for site, m in per_site.items() if site not in held_out})
+    pooled = pooled_metrics(get_domain(domain), {site: m for site, m in per_site.items() if site not in held_out})
     return per_site, pooled, missed
-
-
-def pooled_metrics(domain: str, per_site: dict[str, dict[str, float]]) -> dict[str, float]:
-    """The domain's metrics from the sites' evaluation counts summed (empty without sites)."""
-    from domains import get_domain
-
-    if not per_site:
-        return {}
-    counts = {key: sum(m[key] for m in per_site.values()) for key in next(iter(per_site.values()))}
-    pooled = {k: float(v) for k, v in get_domain(domain).metrics_from_counts(counts).items()}
-    pooled["n_cases"] = counts["n_cases"]
-    return pooled
 
 
 def train_centralized(plan: TrainingPlan, cases_by_site: dict[str, list[dict[str, Any]]], initial: Weights,
@@ -162,6 +152,6 @@ def train_centralized(plan: TrainingPlan, cases_by_site: dict[str, list[dict[str
                         "pooled": pooled, "missed": missed}
         if plan.held_out:
             tests[which]["pooled_held_out"] = pooled_metrics(
-                plan.domain, {s: m for s, m in per_site.items() if s in plan.held_out})
+                domain, {s: m for s, m in per_site.items() if s in plan.held_out})
     return {"label": SIMULATION_LABEL, "history": history, "selection": selection, "initial_model": initial_model,
             "time": seconds, **tests}

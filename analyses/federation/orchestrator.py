@@ -78,6 +78,7 @@ from tqdm.auto import tqdm
 
 from analyses.federation import STRATEGIES, make_strategy
 from analyses.federation.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from analyses.federation.pooled_metrics import pooled_metrics
 from analyses.federation.secure_sum import SessionIncomplete, new_session, summed_update
 from analyses.federation.update_clipping import clip_for_round, round_record
 from analyses.federation.site_link import SiteLink
@@ -552,15 +553,7 @@ class Orchestrator:
         return results, failures
 
     def _pool(self, per_site: dict[str, dict[str, float]]) -> dict[str, float]:
-        """Metrics from the sites' counts summed (exact, since counts are additive); empty without sites.
-        Only counts every site released are pooled: a site that noises its evaluations withholds some."""
-        if not per_site:
-            return {}
-        shared = set.intersection(*(set(m) for m in per_site.values()))
-        counts = {key: sum(m[key] for m in per_site.values()) for key in sorted(shared)}
-        pooled = {k: float(v) for k, v in self.domain.metrics_from_counts(counts).items()}
-        pooled["n_cases"] = counts.get("n_cases", 0.0)
-        return pooled
+        return pooled_metrics(self.domain, per_site)
 
     def _evaluate(self, desc: str, split: str, strategy: Strategy | None = None,
                   cross_models: set[str] | None = None) -> EvaluationOutcome:

@@ -37,7 +37,7 @@ from tqdm import tqdm
 
 from domains.liver_ct_segmentation.phantom import LESION, LIVER, PhantomCTCase, case_id_of, case_seeds, generate_case, profile_named
 from domains.liver_ct_segmentation.scanner_profiles import CTScannerProfile
-from domains.rtstruct_export import Structure, copy_patient_and_study, file_meta, image_reference, write_structure_set
+from domains.rtstruct_export import Structure, derived_object, file_meta, image_reference, write_structure_set
 
 MASK_FORMATS = ("seg", "rtstruct", "nifti")
 PROGRESS_FROM_CASES = 20
@@ -212,12 +212,7 @@ def write_seg(case: PhantomCTCase, series_files: Sequence[str | Path], path: str
     dimension_uid = generate_uid(entropy_srcs=[series_uid, "seg-dimensions"])
     spacing_z, spacing_y, spacing_x = case.spacing
 
-    ds = Dataset()
-    ds.file_meta = file_meta(SegmentationStorage, sop_uid)
-    ds.SpecificCharacterSet = "ISO_IR 100"
-    ds.SOPClassUID = SegmentationStorage
-    ds.SOPInstanceUID = sop_uid
-    copy_patient_and_study(ds, first)
+    ds = derived_object(SegmentationStorage, sop_uid, first)
     ds.SeriesDate = ds.ContentDate = first.StudyDate
     ds.SeriesTime = ds.ContentTime = "120000"
     ds.Modality = "SEG"
