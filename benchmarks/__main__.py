@@ -38,6 +38,7 @@ REGISTRY: dict[str, str] = {
     "harmonization_privacy_curve": "benchmarks.harmonization_privacy_curve",
     "translation_federation": "benchmarks.translation_federation",
     "body_size_federation": "benchmarks.body_size_federation",
+    "thread_cap_cost": "benchmarks.thread_cap_cost",
 }
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"

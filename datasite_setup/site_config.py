@@ -57,6 +57,8 @@ Example::
     wall_seconds = 1800
     memory_mb = 6144
     max_threads = 64                    # live threads of a run, counted by the kernel (root too)
+    thread_cgroup = true                # count them in a pids cgroup per run where the server may
+                                        # make one (free); false: the server approves each thread
     max_open_files = 256                # RLIMIT_NOFILE
     max_result_mb = 256                 # largest result a run may send back
     fork_server = true                  # runs forked from one process that did their imports
@@ -122,6 +124,7 @@ class ExecutionLimits:
     max_threads: int = 64
     max_open_files: int = 256
     max_result_mb: int = 256
+    thread_cgroup: bool = True
 
 
 @dataclass(frozen=True)
@@ -322,6 +325,7 @@ def load_site_config(path: str | Path) -> SiteConfig:
         cpu_seconds=_typed(execution.get("cpu_seconds", defaults.cpu_seconds), int, "execution.cpu_seconds", path),
         wall_seconds=float(_typed(execution.get("wall_seconds", defaults.wall_seconds), (int, float), "execution.wall_seconds", path)),
         memory_mb=_typed(execution.get("memory_mb", defaults.memory_mb), int, "execution.memory_mb", path),
+        thread_cgroup=_typed(execution.get("thread_cgroup", defaults.thread_cgroup), bool, "execution.thread_cgroup", path),
         **caps,
     )
     if "warm_spares" in execution:

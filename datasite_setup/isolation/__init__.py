@@ -10,7 +10,9 @@ a refusal is final, and a result counts as no more than what the code could have
 
 - `spawn`: starting a cold child (environment, resource limits, scratch dir, its socket channel);
 - `fork_server`: warm children, forked from a zygote that did their imports once;
-- `exchange`: the I/O loop of one run; `thread_cap`: approving the child's threads;
+- `exchange`: the I/O loop of one run; `thread_cgroup`: the kernel counting the child's threads
+  in a pids cgroup of its own, where the server may make one; `thread_cap`: otherwise, approving
+  each of them;
 - `run`: `run_isolated`, from payload to checked outcome;
 - `limits`, `outcome`: the budget of a run, and what comes back.
 

@@ -11,10 +11,11 @@ class Limits:
     """One run's budget.
 
     `cpu_seconds` (RLIMIT_CPU), `wall_seconds` (the parent's clock), `memory_mb` (RLIMIT_AS),
-    `max_threads` (live threads of the child, main thread included: the parent approves each
-    new one, `thread_cap`), `max_open_files` (RLIMIT_NOFILE, which binds root as well),
-    `max_result_mb` (the result frame; the parent stops reading beyond it). The child can start
-    no process at all (seccomp).
+    `max_threads` (live threads of the child, main thread included: with `thread_cgroup`, counted
+    by the kernel in a pids cgroup of the run's own where the server may make one; else the parent
+    approves each new one, `thread_cap`), `max_open_files` (RLIMIT_NOFILE, which binds root as
+    well), `max_result_mb` (the result frame; the parent stops reading beyond it). The child can
+    start no process at all (seccomp).
 
     RLIMIT_AS counts virtual memory, which shared libraries and thread stacks inflate beyond what
     is touched: on the 2-core dev VM numpy alone maps ~0.1 GB, numpy+torch ~0.6 GB, and every
@@ -27,6 +28,7 @@ class Limits:
     max_threads: int = 64
     max_open_files: int = 256
     max_result_mb: int = 256
+    thread_cgroup: bool = True
 
     def __post_init__(self) -> None:
         if self.cpu_seconds < 1 or self.wall_seconds <= 0 or self.memory_mb < 64:

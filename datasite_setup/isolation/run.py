@@ -1,7 +1,7 @@
 """`run_isolated`: one approved function, run in a confined child, its outcome checked.
 
 What the outcome rests on (`sandbox.frames` says why): the limits this process measured itself
-(wall clock, threads, bytes received), then the child's exit status (a refused audit event is
+(wall clock, threads it approved or the kernel refused in the run's cgroup, bytes received), then the child's exit status (a refused audit event is
 final, whatever the child wrote before it), then the ready frame the harness sent before the code
 ran (the layers in force), and only last the result frame, which a child that exited with status
 0 may have written itself and which therefore counts as nothing more than a return value.
@@ -20,6 +20,7 @@ from datasite_setup.isolation.limits import Limits
 from datasite_setup.isolation.outcome import IsolatedOutcome, failure_from_exit, failure_from_frame
 from datasite_setup.isolation.fork_server import FORK_SERVERS
 from datasite_setup.isolation.spawn import DEFAULT_PRELOAD, run_threads, spawn
+from datasite_setup.isolation.thread_cgroup import confine_threads
 from datasite_setup.sandbox.audit_hook import refused_event
 from datasite_setup.sandbox.frames import FRAME_LENGTH, READY_MAX_BYTES, ProtocolError, read_ready, read_result
 
@@ -56,33 +57,40 @@ def run_isolated(
     child = FORK_SERVERS.fork(preload, limits, limits.wall_seconds) if warm else None
     if child is None:
         child = spawn(limits)
-    payload = pickle.dumps(
-        {
-            "source": source,
-            "function": function,
-            "kwargs": pickle.dumps(kwargs, protocol=pickle.HIGHEST_PROTOCOL),
-            "scratch": child.scratch.name,
-            "preload": list(preload),
-            "threads": run_threads(limits),
-            "forbidden_paths": [str(Path(p).resolve()) for p in forbidden_paths],
-            "granted_paths": [str(Path(p).resolve()) for p in granted_paths],
-            "max_result_bytes": limits.max_result_bytes,
-            "required_layers": sorted(required_layers),
-        },
-        protocol=pickle.HIGHEST_PROTOCOL,
-    )
-    max_out = FRAME_LENGTH.size + READY_MAX_BYTES + FRAME_LENGTH.size + limits.max_result_bytes
+    cgroup = confine_threads(child.pid, limits.max_threads) if limits.thread_cgroup else None
+    cgroup_refused = False
     try:
+        payload = pickle.dumps(
+            {
+                "source": source,
+                "function": function,
+                "kwargs": pickle.dumps(kwargs, protocol=pickle.HIGHEST_PROTOCOL),
+                "scratch": child.scratch.name,
+                "preload": list(preload),
+                "threads": run_threads(limits),
+                "approve_threads": cgroup is None,
+                "forbidden_paths": [str(Path(p).resolve()) for p in forbidden_paths],
+                "granted_paths": [str(Path(p).resolve()) for p in granted_paths],
+                "max_result_bytes": limits.max_result_bytes,
+                "required_layers": sorted(required_layers),
+            },
+            protocol=pickle.HIGHEST_PROTOCOL,
+        )
+        max_out = FRAME_LENGTH.size + READY_MAX_BYTES + FRAME_LENGTH.size + limits.max_result_bytes
         got = exchange(child, payload, deadline, max_out, limits.max_threads)
     finally:
         child.kill()
         status, usage = child.reap()
         child.release()
+        if cgroup is not None:
+            cgroup_refused = cgroup.refused()
+            cgroup.remove()
     seconds = time.monotonic() - started
     stderr_tail = bytes(got.err).decode("utf-8", "replace")
     exit_code = os.waitstatus_to_exitcode(status)
     try:
         confinement, rest = read_ready(got.out)
+        confinement.append("thread-approvals" if cgroup is None else "pids-cgroup")
     except ProtocolError:
         confinement, rest = [], None
 
@@ -93,7 +101,7 @@ def run_isolated(
 
     if got.timed_out:
         return failed("timeout")
-    if got.threads_refused:
+    if got.threads_refused or cgroup_refused:
         return failed("threads")
     if got.overflowed:
         return failed("result-size")

@@ -9,6 +9,7 @@ scrubbed environment and resource limits, and the child confines itself before t
    project's own packages and the system library dirs; writes only the scratch dir; the site's
    data dir is carved out; no TCP; no signals to or abstract sockets of other processes.
 2. seccomp (`seccomp`): no sockets, no exec, no fork, no ptrace, no raising resource limits;
+   threads only, counted by the kernel in the run's pids cgroup where the parent made one, else
    each new thread waits for the parent's approval (the thread cap). With Landlock this is what
    holds against native code (torch, SimpleITK, numpy).
 3. An audit hook (`audit_hook`): a tripwire for Python-level events. A refusal ends the child

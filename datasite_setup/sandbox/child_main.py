@@ -4,10 +4,12 @@
 stdin is the child's end of a Unix socket pair, the channel; it is moved aside at start and
 fds 0 and 1 point at /dev/null, so neither prints nor native writes reach it by accident. The
 parent sends a pickle (the parent is trusted) of `{"source", "function", "kwargs", "scratch",
-"preload", "threads", "forbidden_paths", "granted_paths", "max_result_bytes", "required_layers"}` and shuts its
-side for writing; `kwargs` is itself a pickle so it can be loaded after Landlock is in force
-(unpickling arrays imports numpy, which starts threads). The child answers with the ready frame
-(with the seccomp listener attached) and, after the code ran, the result frame (`frames`).
+"preload", "threads", "approve_threads", "forbidden_paths", "granted_paths", "max_result_bytes",
+"required_layers"}` and shuts its side for writing; `kwargs` is itself a pickle so it can be
+loaded after Landlock is in force (unpickling arrays imports numpy, which starts threads). The child answers with the ready frame
+(with the seccomp listener attached when the parent approves its threads, `approve_threads`;
+otherwise the parent has put it in a pids cgroup) and, after the code ran, the result frame
+(`frames`).
 
 Exit status 0: the harness finished. 70: a layer the parent requires could not be put in place
 (an old kernel), nothing ran. 71: the zygote's imports left a thread or an open
@@ -83,7 +85,7 @@ def confine_and_run(channel: int, warm: bool) -> NoReturn:
             torch.set_num_threads(payload["threads"])
     else:
         preload(payload["preload"])
-    filtered, listener = seccomp.install()
+    filtered, listener = seccomp.install(payload["approve_threads"])
     layers += filtered + ["audit-hook"]
     missing = sorted(set(payload["required_layers"]) - set(layers))
     if missing:

@@ -6,13 +6,15 @@ and any key or nonce in the process is readable by it. No frame the child sends 
 started is trusted. The parent instead believes three things the code cannot forge:
 
 1. The ready frame. Sent by the harness once every layer is in force and *before* the code
-   runs (`{"confinement": [layers]}`, with the seccomp listener fd attached): it is the first
-   frame on the channel, and the code, which starts only afterwards, can only append.
+   runs (`{"confinement": [layers]}`, with the seccomp listener fd attached when the parent
+   approves the child's threads): it is the first frame on the channel, and the code, which
+   starts only afterwards, can only append.
 2. The exit status. A refusal by the audit hook ends the child at once with a status that names
    the event (`audit_hook.exit_status`): the code never runs again, and the parent reads the
    status from the kernel. A refused status wins over any frame, whatever came before it.
 3. What the parent measured itself: the wall clock, the threads it refused to approve
-   (`isolation.thread_cap`), the bytes it was sent (at most the result cap).
+   (`isolation.thread_cap`) or the kernel refused in the run's pids cgroup
+   (`isolation.thread_cgroup`), the bytes it was sent (at most the result cap).
 
 The result frame (`{"ok", "result", "error_type", "stdout"}`, after the ready frame) is accepted
 only from a child that exited with status 0 and is checked field by field; a forged one can

@@ -41,7 +41,7 @@ def _keep_root_logging(handlers: list[logging.Handler], level: int) -> None:
 
 def preload(modules: list[str], optimiser: bool = False) -> None:
     """Import what approved code usually needs and exercise torch once, before the audit hook and
-    seccomp, so that lazily loaded files and libraries are already in; ITK's threads come from a pool.
+    seccomp, so that lazily loaded files and libraries are already in.
 
     An optimiser step only with `optimiser` (the zygote, which does it once for every run it forks):
     constructing one imports torch._dynamo (~1 s), a cost a cold child should pay only if its code
@@ -55,12 +55,6 @@ def preload(modules: list[str], optimiser: bool = False) -> None:
         except ImportError:
             continue
     _keep_root_logging(handlers, level)
-    itk = sys.modules.get("SimpleITK")
-    if itk is not None:
-        # Each thread a confined child starts waits for the parent's approval (`isolation.thread_cap`);
-        # ITK's default threader starts new threads for every filter call (pyradiomics makes
-        # several per case), its pool starts them once, at the first call.
-        itk.ProcessObject.SetGlobalDefaultThreader("Pool")
     torch = sys.modules.get("torch")
     if torch is not None:
         conv = torch.nn.Conv2d(1, 2, 3)

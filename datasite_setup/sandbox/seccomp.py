@@ -4,12 +4,13 @@ No sockets, no exec, no fork, no ptrace or reading other processes' memory, no s
 the process, no mount/namespace/module/keyring calls, no chmod/chown, no raising resource
 limits. Native code is held by this as much as Python is.
 
-Threads: a new thread (clone with CLONE_THREAD) is not decided here but by the parent, through
-a seccomp user-notification listener: the kernel holds the calling thread until the parent has
-counted the child's threads and answered (`datasite_setup.isolation.thread_cap`). RLIMIT_NPROC
-cannot do this: it counts every process of the user, and root ignores it. The listener must
-leave the child before the untrusted code runs (`child_main` hands it over and closes it), or
-that code could approve its own threads.
+Threads: a new thread (clone with CLONE_THREAD) is counted outside the child. Where the parent
+put the child in a pids cgroup (`datasite_setup.isolation.thread_cgroup`) the kernel counts and the
+filter lets the clone through. Otherwise the parent decides, through a seccomp user-notification
+listener: the kernel holds the calling thread until the parent has counted the child's threads and
+answered (`datasite_setup.isolation.thread_cap`). RLIMIT_NPROC cannot do either: it counts every
+process of the user, and root ignores it. The listener must leave the child before the untrusted
+code runs (`child_main` hands it over and closes it), or that code could approve its own threads.
 """
 
 from __future__ import annotations
@@ -42,20 +43,21 @@ _CLONE_THREAD = 0x00010000
 _LD_ABS, _JEQ, _JGE, _JSET, _RET = 0x20, 0x15, 0x35, 0x45, 0x06
 _ALLOW, _NOTIFY, _EPERM, _ENOSYS = 0x7FFF0000, 0x7FC00000, 0x00050000 | 1, 0x00050000 | 38
 _SET_MODE_FILTER = 1
-# TSYNC: every thread of the process; NEW_LISTENER: return the notification fd; TSYNC_ESRCH:
-# required with both (Linux >= 5.7), reports a thread that could not be synchronised as ESRCH.
-_FLAGS = 1 | 8 | 16
+# TSYNC: every thread of the process; NEW_LISTENER: return the notification fd; TSYNC_ESRCH
+# (Linux >= 5.7, required with both): a thread that could not be synchronised fails the call
+# with ESRCH instead of returning its id, which would pass for a listener fd.
+_TSYNC, _NEW_LISTENER, _TSYNC_ESRCH = 1, 8, 16
 
 
 class _SockFprog(ctypes.Structure):
     _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_char_p)]
 
 
-def program(pid: int) -> bytes:
+def program(pid: int, approve_threads: bool) -> bytes:
     """A classic-BPF filter: EPERM for the denied syscalls, ENOSYS for clone3 (glibc then uses clone,
-    whose flags a filter can read), clone only with CLONE_THREAD and then only as the parent
-    answers, prlimit64 only to read, tgkill only to this process's own threads (raise, abort and
-    pthread_kill use it)."""
+    whose flags a filter can read), clone only with CLONE_THREAD (and, with `approve_threads`, only
+    as the parent answers), prlimit64 only to read, tgkill only to this process's own threads
+    (raise, abort and pthread_kill use it)."""
     code: list[tuple[int, Any, Any, int]] = [
         (_LD_ABS, 0, 0, 4),
         (_JEQ, 0, "deny", _AUDIT_ARCH_X86_64),
@@ -69,7 +71,7 @@ def program(pid: int) -> bytes:
         (_RET, 0, 0, _ALLOW),
     ]
     labels = {"clone": len(code)}
-    code += [(_LD_ABS, 0, 0, 16), (_JSET, "notify", "deny", _CLONE_THREAD)]
+    code += [(_LD_ABS, 0, 0, 16), (_JSET, "notify" if approve_threads else "allow", "deny", _CLONE_THREAD)]
     labels["tgkill"] = len(code)
     code += [(_LD_ABS, 0, 0, 16), (_JEQ, "allow", "deny", pid)]  # pid_t: the kernel reads the low word only
     labels["prlimit"] = len(code)
@@ -84,14 +86,18 @@ def program(pid: int) -> bytes:
     return bytes(out)
 
 
-def install() -> tuple[list[str], int | None]:
-    """Install the filter on every thread of the process; returns the layers in force and the
-    listener fd through which new threads are decided (None when the filter is not in force)."""
+def install(approve_threads: bool) -> tuple[list[str], int | None]:
+    """Install the filter on every thread of the process; returns the layers in force and, with
+    `approve_threads`, the listener fd through which new threads are decided (else None, as when
+    the filter is not in force)."""
     if platform.machine() != "x86_64":
         return [], None
-    code = program(os.getpid())
+    code = program(os.getpid(), approve_threads)
     prog = _SockFprog(len=len(code) // 8, filter=code)
     if not set_no_new_privs():
         return [], None
-    listener = libc().syscall(_SYS_SECCOMP, _SET_MODE_FILTER, _FLAGS, ctypes.byref(prog))
-    return (["seccomp"], listener) if listener >= 0 else ([], None)
+    flags = _TSYNC | _TSYNC_ESRCH | (_NEW_LISTENER if approve_threads else 0)
+    result = libc().syscall(_SYS_SECCOMP, _SET_MODE_FILTER, flags, ctypes.byref(prog))
+    if result < 0:
+        return [], None
+    return ["seccomp"], result if approve_threads else None
