@@ -4,7 +4,7 @@ answered, until the child is gone or a limit is hit.
 One thread, one selector, so a run never leaves a reader thread behind. The selector is poll(2),
 not epoll: the thread cap asks the kernel to wake this side on the CPU of the child thread waiting
 for its approval (`thread_cap`), and epoll drops that hint on the way (a new thread took ~107 us
-instead of ~78 us on the 2-core dev VM, ~54 us in process). The listener that
+instead of ~80 us on the 2-core dev VM, ~53 us in process). The listener that
 arrives with the ready frame (the first bytes on the channel, sent before the code ran) is the
 only file descriptor accepted from the child; any other is closed unread.
 """

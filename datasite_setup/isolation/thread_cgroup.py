@@ -1,8 +1,9 @@
 """The thread cap held by the kernel: each run's child alone in a pids cgroup, `pids.max` its cap.
 
 Approving each new thread in the parent (`thread_cap`) costs the thread a round trip between two
-processes (~25 us on the 2-core dev VM, more when the other core sleeps); ITK's default threader
-starts a thread per filter call and core, so radiomics ran 3-5 % slower in a child than in process.
+processes (~30 us on the 2-core dev VM, ~55 us when the parent is woken on the other core); ITK's
+default threader starts a thread per filter call and core, so radiomics ran 3-5 % slower in a
+child than in process (`benchmarks/thread_cap_cost.py`).
 In a pids cgroup the kernel refuses a thread beyond the cap itself (clone fails with EAGAIN), at no
 cost per thread, and counts each refusal in `pids.events`, which the parent reads after the run: a
 refused thread fails the run whatever the child did next, as with the approvals.
