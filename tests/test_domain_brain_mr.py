@@ -19,6 +19,7 @@ from domains.brain_mr_segmentation import (
 )
 from domains.brain_mr_segmentation.cases import check_segmentation_case, foreground_mask, normalise_volume, slices_for_training
 from domains.brain_mr_segmentation.loss import dice_bce_loss
+from domains.brain_mr_segmentation.metrics import add_counts as brain_mr_add_counts
 from domains.segmentation_metrics import add_counts, confusion_counts, hd95_mm, metrics_from_counts
 from domains.case_record import make_case_record
 
@@ -201,10 +202,34 @@ def test_augmentation_changes_the_look_of_slices_but_not_their_scale_or_tumour(t
 
 def test_counts_cover_the_original_voxels_only(ge_case, tumour_cases):
     counts = DOMAIN.evaluation_counts(DOMAIN.build_model(), [ge_case, *tumour_cases])
-    assert set(counts) == {"tp", "fp", "tn", "fn", "hd95_sum_um", "hd95_cases"} and all(isinstance(v, int) for v in counts.values())
-    assert counts["hd95_cases"] == 3 and set(DOMAIN.metrics_from_counts(counts)) | set(counts) == DOMAIN.evaluation_scalars
+    assert set(counts) == {"tp", "fp", "tn", "fn", "hd95_sum_um", "hd95_cases", "cases", "dice_sum_ppm", "sensitivity_sum_ppm",
+                           "specificity_sum_ppm"} and all(isinstance(v, int) for v in counts.values())
+    assert counts["hd95_cases"] == counts["cases"] == 3
+    assert set(DOMAIN.metrics_from_counts(counts)) | set(counts) == DOMAIN.evaluation_scalars
     assert sum(counts[k] for k in ("tp", "fp", "tn", "fn")) == sum(case["mask"].size for case in [ge_case, *tumour_cases])
     assert counts["tp"] + counts["fn"] == sum(int(case["mask"].sum()) for case in [ge_case, *tumour_cases])
+
+
+def test_per_case_means_weigh_every_case_alike_and_survive_without_the_voxel_counts():
+    """A large case segmented perfectly and a small one missed: pooled Dice follows the voxels,
+    the per-case mean gives each case half; without the voxel and HD95 counts (what a site that
+    noises evaluations releases) only the per-case means remain, each noised sum capped at what
+    its cases can add."""
+    from domains.brain_mr_segmentation.metrics import EVALUATION_BOUNDS, PPM, case_counts
+
+    large, small = np.zeros((4, 40, 40), np.uint8), np.zeros((4, 40, 40), np.uint8)
+    large[:, 5:35, 5:35] = 1
+    small[1:3, 10:12, 10:12] = 1
+    counts = brain_mr_add_counts(case_counts(large, large, (3.0, 1.0, 1.0)), case_counts(np.zeros_like(small), small, (3.0, 1.0, 1.0)))
+    metrics = DOMAIN.metrics_from_counts(counts)
+    assert metrics["dice"] > 0.99 and metrics["dice_per_case"] == pytest.approx(0.5)
+    assert metrics["sensitivity_per_case"] == pytest.approx(0.5) and metrics["specificity_per_case"] == 1.0
+    released = {key: counts[key] for key in EVALUATION_BOUNDS}
+    assert set(DOMAIN.metrics_from_counts(released)) == {"dice_per_case", "sensitivity_per_case", "specificity_per_case"}
+    assert DOMAIN.metrics_from_counts({**released, "dice_sum_ppm": 5 * PPM})["dice_per_case"] == 1.0
+    assert DOMAIN.metrics_from_counts({**released, "dice_sum_ppm": -PPM})["dice_per_case"] == 0.0
+    with pytest.raises(KeyError, match="per-case sums"):
+        DOMAIN.metrics_from_counts({"cases": 2})
 
 
 def test_a_few_adam_steps_raise_dice(tumour_cases):

@@ -7,8 +7,8 @@ weight. Nothing about cohorts sees it: every evaluation covers the same cohort. 
 site without evaluation noise releases) the sweep recovers the weights; at a live site with
 evaluation noise every evaluation's counts carry the calibrated Gaussian noise, each is charged to
 the data scientist's budget (RDP-composed), the budget refuses further evaluations across a
-restart, and a domain that does not bound what one case adds to its counts is refused there. A
-liver CT evaluation at a noised site releases no voxel count.
+restart, and a domain that does not bound what one case adds to its counts is refused there. Liver
+CT and brain MR segmentation evaluations at a noised site release no voxel count.
 """
 
 from __future__ import annotations
@@ -130,42 +130,51 @@ def test_a_domain_that_does_not_bound_one_case_s_contribution_is_refused_at_a_no
     from domains import get_domain
 
     ds, asset = approved(noised_site, "frames", "evaluate", "unbounded", max_runs=1)
-    weights = exchanged_weights(get_domain("brain_mr_segmentation").build_model())
+    weights = exchanged_weights(get_domain("mr_translation").build_model())
     with pytest.raises(Exception, match="does not bound what one case adds to its evaluation counts"):
-        call_site_task(ds, asset, "evaluate", "unbounded", {"domain": "brain_mr_segmentation", "weights": weights, "split": "test"})
+        call_site_task(ds, asset, "evaluate", "unbounded", {"domain": "mr_translation", "weights": weights, "split": "test"})
 
 
-def test_a_liver_evaluation_at_a_noised_site_releases_no_voxel_count(tmp_path_factory: pytest.TempPathFactory) -> None:
+def test_segmentation_evaluations_at_a_noised_site_release_no_voxel_count(tmp_path_factory: pytest.TempPathFactory) -> None:
     """What a curious data scientist would difference across evaluations, the voxel confusion counts
-    (a whole liver per patient), does not leave a noised site: the per-patient sums leave noised,
-    the pooled metrics not at all, and the evaluation is charged to her budget."""
+    (a whole liver, a whole tumour per case), does not leave a noised site: liver CT's per-patient
+    sums and brain MR's per-case sums leave noised, the pooled metrics and brain MR's HD95 not at
+    all, and each evaluation is charged to her budget."""
     from datasite_setup.model_weights import exchanged_weights
     from domains import get_domain
+    from domains.brain_mr_segmentation.metrics import EVALUATION_BOUNDS as BRAIN_BOUNDS
     from domains.liver_ct_segmentation.metrics import VOXEL_COUNT_KEYS
     from tests.test_radiomics_features import make_case
 
     cases = [{**make_case(i), "case_id": f"case-{i}", "split": "test"} for i in range(6)]
-    live = start_site(tmp_path_factory.mktemp("liver-dp-site"), "clinic-liver-dp",
+    live = start_site(tmp_path_factory.mktemp("segmentation-dp-site"), "clinic-segmentation-dp",
                       extra="dp_epsilon_budget = 50.0\n[privacy.evaluation_dp]\nnoise_multiplier = 1.0\n")
+    answers, exact = {}, {}
     try:
         mock = [{**case, "case_id": f"mock-{i}", "image": np.zeros_like(case["image"]), "mask": np.zeros_like(case["mask"])}
                 for i, case in enumerate(cases)]
-        dataset = sy.Dataset(name="livers", description="six test patients with liver masks")
+        dataset = sy.Dataset(name="segmentations", description="six test cases with masks")
         dataset.add_asset(sy.Asset(name="cases", data=cases, mock=mock))
         assert not isinstance(live.admin_client().upload_dataset(dataset), sy.SyftError)
-        ds, asset = approved(live, "livers", "evaluate", "liver", max_runs=1)
-        params = {"domain": "liver_ct_segmentation", "weights": exchanged_weights(get_domain("liver_ct_segmentation").build_model()),
-                  "split": "test"}
-        exact = run_installed_task("evaluate", cases, params, min_cohort=2)
-        answer = call_site_task(ds, asset, "evaluate", "liver", params)
+        for domain in ("liver_ct_segmentation", "brain_mr_segmentation"):
+            ds, asset = approved(live, "segmentations", "evaluate", domain, max_runs=1)
+            params = {"domain": domain, "weights": exchanged_weights(get_domain(domain).build_model()), "split": "test"}
+            exact[domain] = run_installed_task("evaluate", cases, params, min_cohort=2)
+            answers[domain] = call_site_task(ds, asset, "evaluate", domain, params)
         log = [json.loads(line) for line in (live.config.data_dir / "audit.log").read_text().splitlines()]
     finally:
         live.setup("down", check=False)
-    assert not set(VOXEL_COUNT_KEYS) & set(answer) and set(VOXEL_COUNT_KEYS) <= set(exact)
-    assert not [key for key in answer if key.endswith("_pooled")]
-    assert answer["patients"] == 6 and answer["dp_noise_multiplier"] == 1.0 and 0.0 <= answer["liver_dice"] <= 1.0
-    assert answer["liver_specificity_sum_ppm"] != exact["liver_specificity_sum_ppm"]  # ~6e6, noise SD 3.3e6
-    assert [e["action"] for e in log if e.get("evaluation_dp")] == ["charged-budget"]
+    liver, brain = answers["liver_ct_segmentation"], answers["brain_mr_segmentation"]
+    assert not set(VOXEL_COUNT_KEYS) & set(liver) and set(VOXEL_COUNT_KEYS) <= set(exact["liver_ct_segmentation"])
+    assert not [key for key in liver if key.endswith("_pooled")]
+    assert liver["patients"] == 6 and liver["dp_noise_multiplier"] == 1.0 and 0.0 <= liver["liver_dice"] <= 1.0
+    assert liver["liver_specificity_sum_ppm"] != exact["liver_ct_segmentation"]["liver_specificity_sum_ppm"]  # ~6e6, noise SD 3.3e6
+    assert set(brain) == set(BRAIN_BOUNDS) | {"dice_per_case", "sensitivity_per_case", "specificity_per_case", "n_cases",
+                                              "dp_noise_multiplier"}
+    assert {"tp", "dice", "hd95_sum_um"} <= set(exact["brain_mr_segmentation"])
+    assert brain["cases"] == brain["n_cases"] == 6 and 0.0 <= brain["dice_per_case"] <= 1.0
+    assert brain["specificity_sum_ppm"] != exact["brain_mr_segmentation"]["specificity_sum_ppm"]
+    assert [e["action"] for e in log if e.get("evaluation_dp")] == ["charged-budget"] * 2
 
 
 def test_noise_is_scaled_per_count_by_what_one_case_adds_and_public_counts_leave_exact() -> None:

@@ -91,9 +91,14 @@ class SimulatedSite:
         self.keys = SiteKeys(self.name, self.seed)
 
     @functools.cached_property
+    def _ledger_dir(self) -> tempfile.TemporaryDirectory[str]:
+        return tempfile.TemporaryDirectory(prefix=f"medfed-sim-{self.name}-", ignore_cleanup_errors=True)
+
+    @functools.cached_property
     def sessions(self) -> SessionLedger:
-        """The site's session ledger, in a temporary folder made on first use."""
-        return SessionLedger.at_site(Path(tempfile.mkdtemp(prefix=f"medfed-sim-{self.name}-")))
+        """The site's session ledger, in a temporary folder made on first use and removed with the
+        site (or at exit)."""
+        return SessionLedger.at_site(Path(self._ledger_dir.name))
 
     @classmethod
     def from_cases(cls, name: str, cases: list[dict[str, Any]], min_cohort: int = 1) -> SimulatedSite:

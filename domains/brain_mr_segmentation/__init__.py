@@ -19,7 +19,8 @@ from domains.brain_mr_segmentation.cases import (
     training_size,
 )
 from domains.brain_mr_segmentation.loss import dice_bce_loss, soft_dice_loss
-from domains.segmentation_metrics import add_counts, confusion_counts, hd95_counts, hd95_mm, metrics_from_counts
+from domains.brain_mr_segmentation.metrics import EVALUATION_BOUNDS, EVALUATION_SCALARS, add_counts, case_counts, metrics_from_counts
+from domains.segmentation_metrics import confusion_counts, hd95_counts, hd95_mm
 from domains.brain_mr_segmentation.mock_cases import mock_cases
 from domains.brain_mr_segmentation.phantom import PhantomCase, generate_case, synthetic_case, write_dicom_series, write_nifti_mask, write_phantom_site, write_rtstruct
 from domains.brain_mr_segmentation.preprocessing import DEFAULT_SETTINGS, PreprocessedCase, PreprocessingSettings, preprocess_case
@@ -44,6 +45,7 @@ __all__ = [
     "UNet2D",
     "add_counts",
     "augment_slices",
+    "case_counts",
     "check_segmentation_case",
     "confusion_counts",
     "dice_bce_loss",
@@ -83,7 +85,8 @@ class BrainMRSegmentation:
     preprocessing cropped, resampled or padded is mapped back and never counted twice)."""
 
     name = "brain_mr_segmentation"
-    evaluation_scalars = frozenset({"tp", "fp", "tn", "fn", "hd95_sum_um", "hd95_cases", "dice", "sensitivity", "specificity", "f1", "hd95_mm"})
+    evaluation_scalars = EVALUATION_SCALARS
+    evaluation_bounds = EVALUATION_BOUNDS  # what one case adds to each count at most (noised evaluations)
     primary_metric = "dice"
     higher_is_better = True
 
@@ -178,12 +181,12 @@ class BrainMRSegmentation:
         return (self.predict_probabilities(model, case) > 0.5).astype(np.uint8)
 
     def evaluation_counts(self, model: torch.nn.Module, cases: Sequence[dict[str, Any]]) -> dict[str, int]:
-        """Voxel confusion counts and HD95 sums over all cases, one case in memory at a time."""
+        """Voxel confusion counts, HD95 sums and per-case metric sums over all cases (`metrics`),
+        one case in memory at a time."""
         per_case = []
         for case in cases:
             check_segmentation_case(case)
-            predicted = self.predict_mask(model, case)
-            per_case.append({**confusion_counts(predicted, case["mask"]), **hd95_counts(predicted, case["mask"], case["spacing"])})
+            per_case.append(case_counts(self.predict_mask(model, case), case["mask"], case["spacing"]))
         return add_counts(*per_case)
 
     def metrics_from_counts(self, counts: dict[str, int]) -> dict[str, float]:
