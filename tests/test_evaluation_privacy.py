@@ -253,3 +253,32 @@ def test_the_site_config_reads_evaluation_privacy_and_one_delta_for_the_accounta
     with pytest.raises(SiteConfigError, match="missing key 'privacy.evaluation_dp.noise_multiplier'"):
         config("[privacy.evaluation_dp]\ndelta = 1e-5\n")
     assert config("").privacy.evaluation_dp is None
+
+
+def test_a_tumour_burden_case_moves_its_released_sums_by_a_bound_whatever_its_slice_count() -> None:
+    """Burden is scored per slice, so a case's share of the slice sums grows with its slices; a
+    noised site releases instead each case's mean error over its slices, every slice's clipped at
+    50 cm^2: a model 1,000 cm^2 off adds 50 cm^2 per case, whether the case has 10 slices or 40."""
+    from domains import get_domain
+    from domains.brain_mr_tumour_burden import EVALUATION_BOUNDS as BURDEN_BOUNDS, FIXED_POINT as MICRO, MAX_SLICE_ERROR_CM2
+    from tests.test_radiomics_features import make_case
+
+    domain = get_domain("brain_mr_tumour_burden")
+    short = make_case(0)
+    long = {**short, "case_id": "long", "image": np.tile(short["image"], (4, 1, 1)), "mask": np.tile(short["mask"], (4, 1, 1))}
+    model = domain.build_model()
+    with torch.no_grad():
+        model.head.weight.zero_()
+        model.head.bias.fill_(1000.0)
+    counts = domain.evaluation_counts(model, [short, long])
+    assert counts["n_slices"] == 50 and counts["abs_error_micro"] > 49_000 * MICRO
+    assert counts["cases"] == 2 and counts["case_abs_error_micro"] == 2 * MAX_SLICE_ERROR_CM2 * MICRO
+    assert counts["case_sq_error_micro"] == 2 * MAX_SLICE_ERROR_CM2**2 * MICRO
+    released = EvaluationNoise(1e-9).protect({**counts, "n_cases": 2}, BURDEN_BOUNDS, domain.metrics_from_counts,
+                                             np.random.default_rng(0))
+    assert set(released) == {*BURDEN_BOUNDS, "mae_cm2_per_case", "rmse_cm2_per_case", "n_cases", "dp_noise_multiplier"}
+    assert released["mae_cm2_per_case"] == released["rmse_cm2_per_case"] == pytest.approx(MAX_SLICE_ERROR_CM2)
+    inflated = {key: counts[key] * 10 if key != "cases" else counts[key] for key in BURDEN_BOUNDS}
+    assert domain.metrics_from_counts(inflated)["mae_cm2_per_case"] == MAX_SLICE_ERROR_CM2  # a noised sum is capped
+    with pytest.raises(KeyError, match="per-case sums"):
+        domain.metrics_from_counts({"cases": 2})

@@ -8,6 +8,12 @@ is right, not merely that it runs.
 
 Evaluation counts are additive integers like segmentation's confusion counts: the number of
 slices and fixed-point sums (micro-cm²) of absolute and squared errors, so sites can be pooled.
+Each case also adds its own mean absolute and squared error over its slices, each slice's error
+clipped at `MAX_SLICE_ERROR_CM2`, and 1 to `cases`: one case moves those sums by a bounded amount
+whatever its slice count, so they are what a site that noises evaluations
+(`[privacy.evaluation_dp]`) releases (`EVALUATION_BOUNDS`), as `mae_cm2_per_case` and
+`rmse_cm2_per_case`. The per-slice sums (a case's share grows with its slices) are withheld there,
+and with them the primary metric: a federated run then keeps its final round and says so.
 """
 
 from __future__ import annotations
@@ -25,6 +31,10 @@ from domains.shuffled_batches import shuffled_batches
 
 SLICE_SIZE = (64, 64)
 FIXED_POINT = 1_000_000  # errors are summed as integers in micro-units so counts stay additive
+MAX_SLICE_ERROR_CM2 = 50.0  # a slice's error counts at most this much in the per-case sums
+# The most one case adds to each count a noised evaluation releases (0: the same for every case).
+EVALUATION_BOUNDS = {"cases": 0.0, "case_abs_error_micro": MAX_SLICE_ERROR_CM2 * FIXED_POINT,
+                     "case_sq_error_micro": MAX_SLICE_ERROR_CM2**2 * FIXED_POINT}
 
 
 def slices_and_burden(cases: list[dict[str, Any]]) -> tuple[np.ndarray, np.ndarray]:
@@ -59,7 +69,9 @@ class BurdenNet(nn.Module):
 
 class BrainMRTumourBurden:
     name = "brain_mr_tumour_burden"
-    evaluation_scalars = frozenset({"n_slices", "abs_error_micro", "sq_error_micro", "mae_cm2", "rmse_cm2"})
+    evaluation_scalars = frozenset({"n_slices", "abs_error_micro", "sq_error_micro", "mae_cm2", "rmse_cm2", *EVALUATION_BOUNDS,
+                                    "mae_cm2_per_case", "rmse_cm2_per_case"})
+    evaluation_bounds = EVALUATION_BOUNDS  # what one case adds to each count at most (noised evaluations)
     primary_metric = "rmse_cm2"
     higher_is_better = False
 
@@ -74,22 +86,42 @@ class BrainMRTumourBurden:
         return shuffled_batches(x, y, batch_size, rng)
 
     def evaluation_counts(self, model: nn.Module, cases: list[dict[str, Any]]) -> dict[str, int]:
-        x, y = slices_and_burden(cases)
+        """Per-slice error sums and per-case mean errors (each slice's clipped), one case at a time."""
+        if not cases:
+            raise ValueError("no cases given; a site needs at least one case to evaluate on")
         model.eval()
-        with torch.no_grad():
-            error = (model(torch.from_numpy(x)) - torch.from_numpy(y)).double().numpy().ravel()
-        return {
-            "n_slices": int(len(error)),
-            "abs_error_micro": int(round(float(np.abs(error).sum()) * FIXED_POINT)),
-            "sq_error_micro": int(round(float((error**2).sum()) * FIXED_POINT)),
-        }
+        counts = dict.fromkeys(("n_slices", "abs_error_micro", "sq_error_micro", *EVALUATION_BOUNDS), 0)
+        for case in cases:
+            x, y = slices_and_burden([case])
+            with torch.no_grad():
+                error = (model(torch.from_numpy(x)) - torch.from_numpy(y)).double().numpy().ravel()
+            clipped = np.minimum(np.abs(error), MAX_SLICE_ERROR_CM2)
+            counts["n_slices"] += int(len(error))
+            counts["abs_error_micro"] += int(round(float(np.abs(error).sum()) * FIXED_POINT))
+            counts["sq_error_micro"] += int(round(float((error**2).sum()) * FIXED_POINT))
+            counts["cases"] += 1
+            counts["case_abs_error_micro"] += int(round(float(clipped.mean()) * FIXED_POINT))
+            counts["case_sq_error_micro"] += int(round(float((clipped**2).mean()) * FIXED_POINT))
+        return counts
 
     def metrics_from_counts(self, counts: dict[str, int]) -> dict[str, float]:
-        n = max(counts["n_slices"], 1)
-        return {
-            "mae_cm2": counts["abs_error_micro"] / FIXED_POINT / n,
-            "rmse_cm2": float(np.sqrt(counts["sq_error_micro"] / FIXED_POINT / n)),
-        }
+        """Per-slice MAE and RMSE when the slice sums are there, per-case ones when the case sums
+        are (the root of the mean of the cases' mean squared errors); a noised sum is capped at
+        what `cases` cases can add."""
+        metrics: dict[str, float] = {}
+        if all(key in counts for key in ("n_slices", "abs_error_micro", "sq_error_micro")):
+            n = max(int(counts["n_slices"]), 1)
+            metrics["mae_cm2"] = int(counts["abs_error_micro"]) / FIXED_POINT / n
+            metrics["rmse_cm2"] = float(np.sqrt(int(counts["sq_error_micro"]) / FIXED_POINT / n))
+        if all(key in counts for key in EVALUATION_BOUNDS):
+            cases = max(int(counts["cases"]), 1)
+            mean = {key: min(max(int(counts[key]), 0), cases * EVALUATION_BOUNDS[key]) / FIXED_POINT / cases
+                    for key in ("case_abs_error_micro", "case_sq_error_micro")}
+            metrics["mae_cm2_per_case"] = mean["case_abs_error_micro"]
+            metrics["rmse_cm2_per_case"] = float(np.sqrt(mean["case_sq_error_micro"]))
+        if not metrics:
+            raise KeyError(f"tumour burden counts lack both the slice sums and the per-case sums {sorted(EVALUATION_BOUNDS)}")
+        return metrics
 
     def mock_cases(self, templates: list[dict[str, Any]], seed: int = 0) -> list[dict[str, Any]]:
         """The same cases as segmentation (a mask gives the burden), so the same mocks."""
