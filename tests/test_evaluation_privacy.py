@@ -137,12 +137,14 @@ def test_a_domain_that_does_not_bound_one_case_s_contribution_is_refused_at_a_no
 
 def test_segmentation_evaluations_at_a_noised_site_release_no_voxel_count(tmp_path_factory: pytest.TempPathFactory) -> None:
     """What a curious data scientist would difference across evaluations, the voxel confusion counts
-    (a whole liver, a whole tumour per case), does not leave a noised site: liver CT's per-patient
-    sums and brain MR's per-case sums leave noised, the pooled metrics and brain MR's HD95 not at
-    all, and each evaluation is charged to her budget."""
+    (a whole liver, a whole tumour per case) and tumour burden's per-slice sums (a case's share
+    grows with its slices), does not leave a noised site: liver CT's per-patient sums and brain MR's
+    and tumour burden's per-case sums leave noised, the pooled metrics, brain MR's HD95 and the
+    slice sums not at all, and each evaluation is charged to her budget."""
     from datasite_setup.model_weights import exchanged_weights
     from domains import get_domain
     from domains.brain_mr_segmentation.metrics import EVALUATION_BOUNDS as BRAIN_BOUNDS
+    from domains.brain_mr_tumour_burden import EVALUATION_BOUNDS as BURDEN_BOUNDS
     from domains.liver_ct_segmentation.metrics import VOXEL_COUNT_KEYS
     from tests.test_radiomics_features import make_case
 
@@ -156,7 +158,7 @@ def test_segmentation_evaluations_at_a_noised_site_release_no_voxel_count(tmp_pa
         dataset = sy.Dataset(name="segmentations", description="six test cases with masks")
         dataset.add_asset(sy.Asset(name="cases", data=cases, mock=mock))
         assert not isinstance(live.admin_client().upload_dataset(dataset), sy.SyftError)
-        for domain in ("liver_ct_segmentation", "brain_mr_segmentation"):
+        for domain in ("liver_ct_segmentation", "brain_mr_segmentation", "brain_mr_tumour_burden"):
             ds, asset = approved(live, "segmentations", "evaluate", domain, max_runs=1)
             params = {"domain": domain, "weights": exchanged_weights(get_domain(domain).build_model()), "split": "test"}
             exact[domain] = run_installed_task("evaluate", cases, params, min_cohort=2)
@@ -174,7 +176,11 @@ def test_segmentation_evaluations_at_a_noised_site_release_no_voxel_count(tmp_pa
     assert {"tp", "dice", "hd95_sum_um"} <= set(exact["brain_mr_segmentation"])
     assert brain["cases"] == brain["n_cases"] == 6 and 0.0 <= brain["dice_per_case"] <= 1.0
     assert brain["specificity_sum_ppm"] != exact["brain_mr_segmentation"]["specificity_sum_ppm"]
-    assert [e["action"] for e in log if e.get("evaluation_dp")] == ["charged-budget"] * 2
+    burden = answers["brain_mr_tumour_burden"]
+    assert set(burden) == set(BURDEN_BOUNDS) | {"mae_cm2_per_case", "rmse_cm2_per_case", "n_cases", "dp_noise_multiplier"}
+    assert {"n_slices", "abs_error_micro", "rmse_cm2"} <= set(exact["brain_mr_tumour_burden"])
+    assert burden["cases"] == 6 and burden["case_abs_error_micro"] != exact["brain_mr_tumour_burden"]["case_abs_error_micro"]
+    assert [e["action"] for e in log if e.get("evaluation_dp")] == ["charged-budget"] * 3
 
 
 def test_noise_is_scaled_per_count_by_what_one_case_adds_and_public_counts_leave_exact() -> None:
