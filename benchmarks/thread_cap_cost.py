@@ -65,17 +65,6 @@ def radiomics_loop(cases, settings):
 '''
 
 
-def _settings() -> dict[str, Any]:
-    """The example MR parameter file without its `federated` section, which pyradiomics does not know."""
-    import yaml
-
-    from benchmarks.radiomics_throughput import PARAMS
-
-    settings = yaml.safe_load(PARAMS.read_text())
-    settings.pop("federated", None)
-    return settings
-
-
 def _cases(n_cases: int) -> list[tuple[np.ndarray, np.ndarray, tuple[float, float, float]]]:
     from domains.brain_mr_segmentation.phantom import generate_case
     from domains.brain_mr_segmentation.scanner_profiles import PROFILES
@@ -88,6 +77,8 @@ def _cases(n_cases: int) -> list[tuple[np.ndarray, np.ndarray, tuple[float, floa
 def run(quick: bool) -> dict[str, Any]:
     from tqdm import tqdm
 
+    from analyses.commands.radiomics import read_params
+    from benchmarks.radiomics_throughput import PARAMS
     from datasite_setup.isolation import Limits, run_isolated, stop_fork_servers
     from datasite_setup.isolation.thread_cgroup import runs_root
 
@@ -99,7 +90,7 @@ def run(quick: bool) -> dict[str, Any]:
     exec(compile(SOURCE, "thread_cap_cost", "exec"), namespace)
     workloads = {
         "thread_start": ("start_threads", {"n_threads": params["n_threads"]}),
-        "radiomics": ("radiomics_loop", {"cases": _cases(params["n_cases"]), "settings": _settings()}),
+        "radiomics": ("radiomics_loop", {"cases": _cases(params["n_cases"]), "settings": read_params(PARAMS)[0]}),
     }
     ways = ("in_process", "pids_cgroup", "approvals")
     raw: dict[str, dict[str, list[float]]] = {name: {way: [] for way in ways} for name in workloads}

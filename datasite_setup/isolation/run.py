@@ -1,10 +1,11 @@
 """`run_isolated`: one approved function, run in a confined child, its outcome checked.
 
 What the outcome rests on (`sandbox.frames` says why): the limits this process measured itself
-(wall clock, threads it approved or the kernel refused in the run's cgroup, bytes received), then the child's exit status (a refused audit event is
-final, whatever the child wrote before it), then the ready frame the harness sent before the code
-ran (the layers in force), and only last the result frame, which a child that exited with status
-0 may have written itself and which therefore counts as nothing more than a return value.
+(wall clock, threads it approved or the kernel refused in the run's cgroup, bytes received), then
+the child's exit status (a refused audit event is final, whatever the child wrote before it), then
+the ready frame the harness sent before the code ran (the layers in force), and only last the
+result frame, which a child that exited with status 0 may have written itself and which therefore
+counts as nothing more than a return value.
 """
 
 from __future__ import annotations

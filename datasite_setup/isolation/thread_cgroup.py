@@ -105,7 +105,8 @@ class RunCgroup:
 
 def confine_threads(pid: int, max_threads: int) -> RunCgroup | None:
     """Move `pid` (a single-threaded child whose code has not started) into a cgroup of its own
-    with `pids.max = max_threads`; None where that cannot be done, and then nothing is left behind."""
+    with `pids.max = max_threads`; None where that cannot be done (the cgroup is then removed
+    unless the child is already in it, where its cap still holds beside the approvals)."""
     root = runs_root()
     if root is None:
         return None

@@ -6,10 +6,10 @@ fds 0 and 1 point at /dev/null, so neither prints nor native writes reach it by 
 parent sends a pickle (the parent is trusted) of `{"source", "function", "kwargs", "scratch",
 "preload", "threads", "approve_threads", "forbidden_paths", "granted_paths", "max_result_bytes",
 "required_layers"}` and shuts its side for writing; `kwargs` is itself a pickle so it can be
-loaded after Landlock is in force (unpickling arrays imports numpy, which starts threads). The child answers with the ready frame
-(with the seccomp listener attached when the parent approves its threads, `approve_threads`;
-otherwise the parent has put it in a pids cgroup) and, after the code ran, the result frame
-(`frames`).
+loaded after Landlock is in force (unpickling arrays imports numpy, which starts threads). The
+child answers with the ready frame (with the seccomp listener attached when the parent approves
+its threads, `approve_threads`; otherwise the parent has put it in a pids cgroup) and, after the
+code ran, the result frame (`frames`).
 
 Exit status 0: the harness finished. 70: a layer the parent requires could not be put in place
 (an old kernel), nothing ran. 71: the zygote's imports left a thread or an open
